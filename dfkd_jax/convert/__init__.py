@@ -1,0 +1,1 @@
+"""Import PyTorch teachers exactly (and export students back), without torch."""

@@ -1,0 +1,165 @@
+"""Layers with PyTorch semantics, shared by every model of the zoo.
+
+Models are NHWC. Module names in the zoo mirror the reference PyTorch state_dict prefixes
+(e.g. ``name="layer1.0"`` then ``name="conv1"`` gives ``layer1.0.conv1``), so a torch key maps to a
+Flax path mechanically (see ``dfkd_jax.convert``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def torch_default_kernel_init(key, shape, dtype=jnp.float32):
+  """PyTorch's default Conv/Linear weight init, kaiming_uniform(a=sqrt(5)): U(±1/sqrt(fan_in)).
+
+  ``shape`` is a Flax kernel shape: (..., in, out) with fan_in = prod(shape[:-1]).
+  """
+  fan_in = math.prod(shape[:-1])
+  bound = 1.0 / math.sqrt(fan_in) if fan_in else 0.0
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def torch_default_bias_init(fan_in: int) -> Callable:
+  """PyTorch's default bias init for a layer with ``fan_in`` inputs: U(±1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in) if fan_in else 0.0
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def kaiming_normal_fan_out(key, shape, dtype=jnp.float32):
+  """``nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu')`` for a Flax kernel."""
+  fan_out = math.prod(shape[:-2]) * shape[-1]
+  return jax.random.normal(key, shape, dtype) * math.sqrt(2.0 / fan_out)
+
+
+class Conv2d(nn.Module):
+  """``torch.nn.Conv2d`` on NHWC input: explicit symmetric zero padding, never "SAME".
+
+  Default init is PyTorch's (kaiming_uniform(a=sqrt(5)) weights and bias); ``kernel_init``
+  overrides the weights (e.g. WRN's normal(0, sqrt(2/(k*k*out)))).
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  use_bias: bool = True
+  groups: int = 1
+  kernel_init: Callable | None = None
+  bias_init: Callable | None = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k, p = self.kernel_size, self.padding
+    fan_in = (x.shape[-1] // self.groups) * k * k
+    kernel = self.param('kernel', self.kernel_init or torch_default_kernel_init,
+                        (k, k, x.shape[-1] // self.groups, self.features))
+    y = jax.lax.conv_general_dilated(
+        x, kernel, (self.stride, self.stride), ((p, p), (p, p)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=self.groups)
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init or torch_default_bias_init(fan_in), (self.features,))
+    return y
+
+
+class Linear(nn.Module):
+  """``torch.nn.Linear`` with PyTorch's default init (Flax layout: kernel (in, out))."""
+  features: int
+  use_bias: bool = True
+  kernel_init: Callable | None = None
+  bias_init: Callable | None = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    fan_in = x.shape[-1]
+    kernel = self.param('kernel', self.kernel_init or torch_default_kernel_init, (fan_in, self.features))
+    y = x @ kernel
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init or torch_default_bias_init(fan_in), (self.features,))
+    return y
+
+
+class BatchNorm(nn.Module):
+  """``torch.nn.BatchNorm{1,2}d`` over the last axis, with PyTorch's exact semantics.
+
+  Train mode normalises with the batch mean and *biased* batch variance and updates the running
+  statistics as ``r <- momentum * r + (1 - momentum) * s`` (Flax convention: torch momentum 0.1 is
+  0.9 here), where the variance fed to the running average is the *unbiased* one, n/(n-1) * var,
+  as torch does. Eval mode uses the running statistics. ``affine=False`` keeps running stats only.
+
+  ``stat_groups > 1`` computes the statistics separately over ``stat_groups`` equal slices of the
+  batch (what per-device BatchNorm under PyTorch DataParallel/DDP does); the running statistics
+  then average the per-slice statistics.
+
+  The taps of ``dfkd_jax.taps`` intercept this module's ``__call__`` to read its *input*.
+  """
+  use_running_average: bool | None = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  affine: bool = True
+  stat_groups: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+    use_ra = nn.merge_param('use_running_average', self.use_running_average, use_running_average)
+    c = x.shape[-1]
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    if use_ra:
+      mean, var = ra_mean.value, ra_var.value
+      y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+    else:
+      g = self.stat_groups
+      xg = x.reshape((g, x.shape[0] // g) + x.shape[1:])
+      axes = tuple(range(1, xg.ndim - 1))
+      mean = xg.mean(axes, keepdims=True)
+      var = jnp.square(xg - mean).mean(axes, keepdims=True)
+      y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+      if not self.is_initializing():
+        n = math.prod(xg.shape[1:-1])
+        batch_mean = mean.reshape(g, c).mean(0)
+        batch_var = var.reshape(g, c).mean(0) * (n / max(n - 1, 1))
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * batch_mean
+        ra_var.value = m * ra_var.value + (1 - m) * batch_var
+    if self.affine:
+      y = y * self.param('scale', nn.initializers.ones, (c,)) + self.param('bias', nn.initializers.zeros, (c,))
+    return y
+
+
+def max_pool(x: Array, window: int, stride: int | None = None, padding: int = 0) -> Array:
+  """``torch.nn.MaxPool2d`` (pads with -inf). Non-overlapping, unpadded windows use a reshape,
+  whose backward pass is much faster on CPU than ``select_and_scatter``."""
+  stride = stride or window
+  n, h, w, c = x.shape
+  if stride == window and padding == 0 and h % window == 0 and w % window == 0:
+    return x.reshape(n, h // window, window, w // window, window, c).max((2, 4))
+  return nn.max_pool(x, (window, window), (stride, stride), ((padding, padding), (padding, padding)))
+
+
+def avg_pool(x: Array, window: int, stride: int | None = None) -> Array:
+  """``torch.nn.AvgPool2d`` without padding."""
+  stride = stride or window
+  n, h, w, c = x.shape
+  if stride == window and h % window == 0 and w % window == 0:
+    return x.reshape(n, h // window, window, w // window, window, c).mean((2, 4))
+  return nn.avg_pool(x, (window, window), (stride, stride))
+
+
+def upsample_nearest(x: Array, factor: int = 2) -> Array:
+  """``nn.Upsample(scale_factor=factor)`` / ``F.interpolate`` nearest, NHWC."""
+  return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
+def global_avg_pool(x: Array) -> Array:
+  """``adaptive_avg_pool2d(x, 1).flatten(1)`` on NHWC."""
+  return x.mean((1, 2))
