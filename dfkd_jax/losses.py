@@ -232,6 +232,7 @@ def bn_statistics_loss(batch_stats: Sequence[Moments], running_stats: Sequence[M
   The norms are plain L2 norms (not squared, not averaged). m_0 = ``first_multiplier`` (10 in
   NVlabs ImageNet, 1 in CMI-fw and NVlabs CIFAR), m_l = 1 otherwise. CMI-fw ``DeepInversionHook``.
   At σ² = σ²_run and μ = μ_run the loss is 0 and its gradient is 0 (torch's ``norm`` subgradient).
+  From ``dfkd_jax.taps``: ``[(t.mean, t.var) for t in taps]`` and ``taps.running_stats(variables, taps)``.
   """
   if len(batch_stats) != len(running_stats):
     raise ValueError(f'{len(batch_stats)} batch vs {len(running_stats)} running BN statistics')

@@ -1,0 +1,60 @@
+"""Building blocks of the config files in ``configs/`` (big_vision style).
+
+Every config file has ``get_config(arg=None)``; ``arg`` is ``key=value`` pairs or bare flags
+separated by commas (``configs/x.py:runlocal,seed=3``), parsed by ``parse_arg`` against typed
+defaults. ``base()`` holds what every job shares: seed, dataset, mesh, logging, evaluation,
+checkpointing and reporting.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from dfkd_jax.errors import UserError
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """``'runlocal,seed=3'`` -> ConfigDict(runlocal=True, seed=3, <other defaults>).
+
+  Values take the type of their default; unknown names and bad values are one-line errors.
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    name, eq, value = item.partition('=')
+    name = name.strip()
+    if name not in defaults:
+      raise UserError(f"unknown config argument {name!r}; this config accepts: {', '.join(sorted(defaults))}")
+    default = defaults[name]
+    if not eq:
+      if not isinstance(default, bool):
+        raise UserError(f'config argument {name!r} needs a value ({name}=...)')
+      out[name] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ('true', 'false', '1', '0'):
+        raise UserError(f'config argument {name}={value!r} must be true or false')
+      out[name] = value.lower() in ('true', '1')
+    else:
+      try:
+        out[name] = type(default)(value) if default is not None else value
+      except ValueError:
+        raise UserError(f'config argument {name}={value!r} must be a {type(default).__name__}') from None
+  return ml_collections.ConfigDict(out)
+
+
+def base(*, method: str, dataset: str, num_classes: int, image_size: int, in_channels: int,
+         eval_data: str, eval_split: str = 'test') -> ml_collections.ConfigDict:
+  """The fields every job has."""
+  c = ml_collections.ConfigDict()
+  c.method = method
+  c.seed = 0
+  c.dataset = dataset              # normalisation constants (dfkd_jax.data.NORMALIZATION)
+  c.num_classes = num_classes
+  c.image_size = image_size
+  c.in_channels = in_channels
+  c.data_dir = ''                  # tfds data_dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.mesh = ml_collections.ConfigDict({'num_devices': -1})  # -1: all local devices
+  c.log_every_steps = 50
+  c.eval = ml_collections.ConfigDict({
+      'data': eval_data, 'split': eval_split, 'batch_size': 500, 'every_steps': 500})
+  c.checkpoint = ml_collections.ConfigDict({'every_steps': 500, 'keep': 3, 'async_save': True})
+  c.report = ml_collections.ConfigDict({'tensorboard': False, 'sample_grid': True, 'phase_timing_reps': 3})
+  return c

@@ -1,0 +1,87 @@
+"""The converted-model directory: an Orbax checkpoint of ``{params, batch_stats}`` plus
+``metadata.json`` (architecture, class count, builder keywords, input normalisation, source file
+and its sha256). It is what ``python -m dfkd_jax.convert`` writes, what teacher training exports,
+and what ``--config.teacher.checkpoint=DIR`` accepts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dfkd_jax import models
+from dfkd_jax.errors import UserError
+
+FORMAT = 'dfkd_jax.model/1'
+METADATA = 'metadata.json'
+VARIABLES = 'variables'
+
+
+def sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def is_model_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, METADATA))
+
+
+def abstract_variables(arch: str, num_classes: int | None, model_kwargs: dict) -> tuple[Any, Any]:
+  """(model, abstract variables) of an architecture, without allocating weights."""
+  model = models.create(arch, num_classes=num_classes, **model_kwargs)
+  shape = models.input_shape(arch, **model_kwargs)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False))
+  return model, abstract
+
+
+def save(path: str, arch: str, variables: Any, *, num_classes: int | None, dataset: str,
+         model_kwargs: dict | None = None, extra: dict | None = None) -> None:
+  """Writes ``variables`` (numpy or jax) and metadata to directory ``path`` (created; must be
+  empty or absent)."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and os.listdir(path):
+    raise UserError(f'output directory {path} is not empty')
+  os.makedirs(path, exist_ok=True)
+  variables = jax.tree.map(lambda a: np.asarray(a, np.float32), dict(variables))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(path, VARIABLES), variables)
+  checkpointer.wait_until_finished()
+  spec = models.get_spec(arch)
+  meta = {'format': FORMAT, 'arch': spec.name, 'kind': spec.kind, 'num_classes': num_classes,
+          'model_kwargs': dict(model_kwargs or {}), 'dataset': dataset,
+          'input_shape': list(models.input_shape(spec.name, **(model_kwargs or {}))), **(extra or {})}
+  with open(os.path.join(path, METADATA), 'w') as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+    f.write('\n')
+
+
+def load(path: str) -> tuple[Any, dict, dict]:
+  """(model, variables, metadata) from a converted-model directory."""
+  meta_path = os.path.join(path, METADATA)
+  if not os.path.isfile(meta_path):
+    raise UserError(f'{path} is not a converted model directory (no {METADATA}); convert a .pth with '
+                    f'python -m dfkd_jax.convert')
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except ValueError as e:
+    raise UserError(f'{meta_path} is not valid JSON: {e}') from e
+  if meta.get('format') != FORMAT:
+    raise UserError(f'{path} has format {meta.get("format")!r}, expected {FORMAT!r}')
+  model, abstract = abstract_variables(meta['arch'], meta.get('num_classes'), meta.get('model_kwargs', {}))
+  try:
+    variables = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), VARIABLES),
+                                                   jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                                                abstract))
+  except Exception as e:  # noqa: BLE001 - any read failure is a broken directory
+    raise UserError(f'cannot read the weights in {path}: {str(e).splitlines()[0][:200]}') from e
+  return model, jax.tree.map(np.asarray, variables), meta

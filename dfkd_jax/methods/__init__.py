@@ -1,0 +1,15 @@
+"""One module per method. Each exposes ``make_job(config) -> dfkd_jax.loop.Job``."""
+from __future__ import annotations
+
+import importlib
+
+from dfkd_jax.errors import UserError
+
+METHODS = ('supervised', 'dafl', 'zskt', 'dfad', 'dfq')
+
+
+def get(name: str):
+  """The module of method ``name``."""
+  if name not in METHODS:
+    raise UserError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+  return importlib.import_module(f'dfkd_jax.methods.{name}')
