@@ -6,3 +6,4 @@ from dfkd_jax.models import resnet_imagenet  # noqa: F401
 from dfkd_jax.models import resnet_tiny  # noqa: F401
 from dfkd_jax.models import vgg  # noqa: F401
 from dfkd_jax.models import wrn  # noqa: F401
+from dfkd_jax.models import generators, vdsr  # noqa: F401

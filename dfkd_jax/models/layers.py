@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -136,6 +137,23 @@ class BatchNorm(nn.Module):
     return y
 
 
+class InstanceNorm(nn.Module):
+  """``torch.nn.InstanceNorm2d`` (no running stats): each sample's channels are normalised with
+  their own spatial mean and biased variance; ``affine`` adds a per-channel scale and bias."""
+  epsilon: float = 1e-5
+  affine: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    mean = x.mean((1, 2), keepdims=True)
+    var = jnp.square(x - mean).mean((1, 2), keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+    if self.affine:
+      c = x.shape[-1]
+      y = y * self.param('scale', nn.initializers.ones, (c,)) + self.param('bias', nn.initializers.zeros, (c,))
+    return y
+
+
 def max_pool(x: Array, window: int, stride: int | None = None, padding: int = 0) -> Array:
   """``torch.nn.MaxPool2d`` (pads with -inf). Non-overlapping, unpadded windows use a reshape,
   whose backward pass is much faster on CPU than ``select_and_scatter``."""
@@ -155,9 +173,23 @@ def avg_pool(x: Array, window: int, stride: int | None = None) -> Array:
   return nn.avg_pool(x, (window, window), (stride, stride))
 
 
-def upsample_nearest(x: Array, factor: int = 2) -> Array:
-  """``nn.Upsample(scale_factor=factor)`` / ``F.interpolate`` nearest, NHWC."""
-  return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+def upsample_nearest(x: Array, factor: float = 2) -> Array:
+  """``nn.Upsample(scale_factor=factor)`` / ``F.interpolate`` nearest, NHWC.
+
+  A non-integer factor (ZSKT's 1.6) follows torch exactly: the output side is floor(in * factor)
+  and output index d reads input index min(floor(d * float32(1 / factor)), in - 1), computed in
+  float32 as torch does (not floor(d * in / out), which differs e.g. for 6 -> 10 at factor 1.7).
+  """
+  if float(factor).is_integer():
+    f = int(factor)
+    return jnp.repeat(jnp.repeat(x, f, axis=1), f, axis=2)
+  inv = np.float32(1.0 / factor)
+
+  def source_index(size):
+    dst = np.arange(math.floor(size * factor), dtype=np.float32)
+    return np.minimum(np.floor(dst * inv).astype(np.int32), size - 1)
+
+  return x[:, source_index(x.shape[1])][:, :, source_index(x.shape[2])]
 
 
 def global_avg_pool(x: Array) -> Array:
