@@ -195,7 +195,7 @@ cmd_logs() {
 
 cmd_stop() {
   describe "[options]" \
-    "Stop the run on every worker (SIGTERM to its process group, SIGKILL if it lingers), freeing the TPU chips for the next run."
+    "Stop the run on every worker: SIGTERM to its process group (the run saves a checkpoint and exits), SIGKILL if it is still there after the timeout. Frees the TPU chips for the next run."
   tpu_options
   remote_dir_option
   example "  launch/tpu.sh stop --tpu-name dfkd-pod --zone us-west4-a"

@@ -89,7 +89,7 @@ cmd_start() {
 cmd_stop() {
   describe "[options]" \
     "Stop the run started by start: SIGTERM to its process group, then SIGKILL after the timeout."
-  option STOP_TIMEOUT --timeout SECONDS "Seconds to wait for the run to exit after SIGTERM." 30
+  option STOP_TIMEOUT --timeout SECONDS "Seconds to wait after SIGTERM, which makes the run save a checkpoint and exit." 120
   example "  bash launch/tpu_worker.sh stop"
   parse_args "$@"
   require_count STOP_TIMEOUT
