@@ -22,7 +22,7 @@ fi
 
 # Options that `submit` passes on to `job`.
 job_options() {
-  required_option CONFIG --config FILE[:ARG] "Config file, relative to the repository root, e.g. configs/dafl_cifar10.py."
+  required_option CONFIG --config FILE[:ARG] "Config file, relative to the repository root, e.g. configs/dafl_mnist.py."
   option PROCESS_PER --process-per gpu\|node "One process per GPU, or one per node driving all its GPUs." gpu
   option GPUS_PER_NODE --gpus-per-node N "GPUs on each node." "${SLURM_GPUS_ON_NODE:-8}"
   option PYTHON_BIN --python PATH "Python with dfkd_jax installed (sbatch passes on the submitting shell's PATH, so an activated venv works)." python
@@ -46,7 +46,7 @@ cmd_submit() {
   option JOB_NAME --job-name NAME "Job name." dfkd
   switch REQUEUE --requeue "Let SLURM requeue the job after preemption or a node failure; it resumes from the workdir."
   extra_args "MAIN_FLAGS..." "More flags for dfkd_jax.main, e.g. --config.total_steps=2000."
-  example "  launch/slurm.sh submit --nodes 4 --partition gpu --config configs/dafl_cifar10.py \\
+  example "  launch/slurm.sh submit --nodes 4 --partition gpu --config configs/dafl_mnist.py \\
       --workdir-root /scratch/\$USER/dfkd --requeue"
   parse_args "$@"
   check_job_options
@@ -87,7 +87,7 @@ cmd_job() {
   required_option WORKDIR --workdir DIR "Workdir on a shared file system (or gs://); the same one resumes the run."
   extra_args "MAIN_FLAGS..." "More flags for dfkd_jax.main."
   example "  sbatch --nodes 2 --ntasks-per-node 1 --gpus-per-node 8 launch/slurm.sh job \\
-      --process-per node --config configs/dafl_cifar10.py --workdir /scratch/\$USER/dfkd/run1"
+      --process-per node --config configs/dafl_mnist.py --workdir /scratch/\$USER/dfkd/run1"
   parse_args "$@"
   check_job_options
   local main=("$PYTHON_BIN" -m dfkd_jax.main --jax_distributed)
@@ -104,6 +104,6 @@ describe "COMMAND [options]" "Run dfkd_jax on a SLURM GPU cluster. Commands:
   submit   on the login node: compute the workdir once and sbatch this script
   job      inside the allocation: srun dfkd_jax.main, one process per GPU or per node
 'launch/slurm.sh COMMAND --help' lists each command's options."
-example "  launch/slurm.sh submit --nodes 2 --config configs/dafl_cifar10.py --workdir-root /scratch/\$USER/dfkd
-  launch/slurm.sh submit --nodes 2 --process-per node --config configs/dafl_cifar10.py --workdir /scratch/\$USER/dfkd/run1"
+example "  launch/slurm.sh submit --nodes 2 --config configs/dafl_mnist.py --workdir-root /scratch/\$USER/dfkd
+  launch/slurm.sh submit --nodes 2 --process-per node --config configs/dafl_mnist.py --workdir /scratch/\$USER/dfkd/run1"
 dispatch "submit job" "$@"

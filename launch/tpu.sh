@@ -159,11 +159,11 @@ cmd_run() {
     "Start python -m dfkd_jax.main --jax_distributed on every worker, in the background, all with the same gs:// workdir (computed here once). Running it again with the same --workdir resumes from the latest checkpoint."
   tpu_options
   remote_dir_option
-  required_option CONFIG --config FILE[:ARG] "Config file, relative to the repository root, e.g. configs/dafl_cifar10.py."
+  required_option CONFIG --config FILE[:ARG] "Config file, relative to the repository root, e.g. configs/dafl_mnist.py."
   workdir_options
   list_option WORKER_ENV --env NAME=VALUE "Environment variable for the run, e.g. TFDS_DATA_DIR=gs://BUCKET/tensorflow_datasets."
   extra_args "MAIN_FLAGS..." "More flags for dfkd_jax.main, e.g. --config.total_steps=2000."
-  example "  launch/tpu.sh run --tpu-name dfkd-pod --zone us-west4-a --config configs/dafl_cifar10.py \\
+  example "  launch/tpu.sh run --tpu-name dfkd-pod --zone us-west4-a --config configs/dafl_mnist.py \\
       --workdir-root gs://my-bucket/dfkd --env TFDS_DATA_DIR=gs://my-bucket/tensorflow_datasets"
   parse_args "$@"
   local assignment
@@ -234,7 +234,7 @@ tpu_options
 example "  export TPU_NAME=dfkd-pod ZONE=us-west4-a
   launch/tpu.sh create --accelerator-type v5litepod-32 --spot --wait
   launch/tpu.sh setup
-  launch/tpu.sh run --config configs/dafl_cifar10.py --workdir-root gs://my-bucket/dfkd
+  launch/tpu.sh run --config configs/dafl_mnist.py --workdir-root gs://my-bucket/dfkd
   launch/tpu.sh logs
   launch/tpu.sh stop
   launch/tpu.sh delete"

@@ -66,7 +66,7 @@ cmd_start() {
   describe "[options] -- MAIN_FLAGS..." \
     "Start python -m dfkd_jax.main MAIN_FLAGS in the background, in its own process group, from the project directory; its output is appended to $LOG_FILE."
   extra_args "MAIN_FLAGS..." "Flags for dfkd_jax.main (--config, --workdir, --jax_distributed, ...)."
-  example "  bash launch/tpu_worker.sh start -- --config=configs/dafl_cifar10.py --workdir=gs://my-bucket/dfkd/run1 --jax_distributed"
+  example "  bash launch/tpu_worker.sh start -- --config=configs/dafl_mnist.py --workdir=gs://my-bucket/dfkd/run1 --jax_distributed"
   parse_args "$@"
   ((${#EXTRA_ARGS[@]})) || die "missing the dfkd_jax.main flags after --"
   local pid
@@ -134,7 +134,7 @@ describe "COMMAND [options]" "The worker side of launch/tpu.sh, run on every TPU
   logs     show and follow its output
 'launch/tpu_worker.sh COMMAND --help' lists each command's options."
 example "  bash launch/tpu_worker.sh install
-  bash launch/tpu_worker.sh start -- --config=configs/dafl_cifar10.py --workdir=gs://my-bucket/dfkd/run1 --jax_distributed
+  bash launch/tpu_worker.sh start -- --config=configs/dafl_mnist.py --workdir=gs://my-bucket/dfkd/run1 --jax_distributed
   bash launch/tpu_worker.sh logs
   bash launch/tpu_worker.sh stop"
 dispatch "install start stop logs" "$@"
