@@ -104,8 +104,9 @@ NO_FIXTURE = [
      lambda tg: tg.TorchNoisyLayerGenerator(16, 3, 12, 32, 24)),
     ('dfad_generator', 'dfad_generator', dict(nz=256, nc=3), lambda tg: tg.TorchDaflLayout(256, 3, 32, 1e-5, False)),
     ('zskt_generator', 'zskt_generator', dict(nz=100), lambda tg: tg.TorchZskt(100)),
-    ('dfsr_generator_24', 'dfsr_generator', dict(nz=256, img_size=24), lambda tg: tg.TorchDaflLayout(256, 1, 24, 0.8, True)),
-    ('dfsr_generator_16', 'dfsr_generator', dict(nz=256, img_size=16), lambda tg: tg.TorchDaflLayout(256, 1, 16, 0.8, True)),
+    # Defaults: latent 256, img_size 24 (input 48 at scale 2); then scale 4 (12 -> s = 3).
+    ('dfsr_generator_24', 'dfsr_generator', dict(), lambda tg: tg.TorchDaflLayout(256, 1, 24, 0.8, True)),
+    ('dfsr_generator_12', 'dfsr_generator', dict(img_size=12), lambda tg: tg.TorchDaflLayout(256, 1, 12, 0.8, True)),
     ('vdsr', 'vdsr', dict(), lambda tg: tg.TorchVDSR(64, 18)),
     ('vdsr_half', 'vdsr_half', dict(), lambda tg: tg.TorchVDSR(32, 18)),
 ]

@@ -74,7 +74,8 @@ class CmiGenerator(nn.Module):
 
 
 class NoisyLayerGenerator(nn.Module):
-  """NAYER ``NLGenerator`` on a batch of label embeddings ``le`` (N, le_size).
+  """NAYER ``NLGenerator`` on a batch of label embeddings ``z`` (N, le_size): the method looks up
+  the (CLIP text) embedding of each sample's target class, as the reference's ``label_emb[targets]``.
 
   ``BatchNorm1d(le_size) -> noisy layer -> cmi_decoder``, where the noisy layer is
   ``le1.{k} = Linear(le_size, le_emb_size)`` applied to rows [k*nl, (k+1)*nl) of the batch, and
@@ -94,8 +95,8 @@ class NoisyLayerGenerator(nn.Module):
     return math.ceil(self.sbz / self.nl)
 
   @nn.compact
-  def __call__(self, le: Array, train: bool = False) -> Array:
-    le = BatchNorm(use_running_average=not train, name='n1')(le)
+  def __call__(self, z: Array, train: bool = False) -> Array:
+    le = BatchNorm(use_running_average=not train, name='n1')(z)
     chunks = []
     for k in range(self.num_noisy_layers):
       end = le.shape[0] if k == self.num_noisy_layers - 1 else (k + 1) * self.nl
@@ -227,24 +228,27 @@ def _latent(nz=256, **_):
   return (nz,)
 
 
-def _view(linear: str, width: Callable[..., int], levels: int = 2):
-  """TorchLayout for a ``Linear -> view(N, C, s, s)`` with s = img_size / 2**levels."""
+def linear_view_layout(linear: str, width: Callable[..., int], default_img_size: int = 32) -> TorchLayout:
+  """TorchLayout of a ``Linear -> view(N, width, s, s)`` with s = img_size // 4 (``width`` is a
+  function of the builder's keyword arguments; ``default_img_size`` is the builder's default)."""
 
-  def view_outputs(img_size=32, **kw):
-    s = img_size // 2 ** levels
-    return {linear: (width(**kw), s, s)}
+  def view_outputs(img_size=default_img_size, **kw):
+    return {linear: (width(**kw), img_size // 4, img_size // 4)}
 
   return TorchLayout(view_outputs=view_outputs)
 
 
-@register('cmi_generator', kind='generator', aliases=('generator', 'fast_generator'), input_shape=_latent,
-          torch=_view('l1.0', lambda ngf=64, **_: 2 * ngf))
+# l1.0 -> view(N, 2*ngf, s, s): CMI Generator, NAYER, DAFL and DFAD.
+_L1_TWO_NGF = linear_view_layout('l1.0', lambda ngf=64, **_: 2 * ngf)
+
+
+@register('cmi_generator', kind='generator', aliases=('fast_generator',), input_shape=_latent, torch=_L1_TWO_NGF)
 def cmi_generator(nz=256, ngf=64, img_size=32, nc=3, **_):
   return CmiGenerator(widths=(2 * ngf, 2 * ngf, ngf), nc=nc, img_size=img_size)
 
 
 @register('cmi_large_generator', kind='generator', aliases=('large_generator', 'LargeGenerator'),
-          input_shape=_latent, torch=_view('l1.0', lambda ngf=64, **_: 4 * ngf))
+          input_shape=_latent, torch=linear_view_layout('l1.0', lambda ngf=64, **_: 4 * ngf))
 def cmi_large_generator(nz=256, ngf=64, img_size=32, nc=3, **_):
   return CmiGenerator(widths=(4 * ngf, 2 * ngf, ngf), nc=nc, img_size=img_size)
 
@@ -264,25 +268,20 @@ def cudfkd_generator(nz=512, ngf=64, img_size=32, nc=3, d=2, **_):
 
 
 @register('nayer_generator', kind='generator', aliases=('NLGenerator',),
-          input_shape=lambda le_size=512, **_: (le_size,),
-          torch=TorchLayout(view_outputs=lambda img_size=32, ngf=64, **_: {
-              'l1.0': (2 * ngf, img_size // 4, img_size // 4)}))
+          input_shape=lambda le_size=512, **_: (le_size,), torch=_L1_TWO_NGF)
 def nayer_generator(ngf=64, img_size=32, nc=3, nl=10, sbz=400, le_emb_size=1000, le_size=512, **_):
   """``nl``: samples per noisy layer (the reference passes num_classes); ``sbz``: synthesis batch
   size, which fixes the number of noisy layers ceil(sbz/nl); ``le_size``: embedding width."""
   return NoisyLayerGenerator(ngf=ngf, nc=nc, img_size=img_size, nl=nl, sbz=sbz, le_emb_size=le_emb_size)
 
 
-_DAFL_LAYOUT = _view('l1.0', lambda ngf=64, **_: 2 * ngf)
-
-
-@register('dafl_generator', kind='generator', input_shape=lambda nz=100, **_: (nz,), torch=_DAFL_LAYOUT)
+@register('dafl_generator', kind='generator', input_shape=lambda nz=100, **_: (nz,), torch=_L1_TWO_NGF)
 def dafl_generator(nz=100, ngf=64, img_size=32, nc=1, **_):
   """DAFL-train.py defaults: latent_dim 100, channels 1 (MNIST); CIFAR uses nz=1000, nc=3."""
   return DaflGenerator(ngf=ngf, nc=nc, img_size=img_size, inner_eps=0.8)
 
 
-@register('dfad_generator', kind='generator', aliases=('GeneratorA',), input_shape=_latent, torch=_DAFL_LAYOUT)
+@register('dfad_generator', kind='generator', aliases=('GeneratorA',), input_shape=_latent, torch=_L1_TWO_NGF)
 def dfad_generator(nz=256, ngf=64, img_size=32, nc=3, **_):
   """DFAD_cifar.py settings: nz 256, nc 3."""
   return DaflGenerator(ngf=ngf, nc=nc, img_size=img_size)

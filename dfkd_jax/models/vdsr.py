@@ -22,9 +22,9 @@ import flax.linen as nn
 import jax
 from flax import traverse_util
 
-from dfkd_jax.models.generators import DaflGenerator
+from dfkd_jax.models.generators import DaflGenerator, linear_view_layout
 from dfkd_jax.models.layers import Conv2d, kaiming_normal_fan_out
-from dfkd_jax.models.registry import TorchLayout, register
+from dfkd_jax.models.registry import register
 
 Array = jax.Array
 
@@ -71,8 +71,7 @@ def vdsr_half(num_blocks=18, **_):
 
 
 @register('dfsr_generator', kind='generator', aliases=('GeneratorINE1',),
-          input_shape=lambda nz=256, **_: (nz,),
-          torch=TorchLayout(view_outputs=lambda img_size=24, **_: {'l1.0': (128, img_size // 4, img_size // 4)}))
+          input_shape=lambda nz=256, **_: (nz,), torch=linear_view_layout('l1.0', lambda **_: 128, 24))
 def dfsr_generator(nz=256, img_size=24, nc=1, **_):
   """``GeneratorINE1(img_size, channels, latent)``. DFSR builds one per scale s in {2, 3, 4} with
   img_size = input_size // s (24, 16, 12 for the README's 48); the output side is 4*(img_size//4)."""
