@@ -24,10 +24,12 @@ rebuilders of tensors, plain containers) and the storage types; every other glob
 stand-in class. Creating an instance of a stand-in the way pickled objects are rebuilt
 (``cls.__new__`` then ``__dict__`` update) works, which is how modules such as ``lenet.LeNet5`` load;
 calling one, which is how a payload such as ``os.system('...')`` runs, raises ``UnsafeCheckpointError``
-before anything happens.
+before anything happens (``CheckpointFormatError`` for torch functions this reader does not implement,
+such as the rebuilders of sparse or quantized tensors).
 """
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import math
@@ -102,14 +104,17 @@ class _Storage:
     self.key, self.storage_type, self.numel = key, storage_type, numel
     self.read: Callable[[], bytes] | None = None
     self.byteorder = '<'
+    self._buffer: memoryview | None = None
     self._elements: np.ndarray | None = None
 
   def buffer(self) -> memoryview:
-    nbytes = self.numel * self.storage_type.raw_dtype('<').itemsize
-    data = memoryview(self.read())
-    if data.nbytes < nbytes:
-      raise ValueError(f'storage {self.key} has {data.nbytes} bytes, expected {nbytes}')
-    return data[:nbytes]
+    if self._buffer is None:
+      nbytes = self.numel * self.storage_type.raw_dtype('<').itemsize
+      data = memoryview(self.read())
+      if data.nbytes < nbytes:
+        raise ValueError(f'storage {self.key} has {data.nbytes} bytes, expected {nbytes}')
+      self._buffer = data[:nbytes]
+    return self._buffer
 
   def elements(self) -> np.ndarray:
     if self._elements is None:
@@ -232,8 +237,6 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
        for name in ('scalar', '_reconstruct')},
     ('numpy', 'dtype'): _opaque('numpy.dtype'),
 }
-# Python 2 module names that protocol-2 pickles still use (pickle's fix_imports).
-_PY2_MODULES = {'__builtin__': 'builtins', 'copy_reg': 'copyreg'}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -249,7 +252,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     self._stand_ins: dict[tuple[str, str], type] = {}
 
   def find_class(self, module, name):
-    module = _PY2_MODULES.get(module, module)
+    # Protocol-2 pickles name some globals as Python 2 did (``__builtin__.set``, ``commands.Popen``).
+    module, name = _compat_pickle.NAME_MAPPING.get(
+        (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
     if (module, name) in _SAFE_GLOBALS:
       return _SAFE_GLOBALS[module, name]
     if module in _STORAGE_MODULES and name in _STORAGE_ELEMENTS:
@@ -459,9 +464,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except UserError:
       raise
     except _Refused as refused:
-      if refused.name.startswith(('torch._utils._rebuild', 'torch._tensor._rebuild')):
-        raise CheckpointFormatError(f'{path} holds a kind of tensor this reader does not support (one '
-                                    f'rebuilt by {refused.name}); only dense tensors are') from None
+      if refused.name.startswith('torch.'):  # e.g. sparse or quantized tensors
+        raise CheckpointFormatError(f'cannot load {path}: it calls {refused.name}, which this reader does '
+                                    'not support (it rebuilds dense tensors, containers and pickled '
+                                    'modules; nothing from the file was run)') from None
       raise UnsafeCheckpointError(f'refusing to load {path}: it calls {refused.name}, which a weights '
                                   'checkpoint never needs (nothing from the file was run)') from None
     except Exception as e:  # any failure to parse untrusted bytes means a damaged file
