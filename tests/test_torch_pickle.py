@@ -5,6 +5,7 @@ torch is only used here to write reference files and to read ours back; the load
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import importlib.util
 import json
@@ -107,6 +108,7 @@ def test_state_dict_round_trip(torch, tmp_path, layout, prefix, wrapping):
     checkpoint = state_dict
   else:  # the train_scratch.py layout: metadata, then weights, then optimizer tensors to ignore
     checkpoint = {'epoch': 3, 'arch': 'resnet34', wrapping: state_dict, 'best_acc1': np.float64(91.5),
+                  'args': argparse.Namespace(lr=0.1, milestones={100, 150}), 'commit': b'\x00\xff',
                   **_optimizer_and_scheduler_state(torch)}
   path = tmp_path / 'checkpoint.pth'
   torch.save(checkpoint, path, _use_new_zipfile_serialization=LAYOUTS[layout])

@@ -219,6 +219,8 @@ def _latin1_bytes(text, encoding='latin1'):
   return text.encode('latin1')
 
 
+# The only globals resolved to something callable: our own numpy rebuilders, builtin containers and
+# inert placeholders. None runs code from the file or imports the module it is named after.
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ('collections', 'OrderedDict'): collections.OrderedDict,
     ('builtins', 'set'): set, ('builtins', 'frozenset'): frozenset, ('builtins', 'list'): list,
@@ -302,8 +304,10 @@ def _ascii(value):
 
 
 def _describe(value) -> str:
-  if isinstance(value, (_StandIn, _StandInMeta)):
-    return value.global_name + ('' if isinstance(value, _StandInMeta) else ' object')
+  if isinstance(value, _StandInMeta):
+    return value.global_name
+  if isinstance(value, _StandIn):  # the class's name: BUILD may have set any instance attribute
+    return type(value).global_name + ' object'
   if isinstance(value, _Opaque):
     return value.global_name + ' value'
   return type(value).__name__
@@ -397,7 +401,7 @@ def _module_state_dict(module, prefix: str, out: dict, ancestors: tuple = ()) ->
   for name, tensor in [*attributes['_parameters'].items(), *buffers.items()]:
     if tensor is not None:
       if not isinstance(tensor, _TensorRef):
-        raise ValueError(f'{prefix}{name} of {module.global_name} is a {_describe(tensor)}, not a tensor')
+        raise ValueError(f'{prefix}{name} of a {_describe(module)} is a {_describe(tensor)}, not a tensor')
       out[prefix + name] = tensor
   for name, child in attributes['_modules'].items():
     if child is not None:
