@@ -1,17 +1,39 @@
 """Image augmentations in JAX, deterministic under a key, on NHWC images in [0, 1].
 
-Per-sample ops draw one set of parameters per image (kornia/torchvision semantics in the
-references); zero padding happens in pixel space, before normalisation, as there.
+Every op is jit-able with static shapes and differentiable with respect to the images (inversion
+methods back-propagate through the views). Callers normalise after augmenting, as the references'
+kornia pipelines do, so zero padding is black in pixel space.
+
+Per-sample ops draw one set of parameters per image (kornia/torchvision semantics); DeepInversion's
+jitter draws one set for the whole batch. Random ops with non-trivial parameters are split into a
+parameter draw and a deterministic application (``jitter_flip``, ``resized_crop``).
+
+What each reference uses:
+- DeepInversion (NVlabs, CMI-fw ``jitter_and_flip``): ``random_jitter_flip``.
+- CMI's global view, Fast's synthesis view and the standard CIFAR train transform that reads the
+  replay pool (RandomCrop(size, padding=4) + RandomHorizontalFlip): ``padded_crop_flip``.
+- CMI's local view (RandomResizedCrop(size, scale=(0.25, 1)) + RandomHorizontalFlip):
+  ``resized_crop_flip``.
 """
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+
+from dfkd_jax.errors import UserError
+
+# Draws per image before falling back (torchvision ``get_params`` and kornia both use 10).
+_RESIZED_CROP_TRIALS = 10
 
 
 def random_crop(key: jax.Array, images: jax.Array, padding: int) -> jax.Array:
   """``RandomCrop(size, padding)`` per image: zero-pad by ``padding`` and crop back to size at a
   uniformly drawn offset in [0, 2 * padding]."""
+  if padding < 0:
+    raise UserError(f'crop padding must be >= 0, got {padding}')
   n, h, w, c = images.shape
   padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   offsets = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
@@ -23,3 +45,155 @@ def random_flip(key: jax.Array, images: jax.Array, p: float = 0.5) -> jax.Array:
   """``RandomHorizontalFlip(p)`` per image."""
   flip = jax.random.bernoulli(key, p, (images.shape[0], 1, 1, 1))
   return jnp.where(flip, images[:, :, ::-1], images)
+
+
+def padded_crop_flip(key: jax.Array, images: jax.Array, padding: int = 4) -> jax.Array:
+  """``random_crop(padding)`` then ``random_flip``, each per image: CMI's global view, Fast's
+  synthesis view and the standard CIFAR train augmentation applied to replay-pool samples."""
+  crop_key, flip_key = jax.random.split(key)
+  return random_flip(flip_key, random_crop(crop_key, images, padding))
+
+
+# ------------------------------------------------------------------------------------------------
+# DeepInversion jitter
+# ------------------------------------------------------------------------------------------------
+
+def jitter_flip(images: jax.Array, shift: jax.Array, flip: jax.Array) -> jax.Array:
+  """Circular shift of the whole batch by ``shift = (dy, dx)`` pixels (``torch.roll`` along H, W:
+  the pixel at (y, x) moves to ((y + dy) mod H, (x + dx) mod W)), then a left-right mirror of the
+  whole batch if ``flip``."""
+  rolled = jnp.roll(images, (shift[0], shift[1]), axis=(1, 2))
+  return jnp.where(flip, rolled[:, :, ::-1], rolled)
+
+
+def random_jitter_flip(key: jax.Array, images: jax.Array, limit: int | Sequence[int], *,
+                       flip: bool = True) -> jax.Array:
+  """DeepInversion's augmentation: ``jitter_flip`` with dy, dx uniform integers in [-limit, limit]
+  (``limit`` an int or ``(limit_h, limit_w)``) and a flip with probability 0.5 (never if not
+  ``flip``), one draw for the whole batch. CMI-fw uses limit = side // 8; NVlabs 30 (ImageNet)
+  and 2 without flip (CIFAR-10)."""
+  limits = (limit, limit) if isinstance(limit, int) else tuple(limit)
+  if len(limits) != 2 or min(limits) < 0:
+    raise UserError(f'jitter limit must be an int >= 0 or a pair of them, got {limit}')
+  shift_key, flip_key = jax.random.split(key)
+  bound = jnp.asarray(limits, jnp.int32)
+  shift = jax.random.randint(shift_key, (2,), -bound, bound + 1)
+  mirror = jax.random.bernoulli(flip_key, 0.5) & flip
+  return jitter_flip(images, shift, mirror)
+
+
+# ------------------------------------------------------------------------------------------------
+# Random resized crop
+# ------------------------------------------------------------------------------------------------
+
+def _check_range(values: Sequence[float], name: str) -> tuple[float, float]:
+  low, high = (float(v) for v in values)
+  if not 0 < low <= high:
+    raise UserError(f'random resized crop {name} must be a range (low, high) with 0 < low <= high, '
+                    f'got {tuple(values)}')
+  return low, high
+
+
+def _fallback_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+  """The (height, width) used when no trial fits: the largest centre-style box whose aspect ratio
+  is clipped into ``ratio`` (the whole image when its own ratio is in range), as torchvision."""
+  image_ratio = width / height
+  if image_ratio < ratio[0]:
+    return round(width / ratio[0]), width
+  if image_ratio > ratio[1]:
+    return height, round(height * ratio[1])
+  return height, width
+
+
+def sample_resized_crop_boxes(key: jax.Array, num: int, image_size: tuple[int, int], *,
+                              scale: Sequence[float], ratio: Sequence[float]) -> jax.Array:
+  """``RandomResizedCrop`` parameters, one box per image: (num, 4) int32 rows (top, left, height,
+  width), the box inside the image.
+
+  Per image, 10 trials each draw area ~ U(scale)·H·W and log(aspect) ~ U(log ratio), giving
+  width = round(√(area·aspect)), height = round(√(area/aspect)); the first trial with
+  1 ≤ height ≤ H and 1 ≤ width ≤ W is taken (torchvision's sequential rejection loop, drawn as a
+  vectorised batch of trials, which gives the same distribution). If none fits (rare for
+  scale ≤ 1), the box size is ``_fallback_size``. The top-left corner is then uniform over the
+  positions that keep the box inside the image.
+  """
+  height, width = image_size
+  scale, ratio = _check_range(scale, 'scale'), _check_range(ratio, 'ratio')
+  area_key, ratio_key, top_key, left_key = jax.random.split(key, 4)
+  shape = (num, _RESIZED_CROP_TRIALS)
+  area = jax.random.uniform(area_key, shape, minval=scale[0], maxval=scale[1]) * (height * width)
+  aspect = jnp.exp(jax.random.uniform(ratio_key, shape, minval=math.log(ratio[0]), maxval=math.log(ratio[1])))
+  widths = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+  heights = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+  fits = (widths >= 1) & (widths <= width) & (heights >= 1) & (heights <= height)
+  first = jnp.argmax(fits, axis=1)[:, None]  # argmax returns the first True
+  fallback_h, fallback_w = _fallback_size(height, width, ratio)
+  fitted = fits.any(axis=1)
+  box_h = jnp.where(fitted, jnp.take_along_axis(heights, first, axis=1)[:, 0], fallback_h)
+  box_w = jnp.where(fitted, jnp.take_along_axis(widths, first, axis=1)[:, 0], fallback_w)
+  top = jax.random.randint(top_key, (num,), 0, height - box_h + 1)
+  left = jax.random.randint(left_key, (num,), 0, width - box_w + 1)
+  return jnp.stack([top, left, box_h, box_w], axis=1)
+
+
+def _interpolation_weights(start: jax.Array, length: jax.Array, in_size: int, out_size: int,
+                           align_corners: bool) -> jax.Array:
+  """(out_size, in_size) bilinear weights that resample the span [start, start + length) of one
+  axis to ``out_size`` samples with ``F.interpolate(mode='bilinear')`` conventions: source
+  positions outside the span are clamped to its first/last pixel, never read from outside it."""
+  j = jnp.arange(out_size, dtype=jnp.float32)
+  span = length.astype(jnp.float32)
+  if align_corners:
+    # The first and last output pixel centres land on the first and last pixel centres of the span.
+    step = (span - 1) / (out_size - 1) if out_size > 1 else jnp.zeros(())
+    position = step * j
+  else:
+    # Pixel areas align: output centre j + 1/2 maps to (j + 1/2)·length/out in span units.
+    position = jnp.maximum(span / out_size * (j + 0.5) - 0.5, 0.0)
+  lower = jnp.floor(position)
+  frac = position - lower
+  lower = lower.astype(jnp.int32)
+  upper = jnp.minimum(lower + 1, length - 1)
+  return ((1 - frac)[:, None] * jax.nn.one_hot(start + lower, in_size)
+          + frac[:, None] * jax.nn.one_hot(start + upper, in_size))
+
+
+def resized_crop(images: jax.Array, boxes: jax.Array, size: tuple[int, int] | None = None, *,
+                 align_corners: bool = True) -> jax.Array:
+  """Crops box i = (top, left, height, width) out of image i and resizes it bilinearly to ``size``
+  (default: the input size), i.e. ``F.interpolate(crop, size, mode='bilinear',
+  align_corners=align_corners)`` per image, without antialiasing.
+
+  ``align_corners=True`` is kornia's ``RandomResizedCrop`` default (both its 'slice' and
+  'resample' cropping modes map corner pixel centres onto corner pixel centres); ``False`` is the
+  torch/torchvision half-pixel convention.
+  """
+  n, in_h, in_w, _ = images.shape
+  out_h, out_w = size or (in_h, in_w)
+
+  def crop_one(image, box):
+    rows = _interpolation_weights(box[0], box[2], in_h, out_h, align_corners).astype(image.dtype)
+    cols = _interpolation_weights(box[1], box[3], in_w, out_w, align_corners).astype(image.dtype)
+    # Weighted sums as matmuls; HIGHEST keeps float32 accuracy on TPU (its default is bfloat16 passes).
+    return jnp.einsum('oh,hwc,pw->opc', rows, image, cols, precision=jax.lax.Precision.HIGHEST)
+
+  return jax.vmap(crop_one)(images, boxes)
+
+
+def random_resized_crop(key: jax.Array, images: jax.Array, size: tuple[int, int] | None = None, *,
+                        scale: Sequence[float] = (0.25, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                        align_corners: bool = True) -> jax.Array:
+  """kornia ``RandomResizedCrop(size, scale, ratio)`` per image: ``sample_resized_crop_boxes`` then
+  ``resized_crop``. The default scale is CMI's local view (kornia's own default is (0.08, 1))."""
+  n, h, w, _ = images.shape
+  boxes = sample_resized_crop_boxes(key, n, (h, w), scale=scale, ratio=ratio)
+  return resized_crop(images, boxes, size, align_corners=align_corners)
+
+
+def resized_crop_flip(key: jax.Array, images: jax.Array, *, scale: Sequence[float] = (0.25, 1.0),
+                      ratio: Sequence[float] = (3 / 4, 4 / 3), align_corners: bool = True) -> jax.Array:
+  """``random_resized_crop`` back to the input size, then ``random_flip``, each per image: CMI's
+  local view."""
+  crop_key, flip_key = jax.random.split(key)
+  cropped = random_resized_crop(crop_key, images, scale=scale, ratio=ratio, align_corners=align_corners)
+  return random_flip(flip_key, cropped)
