@@ -8,6 +8,7 @@ Architectures without fixtures are checked in test_models_classifiers_torch.py.
 """
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ import reference_fixtures as rf
 from dfkd_jax import models, taps
 from dfkd_jax.convert import naming
 from dfkd_jax.errors import UserError
+from dfkd_jax.models import layers, resnet_blocks, vgg, wrn
 
 FIXTURES = ['cmi__resnet18', 'cmi__resnet20', 'cmi__resnet34', 'cmi__vgg11', 'cmi__wrn16_1', 'cmi__wrn40_2']
 
@@ -140,3 +142,41 @@ def test_resnet_tiny_needs_32x32():
   model = models.create('resnet8')
   with pytest.raises(UserError, match='8x8'):
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+
+
+class _InitSamples(nn.Module):
+  """Small pieces of several families, initialised in one compiled ``init``."""
+
+  @nn.compact
+  def __call__(self, x):
+    wide = wrn.WideResNet(10, num_classes=100, name='wrn')(x)
+    vgg_net = vgg.VGG(((64,), (64,), (64,), (64,), (64, 64)), num_classes=200, name='vgg')(x)
+    resnet = resnet_blocks.BasicBlock(64, name='default_init')(jnp.zeros(x.shape[:3] + (64,)))
+    return wide, vgg_net, resnet
+
+
+def test_initialisation_follows_the_references():
+  params = jax.jit(_InitSamples().init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))['params']
+  kaiming_fan_out = lambda k, out: np.sqrt(2 / (k * k * out))  # noqa: E731
+  # WRN: convs N(0, sqrt(2/(k*k*out))), BN (1, 0), fc bias 0 with torch's default weight.
+  w = params['wrn']
+  np.testing.assert_allclose(np.std(w['block3']['layer.0']['conv2']['kernel']), kaiming_fan_out(3, 64), rtol=0.03)
+  np.testing.assert_allclose(np.std(w['block3']['layer.0']['convShortcut']['kernel']), kaiming_fan_out(1, 64),
+                             rtol=0.05)
+  np.testing.assert_array_equal(w['bn1']['scale'], 1)
+  np.testing.assert_array_equal(w['bn1']['bias'], 0)
+  np.testing.assert_array_equal(w['fc']['bias'], 0)
+  assert 0.9 / 8 < np.abs(w['fc']['kernel']).max() <= 1 / 8
+  # VGG: convs kaiming fan_out with bias 0, classifier N(0, 0.01) with bias 0.
+  v = params['vgg']
+  np.testing.assert_allclose(np.std(v['block4']['3']['kernel']), kaiming_fan_out(3, 64), rtol=0.03)
+  np.testing.assert_array_equal(v['block4']['3']['bias'], 0)
+  np.testing.assert_allclose(np.std(v['classifier']['kernel']), 0.01, rtol=0.05)
+  np.testing.assert_array_equal(v['classifier']['bias'], 0)
+  # DAFL-style CIFAR ResNet: torch's default U(+-1/sqrt(fan_in)).
+  kernel = params['default_init']['conv2']['kernel']
+  assert 0.99 / 24 < np.abs(kernel).max() <= 1 / 24
+  # resnet_tiny, ImageNet ResNets and MobileNetV2 use the kaiming fan_out init checked above.
+  assert models.create('resnet8').conv_init is layers.kaiming_normal_fan_out
+  assert models.create('resnet18_imagenet').conv_init is layers.kaiming_normal_fan_out
+  assert models.create('resnet18').conv_init is None
