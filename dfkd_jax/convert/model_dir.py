@@ -43,25 +43,32 @@ def abstract_variables(arch: str, num_classes: int | None, model_kwargs: dict) -
   return model, abstract
 
 
-def save(path: str, arch: str, variables: Any, *, num_classes: int | None, dataset: str,
-         model_kwargs: dict | None = None, extra: dict | None = None) -> None:
+def metadata(arch: str, *, num_classes: int | None, dataset: str | None, model_kwargs: dict | None = None,
+             extra: dict | None = None) -> dict:
+  """The ``metadata.json`` content of a model directory (``extra`` entries are added as they are)."""
+  spec = models.get_spec(arch)
+  return {'format': FORMAT, 'arch': spec.name, 'kind': spec.kind, 'num_classes': num_classes,
+          'model_kwargs': dict(model_kwargs or {}), 'dataset': dataset,
+          'input_shape': list(models.input_shape(spec.name, **(model_kwargs or {}))), **(extra or {})}
+
+
+def save(path: str, arch: str, variables: Any, *, num_classes: int | None, dataset: str | None,
+         model_kwargs: dict | None = None, extra: dict | None = None) -> dict:
   """Writes ``variables`` (numpy or jax) and metadata to directory ``path`` (created; must be
-  empty or absent)."""
+  empty or absent); returns the metadata."""
   path = os.path.abspath(path)
   if os.path.exists(path) and os.listdir(path):
     raise UserError(f'output directory {path} is not empty')
+  meta = metadata(arch, num_classes=num_classes, dataset=dataset, model_kwargs=model_kwargs, extra=extra)
   os.makedirs(path, exist_ok=True)
   variables = jax.tree.map(lambda a: np.asarray(a, np.float32), dict(variables))
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(path, VARIABLES), variables)
   checkpointer.wait_until_finished()
-  spec = models.get_spec(arch)
-  meta = {'format': FORMAT, 'arch': spec.name, 'kind': spec.kind, 'num_classes': num_classes,
-          'model_kwargs': dict(model_kwargs or {}), 'dataset': dataset,
-          'input_shape': list(models.input_shape(spec.name, **(model_kwargs or {}))), **(extra or {})}
   with open(os.path.join(path, METADATA), 'w') as f:
     json.dump(meta, f, indent=2, sort_keys=True)
     f.write('\n')
+  return meta
 
 
 def load(path: str) -> tuple[Any, dict, dict]:

@@ -101,7 +101,8 @@ def to_torch_leaf(value: np.ndarray, path: tuple[str, ...], flatten_inputs, view
   return value
 
 
-def _torch_shape(flax_shape, path):
+def torch_shape(flax_shape, path) -> tuple[int, ...]:
+  """The torch shape of the tensor that fills the Flax leaf at ``path`` of shape ``flax_shape``."""
   if path[-1] == 'kernel' and len(flax_shape) == 4:
     kh, kw, i, o = flax_shape
     return (o, i, kh, kw)
@@ -129,7 +130,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], abstract_variables: Any,
       continue
     used.add(key)
     value = np.asarray(source[key])
-    expected = _torch_shape(abstract.shape, path)
+    expected = torch_shape(abstract.shape, path)
     if tuple(value.shape) != expected:
       misshaped.append(f'{key}: file {tuple(value.shape)} vs expected {expected}')
       continue
@@ -164,11 +165,11 @@ def flax_to_torch(variables: Any, layout: TorchLayout, layout_kw: Mapping[str, A
 class MismatchError(UserError):
   """A state_dict that does not fit the architecture; the message lists every difference."""
 
-  def __init__(self, what, missing, unexpected, misshaped):
+  def __init__(self, what, missing, unexpected, misshaped, hint: str = ''):
     self.missing, self.unexpected, self.misshaped = missing, unexpected, misshaped
     parts = []
     for label, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped)):
       if items:
         shown = ', '.join(items[:6]) + (f', ... ({len(items)} in all)' if len(items) > 6 else '')
         parts.append(f'{len(items)} {label}: {shown}')
-    super().__init__(f"{what} does not match the architecture: {'; '.join(parts)}")
+    super().__init__(f"{what} does not match the architecture: {'; '.join(parts)}" + (f'. {hint}' if hint else ''))
