@@ -8,7 +8,8 @@ channel with a border of ``s`` pixels shaved (§4.4).
 Images are NHWC, or more generally (..., H, W, C); everything on device is pure ``jnp`` with static
 shapes and runs under ``jit``. Only the resampling and filtering matrices are built on the host, with
 numpy in float64: they depend on sizes alone, so they are constants of the traced computation, and
-applying them is one matmul per axis (exact, and fast on CPU).
+applying them is one matmul per axis (exact, and fast on CPU). SSIM's Gaussian window is applied as
+11 shifted slices per axis.
 
 **What has been verified, and how** (``tests/test_sr_ops.py``; MATLAB itself was not available):
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal, Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -110,7 +111,7 @@ def resize_matrix(in_size: int, out_size: int, scale: float, antialias: bool = T
   return matrix
 
 
-def _pair(value: Scale | Sequence[int]) -> tuple:
+def _pair(value: Scale) -> tuple[float, float]:
   return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
@@ -148,10 +149,8 @@ def _imresize(images: Array, scale: Scale | None, output_size: tuple[int, int] |
   in_hw = images.shape[-3:-1]
   out_hw, scales = resize_plan(in_hw, scale, output_size)
   x = images.astype(jnp.float32) if quantize or not jnp.issubdtype(images.dtype, jnp.floating) else images
-  # MATLAB's dimensionOrder: the axis with the smaller scale first (a stable sort, so rows first on
-  # ties). Linear, so the float result only changes by rounding; the uint8 one rounds in between.
-  for k in sorted((0, 1), key=lambda k: scales[k]):
-    x = _resize_axis(x, resize_matrix(in_hw[k], out_hw[k], scales[k], antialias, boundary), k - 3)
+  for dim in sorted((0, 1), key=lambda d: scales[d]):  # MATLAB's dimensionOrder (see ``imresize``)
+    x = _resize_axis(x, resize_matrix(in_hw[dim], out_hw[dim], scales[dim], antialias, boundary), dim - 3)
     if quantize:
       x = matlab_uint8(x).astype(jnp.float32)
   return x.astype(jnp.uint8) if quantize else x
@@ -164,6 +163,11 @@ def imresize(images: Array, scale: Scale | None = None, output_size: tuple[int, 
   Separable: out = A_H · x · A_Wᵀ with the ``resize_matrix`` of each axis (computed on the host,
   constants under ``jit``). The output is float (the input dtype if floating, else float32),
   neither rounded nor clamped: MATLAB on a double image. DFSR clamps to [0, 1] afterwards.
+
+  Pass order: MATLAB's ``dimensionOrder`` sorts the scales, so the axis with the smaller scale goes
+  first (rows first on ties, the sort being stable), which also shrinks before it enlarges. The
+  float result depends on the order only through float rounding; ``imresize_uint8``'s does not.
+  ``scale``/``output_size`` must be Python numbers (static under ``jit``).
   """
   return _imresize(images, scale, output_size, antialias, boundary, quantize=False)
 
@@ -175,7 +179,8 @@ def imresize_uint8(images: Array, scale: Scale | None = None,
 
   MATLAB keeps the input class between the two 1-D passes, so the intermediate image is rounded to
   uint8 too (``matlab_uint8`` after each pass, in MATLAB's axis order). ``images`` holds integers in
-  [0, 255] (any dtype).
+  [0, 255] (any dtype). Accumulation is float32 (MATLAB: double), so a value within ~1e-5 of a .5
+  tie could round the other way.
   """
   return _imresize(images, scale, output_size, antialias, boundary, quantize=True)
 
@@ -223,21 +228,27 @@ def psnr(a: Array, b: Array, shave: int = 0, data_range: float = 255.0) -> Array
   return 10.0 * jnp.log10(data_range**2 / mse)
 
 
-@functools.lru_cache(maxsize=32)
-def _gaussian_valid_matrix(size: int) -> np.ndarray:
-  """(size − 10, size) matrix of 'valid' correlation with the normalised 11-tap Gaussian, σ = 1.5.
+def _gaussian_taps() -> np.ndarray:
+  """The normalised 11-tap Gaussian g(t) ∝ exp(−t²/(2σ²)), t = −5 … 5, σ = 1.5, Σ g = 1.
 
-  Row p holds g(t − 5) at columns p + t, g(t) ∝ exp(−t²/(2σ²)), Σ g = 1. The outer product g gᵀ is
-  MATLAB ``fspecial('gaussian', 11, 1.5)`` (whose eps·max cut-off removes nothing at this size).
+  g gᵀ is MATLAB ``fspecial('gaussian', 11, 1.5)`` (whose eps·max cut-off removes nothing here).
   """
   offsets = np.arange(_SSIM_WINDOW) - _SSIM_WINDOW // 2
   taps = np.exp(-offsets**2 / (2 * _SSIM_SIGMA**2))
-  taps /= taps.sum()
-  matrix = np.zeros((size - _SSIM_WINDOW + 1, size))
-  for p in range(matrix.shape[0]):
-    matrix[p, p:p + _SSIM_WINDOW] = taps
-  matrix.flags.writeable = False
-  return matrix
+  return taps / taps.sum()
+
+
+def _gaussian_window(images: Array) -> Array:
+  """'valid' 11×11 Gaussian filtering of (..., H, W, C): (..., H − 10, W − 10, C).
+
+  Separable, as a sum of 11 shifted slices per axis: O(11·H·W), where a dense matrix would be O(H²W).
+  """
+  taps = _gaussian_taps()
+  for axis in (-3, -2):
+    valid = images.shape[axis] - _SSIM_WINDOW + 1
+    images = sum(float(g) * jax.lax.slice_in_dim(images, t, t + valid, axis=axis % images.ndim)
+                 for t, g in enumerate(taps))
+  return images
 
 
 def ssim(a: Array, b: Array, shave: int = 0, data_range: float = 255.0) -> Array:
@@ -254,16 +265,14 @@ def ssim(a: Array, b: Array, shave: int = 0, data_range: float = 255.0) -> Array
   height, width = a.shape[-3:-1]
   if min(height, width) < _SSIM_WINDOW:
     raise ValueError(f'SSIM needs at least {_SSIM_WINDOW}x{_SSIM_WINDOW} pixels, got {height}x{width}')
-  rows, cols = _gaussian_valid_matrix(height), _gaussian_valid_matrix(width)
-  window = lambda x: _resize_axis(_resize_axis(x, rows, -3), cols, -2)
   # (Co)variances are shift-invariant: filtering centred data avoids the float32 cancellation of
   # E[x²] − E[x]² at 8-bit magnitudes.
   centre = 0.5 * jnp.mean(a + b, axis=(-3, -2, -1), keepdims=True)
   a, b = a - centre, b - centre
-  mean_a, mean_b = window(a), window(b)
-  var_a = window(a * a) - mean_a**2
-  var_b = window(b * b) - mean_b**2
-  cov = window(a * b) - mean_a * mean_b
+  mean_a, mean_b = _gaussian_window(a), _gaussian_window(b)
+  var_a = _gaussian_window(a * a) - mean_a**2
+  var_b = _gaussian_window(b * b) - mean_b**2
+  cov = _gaussian_window(a * b) - mean_a * mean_b
   mean_a, mean_b = mean_a + centre, mean_b + centre
   c1, c2 = (_SSIM_K1 * data_range)**2, (_SSIM_K2 * data_range)**2
   ssim_map = ((2 * mean_a * mean_b + c1) * (2 * cov + c2)
