@@ -6,10 +6,10 @@ upscaled with the same bicubic, and results are reported as PSNR / SSIM on the B
 channel with a border of ``s`` pixels shaved (§4.4).
 
 Images are NHWC, or more generally (..., H, W, C); everything on device is pure ``jnp`` with static
-shapes and runs under ``jit``. Only the resampling and filtering matrices are built on the host, with
-numpy in float64: they depend on sizes alone, so they are constants of the traced computation, and
-applying them is one matmul per axis (exact, and fast on CPU). SSIM's Gaussian window is applied as
-11 shifted slices per axis.
+shapes and runs under ``jit``. Only the resampling matrices (and SSIM's Gaussian taps) are built on
+the host, with numpy in float64: they depend on sizes alone, so they are constants of the traced
+computation, and applying them is one matmul per axis (exact, and fast on CPU). SSIM's window is
+applied as 11 shifted slices per axis.
 
 **What has been verified, and how** (``tests/test_sr_ops.py``; MATLAB itself was not available):
 
@@ -21,9 +21,11 @@ applying them is one matmul per axis (exact, and fast on CPU). SSIM's Gaussian w
   implementation in the test, and, for interior pixels, PIL and ``torch.nn.functional.interpolate``
   (both use a = −0.5 with the same centre mapping and antialiased support; they differ from MATLAB
   only at the borders). No MATLAB output images were compared and no published PSNR was reproduced.
-- Boundary: MathWorks code since at least 2018 mirrors out-of-range indices (symmetric padding,
-  ``aux = [1:n, n:-1:1]``); the 2006-era ``imresize.m`` clamped them (replicated end points). The
-  default is the mirror; ``boundary='replicate'`` reproduces the old behaviour.
+- Boundary: MathWorks' 2018 resize code (``resizeRaster``, on the same internal resize helpers as
+  ``imresize``) mirrors out-of-range indices (symmetric padding, ``aux = [1:n, n:-1:1]``), as do the
+  MATLAB ports of the SR literature; the 2006-era ``imresize.m`` clamped them (replicated end
+  points). Which MATLAB release switched was not established. The default is the mirror;
+  ``boundary='replicate'`` gives the old behaviour.
 - ``psnr`` / ``ssim``: exact hand values, an independent windowed loop, and scikit-image's
   ``structural_similarity`` with Gaussian weights.
 """
