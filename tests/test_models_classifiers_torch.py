@@ -2,12 +2,15 @@
 
 Same deterministic weights as the fixtures (weights_rule, from the torch state_dict's keys). Both
 sides run in float64, so the comparison checks the architecture, not float32 rounding (which the
-fixture tests cover): with these weights train-mode BN over tiny late feature maps is so
-ill-conditioned that torch float32 itself is 1e-5 to 1 (MobileNetV2, batch 2) away from float64. Checked: state_dict keys and shapes (every architecture), then for a
-set covering every family and code path (bottlenecks, x4 projections in layer1, the ImageNet stem,
-VGG's pool3 at 64x64, MobileNetV2's residual rules): eval and train logits, features, BN input
-statistics through the taps (names in torch ``named_modules`` order), running stats after one train
-forward, and the exact export back.
+fixture tests cover): with these weights, train-mode BN over the tiny late feature maps is so
+ill-conditioned that torch float32 itself is 1e-5 (ResNet-50) to 1 (MobileNetV2, batch 2) away
+from float64.
+
+Checked: state_dict keys and shapes (every architecture); then, for a set covering every family and
+code path (bottlenecks, x4 projections in layer1, the ImageNet stem, VGG's pool3 at 64x64,
+MobileNetV2's residual rules), eval and train logits, features, BN input statistics through the
+taps (names in torch ``named_modules`` order), running stats after one train forward, and the exact
+export back.
 """
 import math
 

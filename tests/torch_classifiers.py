@@ -4,7 +4,6 @@ reference_semantics.md §3.2 and the fixtures' notes (module names as the refere
 They stand in for the reference classes of the architectures that have no stored fixture; every
 ``forward`` returns ``(logits, penultimate features)``.
 """
-import torch
 from torch import nn
 from torch.nn import functional as F
 
