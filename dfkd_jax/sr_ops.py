@@ -285,7 +285,9 @@ def ssim(a: Array, b: Array, shave: int = 0, data_range: float = 255.0) -> Array
 def y_psnr_ssim(sr: Array, hr: Array, scale: int, data_range: float = 1.0) -> tuple[Array, Array]:
   """The SR evaluation: PSNR and SSIM on BT.601 Y (8-bit scale, L = 255), shave = ``scale``.
 
-  ``sr`` and ``hr`` are (..., H, W, 3) RGB in [0, data_range]; callers clamp ``sr`` first.
+  ``sr`` and ``hr`` are (..., H, W, 3) RGB in [0, data_range]; callers clamp ``sr`` first. Y is not
+  rounded: evaluation scripts on uint8 images also round the SR image and Y to 8 bits
+  (``matlab_uint8``), which moves PSNR by a few hundredths of a dB.
   """
   sr_y, hr_y = rgb_to_y(sr, data_range), rgb_to_y(hr, data_range)
   return psnr(sr_y, hr_y, shave=scale), ssim(sr_y, hr_y, shave=scale)
