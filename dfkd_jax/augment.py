@@ -119,10 +119,12 @@ def sample_resized_crop_boxes(key: jax.Array, num: int, image_size: tuple[int, i
   """
   height, width = image_size
   scale, ratio = _check_range(scale, 'scale'), _check_range(ratio, 'ratio')
-  area_key, ratio_key, top_key, left_key = jax.random.split(key, 4)
-  shape = (num, _RESIZED_CROP_TRIALS)
-  area = jax.random.uniform(area_key, shape, minval=scale[0], maxval=scale[1]) * (height * width)
-  aspect = jnp.exp(jax.random.uniform(ratio_key, shape, minval=math.log(ratio[0]), maxval=math.log(ratio[1])))
+  # One uniform draw per image for everything: area and log-aspect per trial, then top and left.
+  u = jax.random.uniform(key, (num, 2 * _RESIZED_CROP_TRIALS + 2))
+  u_area, u_ratio = u[:, :_RESIZED_CROP_TRIALS], u[:, _RESIZED_CROP_TRIALS:-2]
+  area = (scale[0] + (scale[1] - scale[0]) * u_area) * (height * width)
+  log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+  aspect = jnp.exp(log_low + (log_high - log_low) * u_ratio)
   widths = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
   heights = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
   fits = (widths >= 1) & (widths <= width) & (heights >= 1) & (heights <= height)
@@ -131,8 +133,9 @@ def sample_resized_crop_boxes(key: jax.Array, num: int, image_size: tuple[int, i
   fitted = fits.any(axis=1)
   box_h = jnp.where(fitted, jnp.take_along_axis(heights, first, axis=1)[:, 0], fallback_h)
   box_w = jnp.where(fitted, jnp.take_along_axis(widths, first, axis=1)[:, 0], fallback_w)
-  top = jax.random.randint(top_key, (num,), 0, height - box_h + 1)
-  left = jax.random.randint(left_key, (num,), 0, width - box_w + 1)
+  # floor(u · positions), capped because u·n can round up to n in float32.
+  top = jnp.minimum(jnp.floor(u[:, -2] * (height - box_h + 1)).astype(jnp.int32), height - box_h)
+  left = jnp.minimum(jnp.floor(u[:, -1] * (width - box_w + 1)).astype(jnp.int32), width - box_w)
   return jnp.stack([top, left, box_h, box_w], axis=1)
 
 
