@@ -1,0 +1,482 @@
+"""The converter's front door (``dfkd_jax.convert``: the API and ``python -m dfkd_jax.convert``) on
+real ``.pth`` files.
+
+Every reference fixture is rebuilt with weights_rule and written by torch in the formats the
+references use (a state_dict, the CMI-fw ``{'state_dict': ...}`` training checkpoint, ``module.``
+prefixes, legacy serialisation, and for the Huawei fixtures a whole pickled ``nn.Module`` with the
+reference module names, plain or in ``DataParallel``). Each file goes through the public API (the
+CLI for one) and its eval output is compared with the stored reference; every converted model is
+exported back, loaded by torch with ``weights_only=True`` and ``strict=True``, and re-converted
+exactly. Errors: wrong arch or class count (with the right one suggested), a malicious pickle,
+and the CLI's one-line messages.
+"""
+import collections
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+
+import reference_fixtures as rf
+from dfkd_jax.convert import __main__ as cli
+from dfkd_jax import models
+from dfkd_jax.convert import api, load_teacher, model_dir, naming, torch_pickle
+from dfkd_jax.data import NORMALIZATION
+from dfkd_jax.errors import UserError
+
+torch = pytest.importorskip('torch')
+import torch_classifiers  # noqa: E402  (needs torch)
+import torch_generators  # noqa: E402
+
+tnn = torch.nn
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# fixture -> (arch, dataset, sizes the metadata must record, formats written; the first is also exported)
+FIXTURES = {
+    'cmi__lenet5': ('lenet5', 'mnist', {}, ('state_dict', 'checkpoint', 'module_prefix', 'legacy')),
+    'cmi__lenet5_half': ('lenet5_half', 'mnist', {}, ('checkpoint', 'legacy')),
+    'huawei__lenet5': ('lenet5', 'mnist', {}, ('pickled_module', 'pickled_module_legacy', 'pickled_data_parallel')),
+    'huawei__lenet5_half': ('lenet5_half', 'mnist', {}, ('pickled_module_legacy', 'pickled_data_parallel')),
+    'cmi__resnet20': ('resnet20', 'cifar10', {}, ('checkpoint', 'state_dict', 'module_prefix', 'legacy')),
+    'cmi__wrn16_1': ('wrn16_1', 'cifar10', {}, ('checkpoint', 'legacy')),
+    'cmi__resnet18': ('resnet18', 'cifar10', {}, ('checkpoint',)),
+    'cmi__resnet34': ('resnet34', 'cifar10', {}, ('checkpoint',)),
+    'cmi__vgg11': ('vgg11', 'cifar10', {}, ('checkpoint', 'module_prefix')),
+    'cmi__wrn40_2': ('wrn40_2', 'cifar10', {}, ('checkpoint',)),
+    'cmi__generator': ('cmi_generator', None, dict(nz=256, nc=3, ngf=64), ('state_dict', 'module_prefix')),
+    'cmi__large_generator': ('cmi_large_generator', None, dict(nz=512, nc=3, ngf=64), ('legacy',)),
+    'huawei__dafl_generator_c1_nz100': ('dafl_generator', None, dict(nz=100, nc=1), ('pickled_module', 'legacy')),
+    'huawei__dafl_generator_c3_nz1000': ('dafl_generator', None, dict(nz=1000, nc=3), ('pickled_module_legacy',)),
+}
+CASES = [(name, fmt) for name, (*_, formats) in FIXTURES.items() for fmt in formats]
+WORST = collections.defaultdict(float)  # arch -> worst relative error through the file path
+
+
+# --- torch modules with the reference module names --------------------------------------------
+
+class _LeNet5(tnn.Module):
+  """The Huawei DAFL ``lenet.LeNet5`` layout: conv1..conv3, fc1, fc2 with their ReLU/pool modules."""
+  widths = (6, 16, 120, 84)
+
+  def __init__(self):
+    super().__init__()
+    c1, c2, c3, f = self.widths
+    self.conv1, self.relu1, self.maxpool1 = tnn.Conv2d(1, c1, 5), tnn.ReLU(), tnn.MaxPool2d(2, 2)
+    self.conv2, self.relu2, self.maxpool2 = tnn.Conv2d(c1, c2, 5), tnn.ReLU(), tnn.MaxPool2d(2, 2)
+    self.conv3, self.relu3 = tnn.Conv2d(c2, c3, 5), tnn.ReLU()
+    self.fc1, self.relu4, self.fc2 = tnn.Linear(c3, f), tnn.ReLU(), tnn.Linear(f, 10)
+
+  def forward(self, img):
+    x = self.maxpool1(self.relu1(self.conv1(img)))
+    x = self.maxpool2(self.relu2(self.conv2(x)))
+    x = self.relu3(self.conv3(x)).view(img.shape[0], -1)
+    return self.fc2(self.relu4(self.fc1(x)))
+
+
+class LeNet5(_LeNet5):
+  __module__, __qualname__ = 'lenet', 'LeNet5'  # pickled as the reference's lenet.LeNet5
+
+
+class LeNet5Half(_LeNet5):
+  __module__, __qualname__ = 'lenet', 'LeNet5Half'
+  widths = (3, 8, 60, 42)
+
+
+class CmiLeNet5(tnn.Module):
+  """CMI-fw ``lenet.py`` naming: ``features`` and ``fc`` Sequentials."""
+
+  def __init__(self, half=False):
+    super().__init__()
+    c1, c2, c3, f = (3, 8, 60, 42) if half else (6, 16, 120, 84)
+    self.features = tnn.Sequential(tnn.Conv2d(1, c1, 5), tnn.ReLU(), tnn.MaxPool2d(2, 2), tnn.Conv2d(c1, c2, 5),
+                                   tnn.ReLU(), tnn.MaxPool2d(2, 2), tnn.Conv2d(c2, c3, 5), tnn.ReLU())
+    self.fc = tnn.Sequential(tnn.Linear(c3, f), tnn.ReLU(), tnn.Linear(f, 10))
+
+  def forward(self, img):
+    return self.fc(self.features(img).view(img.shape[0], -1))
+
+
+class CmiGenerator(tnn.Module):
+  """CMI-fw ``Generator`` / ``LargeGenerator``: ``l1`` Linear -> view(N, C, 8, 8) -> ``conv_blocks``."""
+
+  def __init__(self, nz, widths):
+    super().__init__()
+    self.c = widths[0]
+    self.l1 = tnn.Sequential(tnn.Linear(nz, self.c * 8 * 8))
+    self.conv_blocks = torch_generators._torch_cmi_stack(widths, 3)
+
+  def forward(self, z):
+    return self.conv_blocks(self.l1(z).view(z.shape[0], self.c, 8, 8))
+
+
+def torch_module(name, canonical=False):
+  """A torch module with the state_dict names of fixture ``name``'s reference class (``canonical``:
+  of the registry's canonical naming, which differs for the Huawei LeNets)."""
+  doc = rf.load(name)[0]
+  arch = FIXTURES[name][0]
+  if name.startswith('huawei__lenet5') and not canonical:
+    return LeNet5Half() if name.endswith('half') else LeNet5()
+  if arch.startswith('lenet5'):
+    return CmiLeNet5(half=name.endswith('half'))
+  if name.startswith('huawei__dafl_generator'):
+    return torch_generators.TorchDaflLayout(doc['input_shape'][1], FIXTURES[name][2]['nc'], 32, 0.8, False)
+  if arch == 'cmi_generator':
+    return CmiGenerator(256, (128, 128, 64))
+  if arch == 'cmi_large_generator':
+    return CmiGenerator(512, (256, 128, 64))
+  return torch_classifiers.build(arch, num_classes=doc['num_classes'])
+
+
+def _torch_state_dict(sd):
+  return collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in sd.items())
+
+
+def _loaded(name, state_dict=None, canonical=False):
+  """torch_module(name, canonical) with ``state_dict`` (default: the fixture's weights), strict."""
+  module = torch_module(name, canonical)
+  module.load_state_dict(_torch_state_dict(rf.load(name)[2]) if state_dict is None else state_dict, strict=True)
+  return module.eval()
+
+
+def _torch_save_module(module, path, legacy):
+  # Pickling lenet.LeNet5 needs a module 'lenet' that holds the class, as the reference run had.
+  lenet = types.ModuleType('lenet')
+  lenet.__file__ = __file__
+  lenet.LeNet5, lenet.LeNet5Half = LeNet5, LeNet5Half
+  sys.modules['lenet'] = lenet
+  try:
+    torch.save(module, path, _use_new_zipfile_serialization=not legacy)
+  finally:
+    del sys.modules['lenet']
+
+
+def write_file(name, fmt, path):
+  """Fixture ``name``'s weights written by torch in format ``fmt``."""
+  sd = _torch_state_dict(rf.load(name)[2])
+  if fmt == 'state_dict':
+    torch.save(sd, path)
+  elif fmt == 'legacy':
+    torch.save(sd, path, _use_new_zipfile_serialization=False)
+  elif fmt == 'module_prefix':
+    torch.save(collections.OrderedDict((f'module.{k}', v) for k, v in sd.items()), path)
+  elif fmt == 'checkpoint':  # train_scratch.py of CMI-fw
+    first = next(iter(sd.values()))
+    torch.save({'epoch': 200, 'arch': FIXTURES[name][0], 'state_dict': sd, 'best_acc1': 95.7,
+                'optimizer': {'state': {0: {'momentum_buffer': torch.zeros_like(first)}},
+                              'param_groups': [{'lr': 0.1, 'momentum': 0.9, 'params': [0]}]},
+                'scheduler': {'last_epoch': 200}}, path)
+  elif fmt.startswith('pickled_'):
+    module = _loaded(name)
+    _torch_save_module(tnn.DataParallel(module) if fmt == 'pickled_data_parallel' else module, path,
+                       legacy=fmt.endswith('legacy'))
+  else:
+    raise KeyError(fmt)
+  return path
+
+
+class Store:
+  """Files and converted directories shared by the tests of this module."""
+
+  def __init__(self, root):
+    self.root = root
+    self.files, self.converted = {}, {}
+
+  def file(self, name, fmt):
+    if (name, fmt) not in self.files:
+      self.files[name, fmt] = write_file(name, fmt, str(self.root / f'{name}.{fmt}.pth'))
+    return self.files[name, fmt]
+
+  def convert(self, name):
+    """(directory, metadata) of fixture ``name``'s first format converted with ``api.convert``."""
+    if name not in self.converted:
+      arch, dataset, _, formats = FIXTURES[name]
+      out = str(self.root / f'{name}.converted')
+      self.converted[name] = out, api.convert(self.file(name, formats[0]), out, arch=arch, dataset=dataset)
+    return self.converted[name]
+
+
+@pytest.fixture(scope='module')
+def store(tmp_path_factory):
+  return Store(tmp_path_factory.mktemp('convert'))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def report_worst_errors():
+  """Prints the worst relative error per architecture over every file path (run with -s)."""
+  yield
+  for arch, err in sorted(WORST.items()):
+    print(f'\n{arch}: worst relative error through the file path {err:.3g}')
+
+
+def _input(doc, ref):
+  return ref['input'] if doc['kind'] == 'generator' else rf.nhwc(ref['input'])
+
+
+def _reference(doc, ref):
+  return rf.nhwc(ref['out_eval']) if doc['kind'] == 'generator' else ref['logits_eval']
+
+
+_EVAL = {}  # fixture -> jitted eval forward (one compilation per architecture, not per op)
+
+
+def _check_eval(name, model, variables, what):
+  doc, ref, _ = rf.load(name)
+  forward = _EVAL.setdefault(name, jax.jit(functools.partial(model.apply, train=False)))
+  err = rf.assert_close(forward(variables, _input(doc, ref)), _reference(doc, ref), what)
+  WORST[FIXTURES[name][0]] = max(WORST[FIXTURES[name][0]], err)
+  print(f'\n{what}: relative error {err:.3g}')
+
+
+def _sha256(path):
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+# --- every fixture, every format ---------------------------------------------------------------
+
+@pytest.mark.parametrize('name,fmt', CASES, ids=[f'{n}-{f}' for n, f in CASES])
+def test_reference_file_converts_exactly(store, name, fmt):
+  """The first format goes file -> api.convert -> directory -> load_teacher; the others straight
+  through load_teacher(file). Sizes (num_classes, nz, nc) are read from the file."""
+  arch, dataset, sizes, formats = FIXTURES[name]
+  source = store.file(name, fmt)
+  if fmt != formats[0]:
+    model, variables = load_teacher(source, arch=arch)
+    _check_eval(name, model, variables, f'{name} [{fmt}, load_teacher(file)]')
+    return
+  out, meta = store.convert(name)
+  model, variables = load_teacher(out)
+  _check_eval(name, model, variables, f'{name} [{fmt}, convert -> directory]')
+  doc = rf.load(name)[0]
+  assert meta['arch'] == arch and meta['num_classes'] == doc['num_classes'] and meta['dataset'] == dataset
+  assert meta['normalization'] == (None if dataset is None else
+                                   {'mean': list(NORMALIZATION[dataset][0]), 'std': list(NORMALIZATION[dataset][1])})
+  assert meta['source']['sha256'] == _sha256(source) and meta['source']['file'] == os.path.abspath(source)
+  assert sizes.items() <= meta['model_kwargs'].items()
+  assert meta == model_dir.load(out)[2]  # what was written is what is returned
+
+
+@pytest.mark.parametrize('name', list(FIXTURES))
+def test_export_round_trip(store, name, tmp_path):
+  """Directory -> .pth: torch loads it (weights_only, strict) into the reference layout and
+  reproduces the reference output; the values are the original ones; converting it again gives
+  the same variables bit for bit."""
+  arch = FIXTURES[name][0]
+  out, _ = store.convert(name)
+  exported = str(tmp_path / 'exported.pth')
+  meta = api.export(out, exported)
+  assert meta['arch'] == arch
+  doc, ref, sd = rf.load(name)
+  loaded = torch.load(exported, weights_only=True)
+  sd = naming.canonical_keys(sd, models.get_spec(arch).torch)  # the Huawei LeNets' conv1.. -> features.0..
+  assert {k: tuple(v.shape) for k, v in loaded.items()} == {k: np.shape(v) for k, v in sd.items()}
+  for key, value in loaded.items():
+    expected = 0 if key.endswith('num_batches_tracked') else sd[key]
+    np.testing.assert_array_equal(value.numpy(), expected, err_msg=key)
+  with torch.no_grad():
+    y = _loaded(name, loaded, canonical=True)(torch.from_numpy(ref['input']))
+  rf.assert_close((y[0] if isinstance(y, tuple) else y).numpy(),
+                  ref['out_eval' if doc['kind'] == 'generator' else 'logits_eval'], f'{name} torch(exported)')
+  _, variables, _ = model_dir.load(out)
+  _, again = load_teacher(exported, arch=arch)
+  jax.tree.map(np.testing.assert_array_equal, again, variables)
+
+
+@pytest.mark.parametrize('name', ['huawei__lenet5', 'huawei__lenet5_half'])
+def test_export_like_reference_file(store, name, tmp_path):
+  """``like=`` the Huawei pickled module gives its conv1..fc2 names and order; the Huawei class
+  loads the result strictly and reproduces the reference logits."""
+  out, _ = store.convert(name)
+  like = store.file(name, FIXTURES[name][3][0])
+  exported = str(tmp_path / 'student.pth')
+  api.export(out, exported, like=like)
+  doc, ref, _ = rf.load(name)
+  loaded = torch.load(exported, weights_only=True)
+  assert [(k, tuple(v.shape)) for k, v in loaded.items()] == [(k, tuple(s)) for k, s in doc['keys']]
+  with torch.no_grad():
+    logits = _loaded(name, loaded)(torch.from_numpy(ref['input'])).numpy()
+  rf.assert_close(logits, ref['logits_eval'], f'{name} torch(exported like the reference)')
+
+
+def test_export_like_other_architecture_fails(store, tmp_path):
+  with pytest.raises(naming.MismatchError, match='naming template') as e:
+    api.export(store.convert('cmi__lenet5')[0], str(tmp_path / 'x.pth'), like=store.file('huawei__lenet5_half',
+                                                                                           'pickled_data_parallel'))
+  assert '\n' not in str(e.value) and not os.path.exists(tmp_path / 'x.pth')
+
+
+def test_export_from_training_workdir_and_refusals(store, tmp_path):
+  workdir = tmp_path / 'workdir'
+  shutil.copytree(store.convert('cmi__resnet20')[0], workdir / 'student')
+  out = tmp_path / 'student.pth'
+  assert api.export(str(workdir), str(out))['arch'] == 'resnet20'
+  with pytest.raises(UserError, match='exists'):
+    api.export(str(workdir), str(out))
+  with pytest.raises(UserError, match='neither a converted model directory nor a training workdir'):
+    api.export(str(tmp_path), str(tmp_path / 'other.pth'))
+
+
+# --- inference and suggestions -------------------------------------------------------------------
+
+def _mismatch(store, name, fmt, **kwargs):
+  with pytest.raises(UserError) as e:
+    api.convert_file(store.file(name, fmt), **kwargs)
+  message = str(e.value)
+  assert '\n' not in message
+  return message
+
+
+def test_wrong_arch_suggests_the_right_one(store):
+  assert 'did you mean arch=resnet20, num_classes=10?' in _mismatch(store, 'cmi__resnet20', 'legacy', arch='resnet32')
+  assert 'did you mean arch=wrn16_1, num_classes=10?' in _mismatch(store, 'cmi__wrn16_1', 'legacy', arch='wrn16_2')
+  assert 'did you mean arch=lenet5, num_classes=10?' in _mismatch(store, 'huawei__lenet5', 'pickled_module',
+                                                                  arch='lenet5_half')
+  assert 'did you mean arch=cmi_large_generator, nz=512?' in _mismatch(store, 'cmi__large_generator', 'legacy',
+                                                                       arch='cmi_generator')
+
+
+def test_wrong_class_count_suggests_the_right_one(store):
+  message = _mismatch(store, 'cmi__resnet20', 'legacy', arch='resnet20', num_classes=100)
+  assert 'fc.weight: file (10, 64) vs expected (100, 64)' in message and 'did you mean num_classes=10?' in message
+
+
+def test_wrong_generator_size_suggests_the_right_one(store):
+  message = _mismatch(store, 'huawei__dafl_generator_c3_nz1000', 'pickled_module_legacy', arch='dafl_generator',
+                      model_kwargs={'nz': 100})
+  assert 'l1.0.weight: file (8192, 1000) vs expected (8192, 100)' in message and 'nz=1000, nc=3' in message
+
+
+def test_arch_detected_from_the_file(store):
+  for name, fmt in [('huawei__lenet5', 'pickled_data_parallel'), ('cmi__wrn16_1', 'legacy'),
+                    ('cmi__large_generator', 'legacy')]:
+    model, variables, meta = api.convert_file(store.file(name, fmt))
+    assert meta['arch'] == FIXTURES[name][0]
+    _check_eval(name, model, variables, f'{name} [{fmt}, arch detected]')
+  # DAFL's and DFAD's generators have the same tensors: the choice is left to the user.
+  message = _mismatch(store, 'huawei__dafl_generator_c1_nz100', 'legacy')
+  assert 'fits arch=dafl_generator; arch=dfad_generator, nz=100, nc=1; choose one' in message
+
+
+def test_unknown_model_kwarg_and_unfit_file(store, tmp_path):
+  with pytest.raises(UserError, match='cmi_generator takes no model kwarg nzz; it takes '):
+    api.convert_file(store.file('cmi__generator', 'state_dict'), arch='cmi_generator', model_kwargs={'nzz': 3})
+  sd = dict(rf.load('cmi__resnet20')[2])
+  sd['extra.weight'] = np.zeros(3, np.float32)
+  torch_pickle.save_state_dict(tmp_path / 'odd.pth', sd)
+  with pytest.raises(UserError, match=r'fits no registered architecture \(closest: resnet20 \('):
+    api.convert_file(tmp_path / 'odd.pth')
+
+
+def test_load_teacher_checks_directory_and_embedded(store):
+  out, _ = store.convert('cmi__resnet20')
+  with pytest.raises(UserError, match='holds a resnet20, not a resnet32'):
+    load_teacher(out, arch='resnet32')
+  with pytest.raises(UserError, match='has 10 classes, not 100'):
+    load_teacher(out, num_classes=100)
+  model, variables = load_teacher('embedded:lenet5_mnist', arch='lenet5', num_classes=10)
+  assert model.apply(variables, np.zeros((1, 32, 32, 1), np.float32), train=False).shape == (1, 10)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+def _run_cli(*args):
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  return subprocess.run([sys.executable, '-m', 'dfkd_jax.convert', *args], capture_output=True, text=True, env=env,
+                        cwd=REPO, timeout=300)
+
+
+def _one_line(text):
+  return len(text.strip().splitlines()) == 1 and 'Traceback' not in text
+
+
+def _main(capsys, *args):
+  code = cli.main(list(args))
+  captured = capsys.readouterr()
+  return code, captured.err
+
+
+def test_cli_converts_and_exports(store, tmp_path):
+  """The Huawei DAFL teacher (a legacy pickled module) through the CLI, and back like the original."""
+  name = 'huawei__lenet5'
+  source = store.file(name, 'pickled_module_legacy')
+  out, exported = tmp_path / 'teacher', tmp_path / 'teacher.pth'
+  proc = _run_cli('--source', source, '--out', str(out), '--arch', 'LeNet5', '--num-classes', '10',
+                  '--dataset', 'mnist')
+  assert proc.returncode == 0, proc.stderr
+  assert 'lenet5, num_classes=10' in proc.stdout and 'dataset=mnist' in proc.stdout
+  model, variables = load_teacher(str(out), arch='lenet5', num_classes=10)
+  _check_eval(name, model, variables, f'{name} [pickled_module_legacy, CLI]')
+  proc = _run_cli('export', '--model', str(out), '--out', str(exported), '--like', source)
+  assert proc.returncode == 0, proc.stderr
+  ref = rf.load(name)[1]
+  with torch.no_grad():
+    logits = _loaded(name, torch.load(exported, weights_only=True))(torch.from_numpy(ref['input'])).numpy()
+  rf.assert_close(logits, ref['logits_eval'], 'CLI export')
+
+
+def test_cli_help(capsys):
+  for args, expected in [((), 'python -m dfkd_jax.convert export --model DIR --out FILE.pth'),
+                         (('export',), '--like REFERENCE.pth')]:
+    with pytest.raises(SystemExit) as e:
+      cli.main([*args, '--help'])
+    assert e.value.code == 0 and expected in ' '.join(capsys.readouterr().out.split())
+
+
+def test_cli_one_line_errors(store, tmp_path, capsys):
+  not_a_checkpoint = tmp_path / 'notes.txt'
+  not_a_checkpoint.write_text('hello\n')
+  busy = tmp_path / 'busy'
+  busy.mkdir()
+  (busy / 'file').write_text('x')
+  source = store.file('cmi__resnet20', 'legacy')
+  cases = [
+      (('--source', str(tmp_path / 'missing.pth'), '--out', str(tmp_path / 'o1')), 'cannot read'),
+      (('--source', str(not_a_checkpoint), '--out', str(tmp_path / 'o2')), 'is not a PyTorch checkpoint'),
+      (('--source', source, '--out', str(busy)), 'is not an empty directory'),
+      (('--source', source, '--out', str(tmp_path / 'o3'), '--arch', 'resnet200'), "unknown architecture 'resnet200'"),
+      (('--source', source, '--out', str(tmp_path / 'o4'), '--num-classes', '100'), 'did you mean num_classes=10?'),
+      (('--source', source, '--out', str(tmp_path / 'o5'), '--model-kwargs', 'nz'), 'expects key=value'),
+      (('export', '--model', str(tmp_path), '--out', str(tmp_path / 'x.pth')), 'neither a converted model'),
+  ]
+  for args, expected in cases:
+    code, err = _main(capsys, *args)
+    assert code == 2 and err.startswith('error: ') and expected in err and _one_line(err), (args, err)
+  assert not any((tmp_path / f'o{i}').exists() for i in range(1, 6))
+  code, err = _main(capsys, '--source', str(not_a_checkpoint), '--out', str(tmp_path / 'o6'), '--verbose')
+  assert code == 2 and 'Traceback' in err and err.strip().splitlines()[-1].startswith('error: ')
+
+
+def test_parse_model_kwargs():
+  assert cli.parse_model_kwargs('nz=512, img_size=32,scale=0.5,flag=True,name=abc') == \
+      {'nz': 512, 'img_size': 32, 'scale': 0.5, 'flag': True, 'name': 'abc'}
+  assert cli.parse_model_kwargs('') == {}
+
+
+# --- malicious files ---------------------------------------------------------------------------
+
+class _Payload:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return os.system, (f'touch {self.marker}',)
+
+
+def test_malicious_pickle_is_refused_by_api_and_cli(tmp_path, capsys):
+  armed = tmp_path / 'armed'
+  path = str(tmp_path / 'evil.pth')
+  torch.save({'state_dict': _Payload(armed)}, path)
+  torch.load(path, weights_only=False)  # the payload is real: torch runs it
+  assert armed.exists()
+  armed.unlink()
+  with pytest.raises(torch_pickle.UnsafeCheckpointError, match='refusing to load'):
+    load_teacher(path, arch='lenet5')
+  code, err = _main(capsys, '--source', path, '--out', str(tmp_path / 'out'), '--arch', 'lenet5')
+  assert code == 2 and err.startswith('error: refusing to load') and _one_line(err)
+  assert not armed.exists() and not (tmp_path / 'out').exists()
