@@ -95,8 +95,9 @@ def _check_range(values: Sequence[float], name: str) -> tuple[float, float]:
 
 
 def _fallback_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
-  """The (height, width) used when no trial fits: the largest centre-style box whose aspect ratio
-  is clipped into ``ratio`` (the whole image when its own ratio is in range), as torchvision."""
+  """The box (height, width) used when no trial fits: the whole image, or if the image's aspect
+  ratio is outside ``ratio``, the largest box at the nearest ratio bound (torchvision's and current
+  kornia's fallback size)."""
   image_ratio = width / height
   if image_ratio < ratio[0]:
     return round(width / ratio[0]), width
@@ -113,9 +114,15 @@ def sample_resized_crop_boxes(key: jax.Array, num: int, image_size: tuple[int, i
   Per image, 10 trials each draw area ~ U(scale)·H·W and log(aspect) ~ U(log ratio), giving
   width = round(√(area·aspect)), height = round(√(area/aspect)); the first trial with
   1 ≤ height ≤ H and 1 ≤ width ≤ W is taken (torchvision's sequential rejection loop, drawn as a
-  vectorised batch of trials, which gives the same distribution). If none fits (rare for
-  scale ≤ 1), the box size is ``_fallback_size``. The top-left corner is then uniform over the
-  positions that keep the box inside the image.
+  vectorised batch of trials, which gives the same distribution). If none fits (with CMI's scale
+  and ratio 14% of trials fail, so about 3·10⁻⁹ of images), the box size is ``_fallback_size``.
+  The top-left corner is then uniform over the positions that keep the box inside the image, as
+  kornia does for every box (torchvision centres a fallback box).
+
+  Older kornia releases (e.g. 0.5, current when CMI was published) differ in details that matter
+  little here: they reject trials whose side equals the image side (strict <), draw the area
+  from the output size rather than the input size (the same for CMI, which resizes to the input
+  size), and compute a different fallback size.
   """
   height, width = image_size
   scale, ratio = _check_range(scale, 'scale'), _check_range(ratio, 'ratio')
@@ -167,11 +174,14 @@ def resized_crop(images: jax.Array, boxes: jax.Array, size: tuple[int, int] | No
   (default: the input size), i.e. ``F.interpolate(crop, size, mode='bilinear',
   align_corners=align_corners)`` per image, without antialiasing.
 
-  ``align_corners=True`` is kornia's ``RandomResizedCrop`` default (both its 'slice' and
-  'resample' cropping modes map corner pixel centres onto corner pixel centres); ``False`` is the
-  torch/torchvision half-pixel convention.
+  ``align_corners=True`` (default) is kornia's current ``RandomResizedCrop`` default: both its
+  'slice' and 'resample' cropping modes sample source position x0 + j·(w − 1)/(out − 1) for output
+  pixel j. ``False`` is the torch/torchvision half-pixel convention, x0 + (j + ½)·w/out − ½ clamped
+  into the box. kornia 0.5 defaulted to align_corners=False but warped with a matrix normalised by
+  (W − 1), which samples W/(W − 1)·(x0 + (j + ½)(w − 1)/out) − ½ with zero padding outside the
+  image (slightly dark edges on boxes at the image border); that mix is not reproduced.
   """
-  n, in_h, in_w, _ = images.shape
+  _, in_h, in_w, _ = images.shape
   out_h, out_w = size or (in_h, in_w)
 
   def crop_one(image, box):

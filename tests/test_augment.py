@@ -153,7 +153,8 @@ def test_resized_crop_nonlinear_hand_value():
 def test_resized_crop_of_the_whole_image_is_the_identity(align_corners):
   images = jnp.asarray(np.random.default_rng(0).random((2, 5, 6, 3)), jnp.float32)
   boxes = jnp.array([[0, 0, 5, 6]] * 2)
-  np.testing.assert_allclose(augment.resized_crop(images, boxes, align_corners=align_corners), images, atol=1e-6)
+  out = augment.resized_crop(images, boxes, align_corners=align_corners)
+  np.testing.assert_allclose(out, images, atol=1e-6)
 
 
 @pytest.mark.parametrize('align_corners', [True, False])
@@ -167,7 +168,8 @@ def test_resized_crop_matches_torch_interpolate(align_corners):
     out = resize(jnp.asarray(images), jnp.asarray(boxes), size, align_corners=align_corners)
     for image, (top, left, h, w), o in zip(images, boxes, np.asarray(out)):
       patch = torch.from_numpy(image[top:top + h, left:left + w].transpose(2, 0, 1).copy())[None]
-      expected = torch.nn.functional.interpolate(patch, size=size, mode='bilinear', align_corners=align_corners)
+      expected = torch.nn.functional.interpolate(patch, size=size, mode='bilinear',
+                                                 align_corners=align_corners)
       np.testing.assert_allclose(o, expected[0].numpy().transpose(1, 2, 0), atol=2e-6)
 
 
@@ -189,8 +191,8 @@ def _torchvision_boxes(rng, count, height, width, scale, ratio):
 
 def test_resized_crop_boxes_stay_inside_and_match_torchvision_statistics():
   height, width, scale, ratio = 32, 32, (0.25, 1.0), (3 / 4, 4 / 3)
-  boxes = np.asarray(jax.jit(augment.sample_resized_crop_boxes, static_argnums=(1, 2), static_argnames=('scale', 'ratio'))(
-      jax.random.key(0), 20000, (height, width), scale=scale, ratio=ratio))
+  sample = jax.jit(augment.sample_resized_crop_boxes, static_argnums=(1, 2), static_argnames=('scale', 'ratio'))
+  boxes = np.asarray(sample(jax.random.key(0), 20000, (height, width), scale=scale, ratio=ratio))
   top, left, h, w = boxes.T
   assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
   assert (h >= 1).all() and (w >= 1).all()
@@ -229,7 +231,8 @@ def test_random_resized_crop_is_per_image_and_deterministic():
   np.testing.assert_array_equal(first, again)
   assert not np.allclose(first, crop(jax.random.key(6), images))
   assert len({np.asarray(o).tobytes() for o in first}) == 8  # each image got its own box
-  boxes = augment.sample_resized_crop_boxes(jax.random.key(5), 8, (16, 16), scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3))
+  boxes = augment.sample_resized_crop_boxes(jax.random.key(5), 8, (16, 16), scale=(0.25, 1.0),
+                                            ratio=(3 / 4, 4 / 3))
   np.testing.assert_array_equal(first, augment.resized_crop(images, boxes))
 
 
