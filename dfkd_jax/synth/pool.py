@@ -9,8 +9,8 @@ The references keep every synthesised image forever (CMI-fw ``ImagePool`` writes
 and re-reads the whole folder). With static shapes that is ``capacity`` = every image the run will
 ever synthesise (synthesis batch × synthesis calls, plus any pre-inverted images added first); a
 smaller capacity keeps a window of the most recent images. There is no host-held variant: at
-CIFAR size a full CMI/Fast run's pool is 51,200–56,320 images, 157–173 MB as uint8, which fits on
-any accelerator.
+CIFAR size a full CMI/Fast run's pool is 51,200–56,320 images, 157–173 MB as uint8 (replicated on
+each device); ImageNet-size pools (150 KB per image) would need one.
 
 Storage dtype ``uint8`` reproduces the references' lossy PNG round trip: ``quantize`` on write
 (clamp to [0, 1], ×255 in float32, truncate to uint8, as ``(x.clamp(0, 1).numpy() * 255)
