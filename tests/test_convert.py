@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import reference_fixtures as rf
+import weights_rule
 from dfkd_jax.convert import __main__ as cli
 from dfkd_jax import models
 from dfkd_jax.convert import api, load_teacher, model_dir, naming, torch_pickle
@@ -350,6 +351,24 @@ def test_wrong_generator_size_suggests_the_right_one(store):
   message = _mismatch(store, 'huawei__dafl_generator_c3_nz1000', 'pickled_module_legacy', arch='dafl_generator',
                       model_kwargs={'nz': 100})
   assert 'l1.0.weight: file (8192, 1000) vs expected (8192, 100)' in message and 'nz=1000, nc=3' in message
+
+
+def test_sizes_the_file_cannot_tell_are_named(tmp_path):
+  """img_size never appears as a dimension: the error says so, and giving it converts the file."""
+  keys = list(api.expected_shapes('cmi_generator', dict(nz=100, ngf=64, img_size=64, nc=3)).items())
+  path = tmp_path / 'generator64.pth'
+  torch_pickle.save_state_dict(path, weights_rule.make_state_dict(keys))
+  with pytest.raises(UserError, match=r'also depend on img_size, which the file does not determine') as e:
+    api.convert_file(path, arch='cmi_generator')
+  assert 'l1.0.weight: file (32768, 100) vs expected (8192, 100)' in str(e.value)
+  _, variables, meta = api.convert_file(path, arch='cmi_generator', model_kwargs={'img_size': 64})
+  assert meta['model_kwargs'] == dict(nz=100, ngf=64, img_size=64, nc=3)
+  assert [fit.arch for fit in api.identify(torch_pickle.load_state_dict(path), {'img_size': 64})] == ['cmi_generator']
+
+
+def test_bad_model_kwarg_value_is_a_user_error(store):
+  with pytest.raises(UserError, match='cannot build cmi_generator with'):
+    api.convert_file(store.file('cmi__generator', 'state_dict'), arch='cmi_generator', model_kwargs={'ngf': 'wide'})
 
 
 def test_arch_detected_from_the_file(store):

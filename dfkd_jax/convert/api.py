@@ -94,22 +94,36 @@ def expected_shapes(arch: str, kwargs: Mapping[str, Any]) -> Shapes:
   return dict(_expected(arch, tuple(sorted(kwargs.items()))))
 
 
-@functools.lru_cache(maxsize=None)
-def _probe(arch: str, frozen_kwargs: tuple, name: str) -> tuple[tuple[tuple[str, int], ...], frozenset[str]]:
-  """Where size argument ``name`` appears as a dimension -- ((key, axis), ...) -- and the keys
-  whose shapes depend on it, found by building ``arch`` with ``name`` one larger."""
+def _grown(arch: str, frozen_kwargs: tuple, name: str, value: int) -> tuple[Shapes, Shapes | None]:
+  """(shapes of ``arch``, shapes with size argument ``name`` set to ``value``; None if the
+  builder rejects that value)."""
   kwargs = dict(frozen_kwargs)
-  value = kwargs[name]
-  base = expected_shapes(arch, kwargs)
   try:
-    grown = expected_shapes(arch, {**kwargs, name: value + 1})
-  except Exception:  # noqa: BLE001 - a builder may reject the probe value; then nothing is learned
-    return (), frozenset()
-  positions = tuple((key, axis) for key, shape in base.items()
-                    if len(grown.get(key, ())) == len(shape)
-                    for axis, (a, b) in enumerate(zip(shape, grown[key])) if a == value and b == value + 1)
-  changed = frozenset(k for k in set(base) | set(grown) if base.get(k) != grown.get(k))
-  return positions, changed
+    return expected_shapes(arch, kwargs), expected_shapes(arch, {**kwargs, name: value})
+  except Exception:  # noqa: BLE001 - a builder may reject a probe value; then nothing is learned
+    return expected_shapes(arch, kwargs), None
+
+
+@functools.lru_cache(maxsize=None)
+def _positions(arch: str, frozen_kwargs: tuple, name: str) -> tuple[tuple[str, int], ...]:
+  """Where size argument ``name`` appears as a dimension, ((key, axis), ...): the dimensions that
+  grow by exactly one when it does."""
+  value = dict(frozen_kwargs)[name]
+  base, grown = _grown(arch, frozen_kwargs, name, value + 1)
+  if grown is None:
+    return ()
+  return tuple((key, axis) for key, shape in base.items() if len(grown.get(key, ())) == len(shape)
+               for axis, (a, b) in enumerate(zip(shape, grown[key])) if a == value and b == value + 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _dependents(arch: str, frozen_kwargs: tuple, name: str) -> frozenset[str]:
+  """The keys whose shapes change when size argument ``name`` doubles (doubling, because one more
+  can vanish in an integer division such as ``img_size // 4``)."""
+  base, grown = _grown(arch, frozen_kwargs, name, 2 * dict(frozen_kwargs)[name] or 1)
+  if grown is None:
+    return frozenset()
+  return frozenset(k for k in set(base) | set(grown) if base.get(k) != grown.get(k))
 
 
 def _file_shapes(state_dict: Mapping[str, np.ndarray], spec: models.ModelSpec) -> Shapes:
@@ -127,8 +141,8 @@ def _read_sizes(arch: str, shapes: Shapes, given: Mapping[str, Any]) -> dict:
   for name in size_defaults(arch):
     if name in given:
       continue
-    positions, _ = _probe(arch, frozen, name)
-    values = {shapes[key][axis] for key, axis in positions if len(shapes.get(key, ())) == len(base[key])}
+    values = {shapes[key][axis] for key, axis in _positions(arch, frozen, name)
+              if len(shapes.get(key, ())) == len(base[key])}
     if len(values) == 1:
       out[name] = values.pop()
   return out
@@ -195,7 +209,7 @@ def _hint(state_dict, spec: models.ModelSpec, kwargs: Mapping[str, Any], given: 
   wrong = {k for k in set(shapes) | set(expected) if shapes.get(k) != expected.get(k)}
   frozen = tuple(sorted(kwargs.items()))
   unreadable = [name for name in size_defaults(spec.name) if name not in given
-                and not _probe(spec.name, frozen, name)[0] and _probe(spec.name, frozen, name)[1] & wrong]
+                and not _positions(spec.name, frozen, name) and _dependents(spec.name, frozen, name) & wrong]
   if unreadable:
     hint += (f"; the shapes of {spec.name} also depend on {', '.join(unreadable)}, which the file does not "
              f"determine (default {', '.join(f'{n}={kwargs[n]}' for n in unreadable)}): give them as model kwargs")
@@ -241,6 +255,12 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str | None = 
     arch = _only_fit(state_dict, dict(model_kwargs or {}), what)
   spec = models.get_spec(arch)
   given = _given_kwargs(spec, num_classes, model_kwargs)
+  try:
+    expected_shapes(spec.name, {**size_defaults(spec.name), **given})
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 - the builder rejects a given value
+    raise UserError(f'cannot build {spec.name} with {given}: {" ".join(str(e).split())[:200]}') from e
   kwargs = {**size_defaults(spec.name), **_read_sizes(spec.name, _file_shapes(state_dict, spec), given)}
   num_classes = kwargs.get('num_classes')
   model_kwargs = {k: v for k, v in kwargs.items() if k != 'num_classes'}
