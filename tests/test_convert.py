@@ -25,8 +25,8 @@ import pytest
 
 import reference_fixtures as rf
 import weights_rule
-from dfkd_jax.convert import __main__ as cli
 from dfkd_jax import models
+from dfkd_jax.convert import __main__ as cli
 from dfkd_jax.convert import api, load_teacher, model_dir, naming, torch_pickle
 from dfkd_jax.data import NORMALIZATION
 from dfkd_jax.errors import UserError
@@ -39,17 +39,18 @@ tnn = torch.nn
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # fixture -> (arch, dataset, sizes the metadata must record, formats written; the first is also exported)
+_GRAY, _RGB = dict(in_channels=1), dict(in_channels=3)
 FIXTURES = {
-    'cmi__lenet5': ('lenet5', 'mnist', {}, ('state_dict', 'checkpoint', 'module_prefix', 'legacy')),
-    'cmi__lenet5_half': ('lenet5_half', 'mnist', {}, ('checkpoint', 'legacy')),
-    'huawei__lenet5': ('lenet5', 'mnist', {}, ('pickled_module', 'pickled_module_legacy', 'pickled_data_parallel')),
-    'huawei__lenet5_half': ('lenet5_half', 'mnist', {}, ('pickled_module_legacy', 'pickled_data_parallel')),
-    'cmi__resnet20': ('resnet20', 'cifar10', {}, ('checkpoint', 'state_dict', 'module_prefix', 'legacy')),
-    'cmi__wrn16_1': ('wrn16_1', 'cifar10', {}, ('checkpoint', 'legacy')),
-    'cmi__resnet18': ('resnet18', 'cifar10', {}, ('checkpoint',)),
-    'cmi__resnet34': ('resnet34', 'cifar10', {}, ('checkpoint',)),
-    'cmi__vgg11': ('vgg11', 'cifar10', {}, ('checkpoint', 'module_prefix')),
-    'cmi__wrn40_2': ('wrn40_2', 'cifar10', {}, ('checkpoint',)),
+    'cmi__lenet5': ('lenet5', 'mnist', _GRAY, ('state_dict', 'checkpoint', 'module_prefix', 'legacy')),
+    'cmi__lenet5_half': ('lenet5_half', 'mnist', _GRAY, ('checkpoint', 'legacy')),
+    'huawei__lenet5': ('lenet5', 'mnist', _GRAY, ('pickled_module', 'pickled_module_legacy', 'pickled_data_parallel')),
+    'huawei__lenet5_half': ('lenet5_half', 'mnist', _GRAY, ('pickled_module_legacy', 'pickled_data_parallel')),
+    'cmi__resnet20': ('resnet20', 'cifar10', _RGB, ('checkpoint', 'state_dict', 'module_prefix', 'legacy')),
+    'cmi__wrn16_1': ('wrn16_1', 'cifar10', _RGB, ('checkpoint', 'legacy')),
+    'cmi__resnet18': ('resnet18', 'cifar10', _RGB, ('checkpoint',)),
+    'cmi__resnet34': ('resnet34', 'cifar10', _RGB, ('checkpoint',)),
+    'cmi__vgg11': ('vgg11', 'cifar10', _RGB, ('checkpoint', 'module_prefix')),
+    'cmi__wrn40_2': ('wrn40_2', 'cifar10', _RGB, ('checkpoint',)),
     'cmi__generator': ('cmi_generator', None, dict(nz=256, nc=3, ngf=64), ('state_dict', 'module_prefix')),
     'cmi__large_generator': ('cmi_large_generator', None, dict(nz=512, nc=3, ngf=64), ('legacy',)),
     'huawei__dafl_generator_c1_nz100': ('dafl_generator', None, dict(nz=100, nc=1), ('pickled_module', 'legacy')),
@@ -289,19 +290,23 @@ def test_export_round_trip(store, name, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, again, variables)
 
 
-@pytest.mark.parametrize('name', ['huawei__lenet5', 'huawei__lenet5_half'])
-def test_export_like_reference_file(store, name, tmp_path):
-  """``like=`` the Huawei pickled module gives its conv1..fc2 names and order; the Huawei class
-  loads the result strictly and reproduces the reference logits."""
+@pytest.mark.parametrize('name,like_fmt', [('huawei__lenet5', 'pickled_module'),
+                                           ('huawei__lenet5_half', 'pickled_data_parallel')])
+def test_export_like_reference_file(store, name, like_fmt, tmp_path):
+  """``like=`` a Huawei pickled module gives its conv1..fc2 names (with ``module.`` for
+  DataParallel) and order; the Huawei class loads the result strictly and reproduces the
+  reference logits."""
   out, _ = store.convert(name)
-  like = store.file(name, FIXTURES[name][3][0])
   exported = str(tmp_path / 'student.pth')
-  api.export(out, exported, like=like)
+  api.export(out, exported, like=store.file(name, like_fmt))
   doc, ref, _ = rf.load(name)
   loaded = torch.load(exported, weights_only=True)
-  assert [(k, tuple(v.shape)) for k, v in loaded.items()] == [(k, tuple(s)) for k, s in doc['keys']]
+  prefix = 'module.' if like_fmt == 'pickled_data_parallel' else ''
+  assert [(k, tuple(v.shape)) for k, v in loaded.items()] == [(prefix + k, tuple(s)) for k, s in doc['keys']]
+  module = torch_module(name)
+  (tnn.DataParallel(module) if prefix else module).load_state_dict(loaded, strict=True)
   with torch.no_grad():
-    logits = _loaded(name, loaded)(torch.from_numpy(ref['input'])).numpy()
+    logits = module.eval()(torch.from_numpy(ref['input'])).numpy()
   rf.assert_close(logits, ref['logits_eval'], f'{name} torch(exported like the reference)')
 
 
