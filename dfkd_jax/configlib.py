@@ -58,3 +58,34 @@ def base(*, method: str, dataset: str, num_classes: int, image_size: int, in_cha
   c.checkpoint = ml_collections.ConfigDict({'every_steps': 500, 'keep': 3, 'async_save': True})
   c.report = ml_collections.ConfigDict({'tensorboard': False, 'sample_grid': True, 'phase_timing_reps': 3})
   return c
+
+
+def mnist_distillation(method: str) -> ml_collections.ConfigDict:
+  """MNIST distillation from the embedded LeNet-5 teacher to LeNet-5-half, evaluated on the 500
+  held-out embedded digits (``--config.eval.data=idx:DIR --config.eval.split=test`` for the real
+  10,000-image test set). Method configs fill in the generator, losses and schedule."""
+  c = base(method=method, dataset='mnist', num_classes=10, image_size=32, in_channels=1,
+           eval_data='embedded_mnist', eval_split='heldout')
+  c.teacher = ml_collections.ConfigDict({'checkpoint': 'embedded:lenet5_mnist', 'arch': ''})
+  c.student = ml_collections.ConfigDict({'arch': 'lenet5_half', 'kwargs': {}})
+  return c
+
+
+def set_schedule(c: ml_collections.ConfigDict, *, num_epochs: int, iters_per_epoch: int,
+                 evals_per_run: int | None = None, checkpoints_per_run: int = 4) -> None:
+  """Outer iterations = epochs x iterations per epoch; evaluation every epoch (or
+  ``evals_per_run`` times), a checkpoint ``checkpoints_per_run`` times."""
+  c.num_epochs, c.iters_per_epoch = num_epochs, iters_per_epoch
+  total = num_epochs * iters_per_epoch
+  c.eval.every_steps = iters_per_epoch if evals_per_run is None else max(1, total // evals_per_run)
+  c.checkpoint.every_steps = max(1, total // checkpoints_per_run)
+  c.log_every_steps = max(1, min(c.log_every_steps, iters_per_epoch))
+
+
+def runlocal(c: ml_collections.ConfigDict, batch_size: int = 32) -> None:
+  """Shrinks a config to a few iterations for smoke tests and CPU debugging."""
+  c.batch_size = batch_size
+  set_schedule(c, num_epochs=2, iters_per_epoch=2, checkpoints_per_run=2)
+  c.log_every_steps = 1
+  c.eval.batch_size = 100
+  c.report.phase_timing_reps = 1

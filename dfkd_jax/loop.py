@@ -111,12 +111,11 @@ class Summary:
   stopped_by_signal: int | None = None
 
 
-def run(job: Job, config, workdir: str) -> Summary:
-  """Runs (or resumes) ``job`` to ``job.num_steps`` and returns the summary written to
-  ``WORKDIR/summary.json``."""
+def run(job: Job, config, workdir: str, mesh) -> Summary:
+  """Runs (or resumes) ``job`` on ``mesh`` to ``job.num_steps`` and returns the summary written
+  to ``WORKDIR/summary.json``."""
   t_start = time.monotonic()
   os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.make_mesh(config.mesh.num_devices)
   repl = parallel.replicated(mesh)
   # Independent streams: initialisation, training steps (folded with the step), sample grids, timing.
   init_key, seed_key, sample_key, timing_key = jax.random.split(jax.random.key(config.seed), 4)

@@ -51,7 +51,13 @@ def constant(base_lr: float) -> Callable:
 
 def make_schedule(cfg, steps_per_epoch: int, num_epochs: int) -> optax.Schedule:
   """A per-optimiser-step schedule from a config with ``lr`` and ``schedule`` in
-  {'constant', 'cosine', 'multistep'} (+ ``milestones``, ``gamma``, ``eta_min``, ``t_max``)."""
+  {'constant', 'cosine', 'multistep'} (+ ``milestones``, ``gamma``, ``eta_min``, ``t_max``).
+
+  Stepped once per epoch as the references do, or once per step with ``per_step=True`` (ZSKT's
+  cosine over all pseudo-batches; milestones and t_max then count steps).
+  """
+  if cfg.get('per_step', False):
+    steps_per_epoch, num_epochs = 1, steps_per_epoch * num_epochs
   kind = cfg.get('schedule', 'constant')
   if kind == 'constant':
     epoch_fn = constant(cfg.lr)

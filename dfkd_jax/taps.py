@@ -116,3 +116,29 @@ def concat_spatial_means(taps: Sequence[LayerInput]) -> jax.Array:
   """(N, sum of C) concatenation of the taps' per-example spatial means: CMI's ``InstanceMeanHook``
   features, in the order of ``taps``."""
   return jnp.concatenate([t.spatial_mean for t in taps], axis=1)
+
+
+def apply_with_output_taps(model: nn.Module, variables, x, names: Sequence[str],
+                           **apply_kw) -> tuple[Any, list[jax.Array]]:
+  """``model.apply(variables, x, **apply_kw)`` and the raw *outputs* of the modules named in
+  ``names`` (torch-style names), in the order of ``names`` (ZSKT's attention transfer reads the
+  activation maps of each residual group). If ``apply_kw`` has ``mutable``, the outputs are
+  ``((model_outputs, maps), mutated_variables)`` as ``apply`` nests them."""
+  captured = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and '.'.join(context.module.path) in names:
+      captured['.'.join(context.module.path)] = out
+    return out
+
+  with nn.intercept_methods(interceptor):
+    outputs = model.apply(variables, x, **apply_kw)
+  missing = [n for n in names if n not in captured]
+  if missing:
+    raise UserError(f'no module named {", ".join(missing)} is called by {type(model).__name__}')
+  maps = [captured[n] for n in names]
+  if 'mutable' in apply_kw:
+    out, mutated = outputs
+    return (out, maps), mutated
+  return outputs, maps

@@ -17,8 +17,9 @@ def train_and_evaluate(config, workdir: str) -> loop.Summary:
   """Runs (or resumes) the job ``config.method`` in ``workdir``; returns its summary."""
   log.info('process %d/%d, %d local / %d global devices', jax.process_index(), jax.process_count(),
            jax.local_device_count(), jax.device_count())
-  job = methods.get(config.method).make_job(config)
-  summary = loop.run(job, config, workdir)
+  mesh = parallel.make_mesh(config.mesh.num_devices)
+  job = methods.get(config.method).make_job(config, mesh)
+  summary = loop.run(job, config, workdir, mesh)
   v = summary.values
   if summary.stopped_by_signal is not None:
     print(f'stopped at step {v["steps"]} (checkpoint saved); re-run the same command to resume', flush=True)

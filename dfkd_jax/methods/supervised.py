@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dfkd_jax import augment, data, loop, models, optim, report
+from dfkd_jax import augment, data, loop, models, optim, parallel, report
 from dfkd_jax.convert import model_dir
 from dfkd_jax.state import TrainState
 
@@ -40,13 +40,14 @@ def classifier_step(state: TrainState, images, labels):
   return state, loss, jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-def make_job(config) -> loop.Job:
+def make_job(config, mesh) -> loop.Job:
   model = models.create(config.model.arch, num_classes=config.num_classes, **config.model.get('kwargs', {}))
   train = data.load(config.train_data.source, config.train_data.split, data_dir=config.get('data_dir'),
                     process_index=jax.process_index(), process_count=jax.process_count())
   # Pixels in [0, 1] at model resolution; normalisation happens after augmentation, on device.
   images01 = data.prepare_images(train.images, 'none', config.image_size, config.in_channels)
   labels = train.labels
+  parallel.check_batch(config.batch_size, mesh, 'batch_size')
   local_batch = config.batch_size // jax.process_count()
   steps_per_epoch = len(images01) // local_batch
   num_steps = steps_per_epoch * config.num_epochs

@@ -1,0 +1,33 @@
+r"""DAFL on MNIST, LeNet-5 -> LeNet-5-half, with the original code's semantics (``DAFL-train.py``).
+
+  python -m dfkd_jax.main --config configs/dafl_mnist.py --workdir workdirs/dafl_mnist
+
+Teacher: the embedded LeNet-5 (98.29% on the real MNIST test set). Variants (``:arg``):
+``runlocal`` (a few iterations), ``paper`` (200 epochs x 120 iterations at batch 512, the paper's
+schedule: about 13 hours in the reference code on a 2-core CPU). The default is shortened to
+finish in under 10 minutes on a 2-core CPU.
+"""
+from dfkd_jax import configlib
+
+
+def get_config(arg=None):
+  arg = configlib.parse_arg(arg, runlocal=False, paper=False)
+  c = configlib.mnist_distillation('dafl')
+  c.variant = 'huawei'
+  c.generator = dict(arch='dafl_generator', kwargs=dict(nz=100, img_size=32, nc=1), output='normalized',
+                     sample_mode='train')
+  c.student_batch = 'reuse'  # the generator and student steps share one batch, as in the original
+  c.g_steps, c.kd_steps = 1, 1
+  c.loss = dict(oh=1.0, ie=5.0, a=0.1)
+  c.kd = dict(loss='kl', temperature=1.0, reduction='batchmean')
+  c.optimizer_g = dict(name='adam', lr=0.2)
+  c.optimizer_s = dict(name='adam', lr=2e-3)
+  if arg.paper:
+    c.batch_size = 512
+    configlib.set_schedule(c, num_epochs=200, iters_per_epoch=120)
+  else:
+    c.batch_size = 256
+    configlib.set_schedule(c, num_epochs=20, iters_per_epoch=100)
+  if arg.runlocal:
+    configlib.runlocal(c)
+  return c

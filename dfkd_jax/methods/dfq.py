@@ -1,0 +1,31 @@
+"""DFQ as in the CMI framework (``--method dfq``; after Choi et al., "Data-free network quantization
+with adversarial knowledge distillation", CVPRW 2020).
+
+The generator matches the teacher's BatchNorm statistics, makes confident and class-balanced
+predictions and seeks student-teacher disagreement:
+
+  L_G = bn · Σ_l (‖σ²_run,l − σ²_l‖₂ + ‖μ_run,l − μ_l‖₂)   (BN-input statistics)
+      + oh · CE(t, argmax t)
+      + adv · (−KL(p_T ‖ p_S))                              (T = 1, batchmean)
+      + balance · Σ_c p̄_c ln p̄_c
+
+and the student learns KL(p_T ‖ p_S) for ``kd_steps`` (10) steps on fresh samples.
+"""
+from __future__ import annotations
+
+from dfkd_jax import losses
+from dfkd_jax.methods import distill, generative
+
+
+def make_job(config, mesh):
+  w = config.loss
+
+  def generator_loss(t, student_logits, images):
+    bn = distill.bn_loss(t)
+    oh = losses.cross_entropy_onehot(t.logits)
+    adv = -losses.kd_kl(student_logits, t.logits, 1.0)
+    balance = losses.information_entropy(t.logits)
+    total = w.bn * bn + w.oh * oh + w.adv * adv + w.balance * balance
+    return total, {'train/loss_bn': bn, 'train/loss_oh': oh, 'train/loss_adv': adv, 'train/loss_balance': balance}
+
+  return generative.make_job(config, mesh, generator_loss, adversarial=True, bn_taps=w.bn > 0)
