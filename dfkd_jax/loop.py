@@ -115,7 +115,12 @@ def run(job: Job, config, workdir: str, mesh) -> Summary:
   """Runs (or resumes) ``job`` on ``mesh`` to ``job.num_steps`` and returns the summary written
   to ``WORKDIR/summary.json``."""
   t_start = time.monotonic()
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'cannot create the workdir {workdir!r}: {e.strerror or e}') from e
+  if not os.access(workdir, os.W_OK):
+    raise UserError(f'the workdir {workdir!r} is not writable')
   repl = parallel.replicated(mesh)
   # Independent streams: initialisation, training steps (folded with the step), sample grids, timing.
   init_key, seed_key, sample_key, timing_key = jax.random.split(jax.random.key(config.seed), 4)

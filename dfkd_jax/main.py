@@ -5,6 +5,7 @@ can fix are one line on stderr and a non-zero exit (``--verbose`` adds the trace
 """
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import traceback
@@ -64,11 +65,35 @@ def run():
 
 
 def _parse_flags(argv):
-  """absl parsing with one-line errors (unknown config keys, wrong types, missing files)."""
+  """absl parsing with one-line errors (unknown config keys, wrong types, missing files, bad
+  ``:arg``s); ``--verbose`` adds the traceback."""
   try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(_one_line(e), 2)
+    rest = FLAGS(argv)
+    FLAGS.config.get('method')  # a config file that failed to load raises only when first read
+    return rest
+  except Exception as e:  # noqa: BLE001 - every parse failure becomes one line
+    if any(a in ('--verbose', '--verbose=true', '--verbose=1') for a in argv):
+      traceback.print_exc()
+    if isinstance(e, UserError):  # from get_config (e.g. an unknown ``:arg``)
+      _fail(str(e), e.exit_code)
+    if isinstance(e, (AttributeError, KeyError)):  # --config.<key> the config does not have
+      _fail(_unknown_key(e, argv), 2)
+    if isinstance(e, OSError):  # ml_collections reports a missing/unreadable config file so
+      _fail(f'cannot load the config file: {str(e).strip().splitlines()[-1].strip()}', 2)
+    if isinstance(e, flags.Error):
+      _fail(_one_line(e), 2)
+    raise
+
+
+def _unknown_key(e: Exception, argv) -> str:
+  """ml_collections' nested-repr KeyError text -> 'unknown config key ...' with its flag."""
+  text = str(e).replace('\\n', ' ').replace('\\', '')
+  key = re.search(r"'(\w+)'", text)
+  key = key.group(1) if key else _one_line(e)
+  hint = re.search(r'Did you mean "([\w.]+)"', text)
+  given = [a.split('=')[0] for a in argv if a.startswith('--config.') and key in a.split('=')[0]]
+  return (f'unknown config key {key!r}' + (f' in {given[0]}' if given else '') +
+          (f'; did you mean {hint.group(1)!r}?' if hint else '; see the config file for the keys it has'))
 
 
 def _one_line(e: Exception) -> str:
