@@ -32,6 +32,14 @@ def _fail(message: str, code: int) -> None:
   sys.exit(code)
 
 
+def _flush_denormals_on_cpu() -> None:
+  """Generator gradients often underflow to denormals, which the CPU handles ~2x slower; this
+  XLA:CPU option flushes them to zero (it has no effect on GPU/TPU). Set before jax starts."""
+  flags_env = os.environ.get('XLA_FLAGS', '')
+  if '--xla_cpu_ftz' not in flags_env:
+    os.environ['XLA_FLAGS'] = f'{flags_env} --xla_cpu_ftz=true'.strip()
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}', 2)
@@ -39,6 +47,7 @@ def main(argv) -> None:
     _fail('--config and --workdir are required', 2)
   # Library INFO logs (Orbax writes several lines per checkpoint) only with --verbose.
   logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
+  _flush_denormals_on_cpu()
   try:
     import jax
     if FLAGS.jax_distributed:

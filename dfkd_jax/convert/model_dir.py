@@ -71,6 +71,17 @@ def save(path: str, arch: str, variables: Any, *, num_classes: int | None, datas
   return meta
 
 
+def save_trained(workdir: str, name: str, arch: str, variables: Any, config, model_kwargs: dict,
+                 extra: dict) -> None:
+  """The final model of a training run as ``WORKDIR/name`` (process 0 only; a directory already
+  written by an earlier, resumed run is kept)."""
+  path = os.path.join(workdir, name)
+  if jax.process_index() != 0 or is_model_dir(path):
+    return
+  save(path, arch, jax.device_get(variables), num_classes=config.num_classes, dataset=config.dataset,
+       model_kwargs=dict(model_kwargs), extra=extra)
+
+
 def load(path: str) -> tuple[Any, dict, dict]:
   """(model, variables, metadata) from a converted-model directory."""
   meta_path = os.path.join(path, METADATA)

@@ -73,7 +73,11 @@ def _tfds(name: str, split: str, data_dir, process_index, process_count) -> Data
         f"on a machine with network: pip install '.[tensorflow]' && python -c \"import tensorflow_datasets as tfds; "
         f"tfds.builder('{name}', data_dir='{data_dir}', file_format='array_record').download_and_prepare()\" "
         f"(or use npz:/idx:/folder: data)") from e
-  records = source.__getitems__(list(range(len(source)))) if len(source) else []
+  keys = list(range(len(source)))
+  try:
+    records = source.__getitems__(keys) if keys else []
+  except TypeError:  # tfds.testing.mock_data's sources implement only __getitem__
+    records = [source[i] for i in keys]
   if not records:
     raise UserError(f'tfds dataset {name!r} split {sub!r} in {data_dir} is empty')
   image_key = 'image' if 'image' in records[0] else next(k for k, v in records[0].items() if np.ndim(v) >= 2)

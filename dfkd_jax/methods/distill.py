@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from dfkd_jax import data, loop, losses, models, optim, parallel, taps, teachers
+from dfkd_jax.convert import model_dir
 from dfkd_jax.errors import UserError
 from dfkd_jax.state import TrainState
 
@@ -121,6 +122,14 @@ def evaluated_student(s: Setup) -> loop.Evaluated:
 
 def evaluated_teacher(s: Setup) -> loop.Evaluated:
   return loop.Evaluated(s.teacher.model.apply, lambda frozen: frozen['teacher'])
+
+
+def export_student(config) -> Callable:
+  """A loop ``on_finish`` hook writing the final student as a converted-model directory
+  ``WORKDIR/student`` (``python -m dfkd_jax.convert export`` turns it into a torch .pth)."""
+  return lambda state, workdir: model_dir.save_trained(
+      workdir, 'student', config.student.arch, state['student'].variables, config, config.student.get('kwargs', {}),
+      {'trained_by': f'dfkd_jax.methods.{config.method}', 'teacher': config.teacher.checkpoint})
 
 
 def student_optimizer(config, steps_per_epoch: int):

@@ -143,4 +143,5 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
   return loop.Job(
       init=init, phases=[('synth', synth), ('kd', kd)], frozen={'teacher': teacher.variables},
       num_steps=num_steps, student=distill.evaluated_student(s), teacher=distill.evaluated_teacher(s),
-      sample_images=sample_images, steps_per_epoch=config.iters_per_epoch)
+      sample_images=sample_images, steps_per_epoch=config.iters_per_epoch,
+      on_finish=distill.export_student(config))

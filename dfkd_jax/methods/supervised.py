@@ -8,14 +8,12 @@ model is exported as a converted-model directory ``WORKDIR/model`` that
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dfkd_jax import augment, data, loop, models, optim, parallel, report
+from dfkd_jax import augment, data, loop, models, optim, parallel
 from dfkd_jax.convert import model_dir
 from dfkd_jax.state import TrainState
 
@@ -76,12 +74,9 @@ def make_job(config, mesh) -> loop.Job:
     return {'images': images01[idx], 'labels': labels[idx]}
 
   def on_finish(state, workdir):
-    out = os.path.join(workdir, 'model')
-    if report.is_writer() and not model_dir.is_model_dir(out):
-      model_dir.save(out, config.model.arch, jax.device_get(state['model'].variables),
-                     num_classes=config.num_classes, dataset=config.dataset,
-                     model_kwargs=dict(config.model.get('kwargs', {})),
-                     extra={'trained_by': 'dfkd_jax.methods.supervised', 'seed': config.seed})
+    model_dir.save_trained(workdir, 'model', config.model.arch, state['model'].variables, config,
+                           config.model.get('kwargs', {}),
+                           {'trained_by': 'dfkd_jax.methods.supervised', 'seed': config.seed})
 
   return loop.Job(
       init=init, phases=[('train', train_phase)], frozen={}, num_steps=num_steps,

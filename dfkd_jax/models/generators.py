@@ -53,7 +53,7 @@ def cmi_decoder(z: Array, widths: Sequence[int], nc: int, img_size: int, train: 
   x = Linear(widths[0] * s * s, name=linear)(z).reshape(z.shape[0], s, s, widths[0])
   x = BatchNorm(use_running_average=not train, name=f'{blocks}.0')(x)
   for i, width in enumerate(widths[1:]):
-    x = Conv2d(width, 3, padding=1, use_bias=False, name=f'{blocks}.{2 + 4 * i}')(upsample_nearest(x, 2))
+    x = Conv2d(width, 3, padding=1, use_bias=False, upsample=2, name=f'{blocks}.{2 + 4 * i}')(x)
     x = nn.leaky_relu(BatchNorm(use_running_average=not train, name=f'{blocks}.{3 + 4 * i}')(x), 0.2)
   x = Conv2d(nc, 3, padding=1, name=f'{blocks}.{1 + 4 * (len(widths) - 1)}')(x)
   return nn.sigmoid(x)
@@ -137,9 +137,9 @@ class DaflGenerator(nn.Module):
     kernel_init = kaiming_normal_fan_in if self.instance_norm else None
     x = Linear(c * s * s, kernel_init=kernel_init, name='l1.0')(z.reshape(z.shape[0], -1))
     x = self._norm(1e-5, 'conv_blocks0.0', train)(x.reshape(z.shape[0], s, s, c))
-    x = Conv2d(c, 3, padding=1, kernel_init=kernel_init, name='conv_blocks1.0')(upsample_nearest(x, 2))
+    x = Conv2d(c, 3, padding=1, kernel_init=kernel_init, upsample=2, name='conv_blocks1.0')(x)
     x = nn.leaky_relu(self._norm(self.inner_eps, 'conv_blocks1.1', train)(x), 0.2)
-    x = Conv2d(self.ngf, 3, padding=1, kernel_init=kernel_init, name='conv_blocks2.0')(upsample_nearest(x, 2))
+    x = Conv2d(self.ngf, 3, padding=1, kernel_init=kernel_init, upsample=2, name='conv_blocks2.0')(x)
     x = nn.leaky_relu(self._norm(self.inner_eps, 'conv_blocks2.1', train)(x), 0.2)
     x = jnp.tanh(Conv2d(self.nc, 3, padding=1, kernel_init=kernel_init, name='conv_blocks2.3')(x))
     if self.instance_norm:
@@ -164,7 +164,7 @@ class ZsktGenerator(nn.Module):
     x = Linear(128 * 10 * 10, name='layers.0')(z).reshape(z.shape[0], 10, 10, 128)
     x = upsample_nearest(bn('layers.2')(x), 1.6)
     x = nn.leaky_relu(bn('layers.5')(Conv2d(128, 3, padding=1, name='layers.4')(x)), 0.2)
-    x = Conv2d(64, 3, padding=1, name='layers.8')(upsample_nearest(x, 2))
+    x = Conv2d(64, 3, padding=1, upsample=2, name='layers.8')(x)
     x = nn.leaky_relu(bn('layers.9')(x), 0.2)
     return bn('layers.12', affine=False)(Conv2d(3, 3, padding=1, name='layers.11')(x))
 

@@ -6,6 +6,7 @@ Flax path mechanically (see ``dfkd_jax.convert``).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -43,11 +44,95 @@ def kaiming_normal_fan_out(key, shape, dtype=jnp.float32):
   return jax.random.normal(key, shape, dtype) * math.sqrt(2.0 / fan_out)
 
 
+Padding = int | tuple[tuple[int, int], tuple[int, int]]
+
+
+def _pads(padding: Padding) -> tuple[tuple[int, int], tuple[int, int]]:
+  """``p`` -> ((p, p), (p, p)); explicit ((top, bottom), (left, right)) pass through."""
+  return ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
+
+
+def _xla_conv(x, kernel, stride: int, padding: Padding, groups: int = 1):
+  return jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), _pads(padding),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
+
+
+def _kernel_grad_by_gemm(x, dy, kernel_shape, stride: int, padding: Padding):
+  """dW[i, j] = Σ_{n,h,w} x_pad[n, s·h + i, s·w + j, :]ᵀ dy[n, h, w, :], one GEMM per kernel
+  offset (kh·kw GEMMs of (C_in × N·H·W) by (N·H·W × C_out))."""
+  kh, kw = kernel_shape[:2]
+  _, ho, wo, c_out = dy.shape
+  c_in = x.shape[-1]
+  xp = jnp.pad(x, ((0, 0),) + _pads(padding) + ((0, 0),))
+  d = dy.reshape(-1, c_out)
+  span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+  grads = [xp[:, i:i + span_h:stride, j:j + span_w:stride, :].reshape(-1, c_in).T @ d
+           for i in range(kh) for j in range(kw)]
+  return jnp.stack(grads).reshape(kernel_shape)
+
+
+# XLA:CPU computes convolution kernel gradients very slowly for most shapes (e.g. 9x slower than
+# the GEMM formulation for a 3x3 128->64 conv on 32x32 maps, 6x for ResNet's 64->64 layers; see
+# benchmarks/conv_cpu.py). Below this many output channels the GEMMs become matrix-vector
+# products and XLA's own gradient is faster.
+_GEMM_KERNEL_GRAD_MIN_OUT_CHANNELS = 8
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x, kernel, stride: int = 1, padding: Padding = 0):
+  """``F.conv2d`` on NHWC/HWIO with zero padding (``p`` on every side, or ((top, bottom),
+  (left, right))); its kernel gradient is computed as per-offset GEMMs where that is faster on
+  CPU (the values are the same up to float rounding)."""
+  return _xla_conv(x, kernel, stride, padding)
+
+
+def _conv2d_fwd(x, kernel, stride, padding):
+  return _xla_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv2d_bwd(stride, padding, residuals, dy):
+  x, kernel = residuals
+  dx = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding), x)[1](dy)[0]
+  if kernel.shape[-1] >= _GEMM_KERNEL_GRAD_MIN_OUT_CHANNELS:
+    dkernel = _kernel_grad_by_gemm(x, dy, kernel.shape, stride, padding)
+  else:
+    dkernel = jax.vjp(lambda k_: _xla_conv(x, k_, stride, padding), kernel)[1](dy)[0]
+  return dx, dkernel
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+# Output row/column phase a of a nearest x2 upsampling followed by a 3x3 conv (padding 1) reads
+# input rows (i - 1, i) for a = 0 and (i, i + 1) for a = 1; the 3x3 kernel's taps collapse onto
+# those two rows as below (and likewise for columns).
+_PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
+_PHASE_PADS = ((1, 0), (0, 1))
+
+
+def upsample2_conv3x3(x, kernel):
+  """``Conv3x3(padding=1)(Upsample(x2, nearest)(x))`` without materialising the upsampled map:
+  each of the 4 output phases is a 2x2 conv on ``x`` whose taps are sums of the 3x3 kernel's
+  (4·4 instead of 4·9 multiply-adds per input pixel, the same result up to float rounding)."""
+  n, h, w, _ = x.shape
+  phases = []
+  for a in range(2):
+    rows = jnp.stack([sum(kernel[i] for i in t) for t in _PHASE_TAPS[a]])
+    for b in range(2):
+      k2 = jnp.stack([sum(rows[:, j] for j in t) for t in _PHASE_TAPS[b]], axis=1)
+      phases.append(conv2d(x, k2, 1, (_PHASE_PADS[a], _PHASE_PADS[b])))
+  y = jnp.stack(phases, axis=3).reshape(n, h, w, 2, 2, -1)
+  return y.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, -1)
+
+
 class Conv2d(nn.Module):
   """``torch.nn.Conv2d`` on NHWC input: explicit symmetric zero padding, never "SAME".
 
   Default init is PyTorch's (kaiming_uniform(a=sqrt(5)) weights and bias); ``kernel_init``
-  overrides the weights (e.g. WRN's normal(0, sqrt(2/(k*k*out)))).
+  overrides the weights (e.g. WRN's normal(0, sqrt(2/(k*k*out)))). ``upsample=2`` applies a
+  nearest x2 upsampling first (the generators' ``Upsample -> Conv``), computed by
+  ``upsample2_conv3x3`` for 3x3 kernels with padding 1.
   """
   features: int
   kernel_size: int
@@ -57,6 +142,7 @@ class Conv2d(nn.Module):
   groups: int = 1
   kernel_init: Callable | None = None
   bias_init: Callable | None = None
+  upsample: int = 1
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -64,9 +150,15 @@ class Conv2d(nn.Module):
     fan_in = (x.shape[-1] // self.groups) * k * k
     kernel = self.param('kernel', self.kernel_init or torch_default_kernel_init,
                         (k, k, x.shape[-1] // self.groups, self.features))
-    y = jax.lax.conv_general_dilated(
-        x, kernel, (self.stride, self.stride), ((p, p), (p, p)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=self.groups)
+    fused_upsample = self.upsample == 2 and (k, p, self.stride, self.groups) == (3, 1, 1, 1)
+    if self.upsample > 1 and not fused_upsample:
+      x = upsample_nearest(x, self.upsample)
+    if fused_upsample:
+      y = upsample2_conv3x3(x, kernel)
+    elif self.groups == 1:
+      y = conv2d(x, kernel, self.stride, p)
+    else:
+      y = _xla_conv(x, kernel, self.stride, p, self.groups)
     if self.use_bias:
       y = y + self.param('bias', self.bias_init or torch_default_bias_init(fan_in), (self.features,))
     return y
