@@ -5,6 +5,7 @@ can fix are one line on stderr and a non-zero exit (``--verbose`` adds the trace
 """
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
