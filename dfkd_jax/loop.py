@@ -115,6 +115,8 @@ def run(job: Job, config, workdir: str, mesh) -> Summary:
   """Runs (or resumes) ``job`` on ``mesh`` to ``job.num_steps`` and returns the summary written
   to ``WORKDIR/summary.json``."""
   t_start = time.monotonic()
+  if config.eval.get('data'):  # before any compile or file: a config error a user can fix
+    parallel.check_batch(config.eval.batch_size, mesh, 'eval.batch_size')
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
@@ -270,7 +272,6 @@ def _eval_set(config, mesh):
   from dfkd_jax import data
   if not config.eval.get('data'):
     return None
-  parallel.check_batch(config.eval.batch_size, mesh, 'eval.batch_size')
   ds = data.load(config.eval.data, config.eval.split, data_dir=config.get('data_dir'),
                  process_index=jax.process_index(), process_count=jax.process_count())
   images = data.prepare_images(ds.images, config.dataset, config.image_size, config.in_channels)
