@@ -105,6 +105,18 @@ def _compose(phases: Sequence[tuple[str, Phase]]) -> Callable:
   return iteration
 
 
+def compile_job(job: Job, mesh, init_key) -> tuple[Callable, Callable, Any]:
+  """(jitted init, jitted donated iteration, state sharding) of ``job`` on ``mesh``: the state
+  and frozen variables replicated, outputs pinned to the same shardings so that every iteration
+  reuses one compiled program."""
+  repl = parallel.replicated(mesh)
+  abstract = jax.eval_shape(job.init, init_key)
+  state_sharding = jax.tree.map(lambda _: repl, abstract)
+  init = jax.jit(job.init, out_shardings=state_sharding)
+  iteration = jax.jit(_compose(job.phases), donate_argnums=(0,), out_shardings=(state_sharding, repl))
+  return init, iteration, state_sharding
+
+
 @dataclasses.dataclass
 class Summary:
   values: dict
@@ -127,24 +139,23 @@ def run(job: Job, config, workdir: str, mesh) -> Summary:
   # Independent streams: initialisation, training steps (folded with the step), sample grids, timing.
   init_key, seed_key, sample_key, timing_key = jax.random.split(jax.random.key(config.seed), 4)
 
-  abstract = jax.eval_shape(job.init, init_key)
-  state_sharding = jax.tree.map(lambda _: repl, abstract)
+  init, iteration, state_sharding = compile_job(job, mesh, init_key)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                        every_steps=config.checkpoint.every_steps,
                                        async_save=config.checkpoint.get('async_save', True))
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        jax.eval_shape(job.init, init_key), state_sharding)
   restored = checkpointer.restore_latest(target)
   if restored is not None:
     state, start = restored
     print(f'resuming from the checkpoint at step {start} in {workdir}', flush=True)
     report.truncate_metrics(workdir, start)
   else:
-    state, start = jax.jit(job.init, out_shardings=state_sharding)(init_key), 0
+    state, start = init(init_key), 0
   if report.is_writer():
     report.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
   frozen = jax.device_put(job.frozen, repl)
-  iteration = jax.jit(_compose(job.phases), donate_argnums=(0,), out_shardings=(state_sharding, repl))
   batch_sharding = parallel.data_sharded(mesh)
   writer = report.MetricWriter(workdir, tensorboard=config.report.get('tensorboard', False))
   history = _history(workdir)
