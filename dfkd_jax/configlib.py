@@ -89,3 +89,57 @@ def runlocal(c: ml_collections.ConfigDict, batch_size: int = 32) -> None:
   c.log_every_steps = 1
   c.eval.batch_size = 100
   c.report.phase_timing_reps = 1
+
+
+# Teacher -> student pairs of the reference scripts (CMI framework and its forks).
+CIFAR_PAIRS = ('resnet34-resnet18', 'vgg11-resnet18', 'wrn40_2-wrn16_1', 'wrn40_2-wrn16_2', 'wrn40_2-wrn40_1')
+
+
+def cifar_distillation(method: str, arg: str | None, **extra_args) -> tuple[ml_collections.ConfigDict,
+                                                                           ml_collections.ConfigDict]:
+  """CIFAR-10/100 distillation with the reference repos' pairs. Arguments (``:a=b,c``):
+  ``dataset`` cifar10|cifar100, ``pair`` TEACHER-STUDENT (one of ``CIFAR_PAIRS``), ``runlocal``.
+
+  The teacher is the CMI framework's file layout ``checkpoints/pretrained/{dataset}_{teacher}.pth``
+  (the Dropbox zoo format), converted on the fly; override with ``--config.teacher.checkpoint``.
+  Evaluation reads the prepared tfds test split (``--config.data_dir``). ``runlocal`` uses a random
+  teacher and tiny batches so the config can be smoke-tested anywhere.
+  """
+  arg = parse_arg(arg, dataset='cifar10', pair='wrn40_2-wrn16_1', runlocal=False, **extra_args)
+  if arg.dataset not in ('cifar10', 'cifar100'):
+    raise UserError(f"dataset must be cifar10 or cifar100, not {arg.dataset!r}")
+  if arg.pair not in CIFAR_PAIRS:
+    raise UserError(f"pair must be one of {', '.join(CIFAR_PAIRS)}, not {arg.pair!r}")
+  teacher, student = arg.pair.split('-')
+  c = base(method=method, dataset=arg.dataset, num_classes=10 if arg.dataset == 'cifar10' else 100,
+           image_size=32, in_channels=3, eval_data=f'tfds:{arg.dataset}')
+  c.teacher = ml_collections.ConfigDict({'checkpoint': f'checkpoints/pretrained/{arg.dataset}_{teacher}.pth',
+                                         'arch': teacher})
+  c.student = ml_collections.ConfigDict({'arch': student, 'kwargs': {}})
+  c.eval.batch_size = 500
+  if arg.runlocal:
+    c.teacher.checkpoint = 'random'
+    c.eval.data = ''
+  return c, arg
+
+
+def cmi_generator_settings(c: ml_collections.ConfigDict, nz: int) -> None:
+  """The CMI framework's GenerativeSynthesizer: ``LargeGenerator(nz)`` (Sigmoid output through the
+  normaliser), Adam(1e-3, betas (0.5, 0.999)), student SGD(lr, 0.9, wd 1e-4) with a per-epoch
+  cosine over the epochs, 400 student steps per epoch (``--ep_steps 400``), batch 256."""
+  c.generator = ml_collections.ConfigDict({'arch': 'cmi_large_generator', 'output': 'unit', 'sample_mode': 'eval',
+                                           'kwargs': {'nz': nz, 'img_size': 32, 'nc': 3}})
+  c.student_batch = 'fresh'
+  c.g_steps = 1
+  c.batch_size = 256
+  c.optimizer_g = ml_collections.ConfigDict({'name': 'adam', 'lr': 1e-3, 'betas': (0.5, 0.999)})
+  c.optimizer_s = ml_collections.ConfigDict({'name': 'sgd', 'lr': 0.1, 'momentum': 0.9, 'weight_decay': 1e-4,
+                                             'schedule': 'cosine'})
+
+
+def finish_cifar(c: ml_collections.ConfigDict, arg, *, num_epochs: int, student_steps_per_epoch: int = 400) -> None:
+  """Epoch accounting of the CMI framework (``ep_steps // kd_steps`` generator steps per epoch),
+  or the runlocal shrink."""
+  set_schedule(c, num_epochs=num_epochs, iters_per_epoch=max(1, student_steps_per_epoch // c.kd_steps))
+  if arg.runlocal:
+    runlocal(c, batch_size=8)

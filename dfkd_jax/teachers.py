@@ -6,6 +6,8 @@
                       ``WORKDIR/model`` of a teacher-training run)
   ``FILE.pth``        a reference PyTorch checkpoint, converted on the fly (needs
                       ``config.teacher.arch``; torch is not needed)
+  ``random``          ``config.teacher.arch`` with random weights: for smoke tests of a config
+                      (``:runlocal`` on a machine without the teacher file), never for results
 
 The teacher is loaded on every start and never checkpointed.
 """
@@ -48,7 +50,9 @@ def load(teacher_cfg, num_classes: int, dataset: str) -> Teacher:
     raise UserError('no teacher given: set --config.teacher.checkpoint to embedded:NAME, a converted '
                     'directory or a .pth file')
   path = resolve_path(spec)
-  if os.path.isdir(path):
+  if spec == 'random':
+    model, variables, meta = _random_teacher(teacher_cfg.get('arch'), num_classes, dataset)
+  elif os.path.isdir(path):
     model, variables, meta = model_dir.load(path)
   elif os.path.isfile(path):
     from dfkd_jax.convert import api
@@ -62,3 +66,16 @@ def load(teacher_cfg, num_classes: int, dataset: str) -> Teacher:
     raise UserError(f"teacher {spec} was trained on {meta['dataset']!r} inputs but the config's dataset is "
                     f"{dataset!r}; set --config.dataset={meta['dataset']} or use a matching teacher")
   return Teacher(model, variables, meta)
+
+
+def _random_teacher(arch: str | None, num_classes: int, dataset: str):
+  import jax
+  import jax.numpy as jnp
+  from dfkd_jax import models
+  if not arch:
+    raise UserError('teacher.checkpoint=random needs --config.teacher.arch')
+  model = models.create(arch, num_classes=num_classes)
+  shape = models.input_shape(arch)
+  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1,) + shape), train=False))(jax.random.key(0))
+  return model, variables, {'arch': arch, 'num_classes': num_classes, 'dataset': dataset,
+                            'input_shape': list(shape)}

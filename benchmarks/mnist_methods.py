@@ -1,0 +1,80 @@
+r"""Benchmark: each generator-adversarial method on MNIST from the embedded LeNet-5 teacher,
+evaluated on the real 10,000-image MNIST test set. Prints a table and writes a results file.
+
+  python benchmarks/mnist_methods.py --mnist ../shared/data/mnist [--methods dafl,zskt] [--seeds 0,1,2]
+      [--override key=value ...] [--out benchmarks/results/mnist_methods.json]
+
+Each run is a fresh ``python -m dfkd_jax.main`` process (so peak RSS is per run) in its own
+workdir under ``benchmarks/runs/``. Columns: teacher top-1, student best/final top-1 (mean ± std
+over seeds), wall time, the synthesis/KD split of training time, iterations per second, peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(method: str, seed: int, mnist: str, overrides: list[str], runs_dir: str) -> dict:
+  workdir = os.path.join(runs_dir, f'{method}_seed{seed}_{int(time.time())}')
+  cmd = [sys.executable, '-m', 'dfkd_jax.main', '--config', os.path.join(ROOT, 'configs', f'{method}_mnist.py'),
+         '--workdir', workdir, f'--config.seed={seed}', f'--config.eval.data=idx:{mnist}',
+         '--config.eval.split=test'] + [f'--config.{o}' for o in overrides]
+  print('$', ' '.join(cmd), flush=True)
+  subprocess.run(cmd, check=True, cwd=ROOT)
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  summary['workdir'] = workdir
+  return summary
+
+
+def mean_std(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return 'n/a'
+  if len(values) == 1:
+    return f'{100 * values[0]:.2f}'
+  return f'{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}'
+
+
+def table(results: dict) -> str:
+  header = ('| method | seeds | teacher top-1 | student best | student final | wall s | synth s | kd s | it/s | '
+            'peak RSS MB |\n|---|---|---|---|---|---|---|---|---|---|')
+  rows = [header]
+  for method, runs in results.items():
+    n = len(runs)
+    mean = lambda k: statistics.mean(r.get(k) or 0.0 for r in runs)
+    rows.append(f"| {method} | {n} | {mean_std([r['teacher_top1'] for r in runs])} | "
+                f"{mean_std([r['student_top1_best'] for r in runs])} | {mean_std([r['student_top1_final'] for r in runs])} | "
+                f"{mean('wall_s'):.0f} | {mean('synth_s'):.0f} | {mean('kd_s'):.0f} | "
+                f"{statistics.mean(r['steps'] / r['train_s'] for r in runs):.2f} | {max(r['peak_rss_mb'] for r in runs):.0f} |")
+  return '\n'.join(rows)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--mnist', required=True, help='directory with the real MNIST t10k IDX files')
+  parser.add_argument('--methods', default='dafl,zskt,dfad,dfq')
+  parser.add_argument('--seeds', default='0')
+  parser.add_argument('--override', action='append', default=[], help='config override key=value (all runs)')
+  parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'mnist_methods.json'))
+  parser.add_argument('--runs-dir', default=os.path.join(ROOT, 'benchmarks', 'runs'))
+  args = parser.parse_args()
+  results = {}
+  for method in args.methods.split(','):
+    results[method] = [run(method, int(s), args.mnist, args.override, args.runs_dir) for s in args.seeds.split(',')]
+  text = table(results)
+  print(text)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, 'w') as f:
+    json.dump({'results': results, 'table': text, 'argv': sys.argv[1:]}, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()
