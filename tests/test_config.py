@@ -73,6 +73,11 @@ def _total_steps(c) -> int:
   return c.num_epochs * c.iters_per_epoch if 'iters_per_epoch' in c else None
 
 
+def _documented_values(module, name) -> list[str]:
+  """The values of ``name=VALUE`` that the config's docstring shows."""
+  return sorted(set(re.findall(rf'\b{name}=([\w.-]+)', module.__doc__)))
+
+
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
 def test_config_file(path):
   module = _load(path)
@@ -87,20 +92,33 @@ def test_config_file(path):
     assert key in default, key
   args = _accepted_args(module)
   assert 'runlocal' in args
+  variants = []
   for arg in args:
     assert arg in module.__doc__, f'{name}: argument {arg!r} is not documented'
-    c = module.get_config(arg)
-    assert isinstance(c, ml_collections.ConfigDict), arg
-    assert c.method == default.method
+    try:
+      variants.append(module.get_config(arg))  # a flag (runlocal, paper, ...)
+    except UserError as e:  # a valued argument: every value the docstring shows, alone and with runlocal
+      assert f'needs a value ({arg}=...)' in str(e)
+      values = _documented_values(module, arg)
+      assert values, f'{name}: no documented value of {arg!r}'
+      for value in values:
+        variants += [module.get_config(f'{arg}={value}'), module.get_config(f'{arg}={value},runlocal')]
+  for c in variants:
+    assert isinstance(c, ml_collections.ConfigDict) and c.method == default.method
   small = module.get_config('runlocal')
   assert small.batch_size <= default.batch_size
   assert small.eval.every_steps <= default.eval.every_steps
   assert small.checkpoint.every_steps <= default.checkpoint.every_steps
   if _total_steps(default) is not None:
     assert _total_steps(small) <= 4 < _total_steps(default)
-    assert small.batch_size == 32 and small.eval.batch_size == 100
   else:
     assert small.num_epochs < default.num_epochs
+  if 'pair' in args:  # every teacher-student pair on every dataset
+    for dataset in ('cifar10', 'cifar100'):
+      for pair in configlib.CIFAR_PAIRS:
+        c = module.get_config(f'dataset={dataset},pair={pair},runlocal')
+        assert (c.teacher.arch, c.student.arch) == tuple(pair.split('-'))
+        assert c.num_classes == (10 if dataset == 'cifar10' else 100) and c.dataset == dataset
 
 
 def test_runlocal_sizes():
