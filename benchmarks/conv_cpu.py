@@ -1,0 +1,66 @@
+r"""Benchmark: convolution kernel gradients on CPU, XLA's own versus the per-offset GEMMs that
+``dfkd_jax.models.layers.conv2d`` uses, and nearest-x2 upsampling + 3x3 conv versus the fused
+``upsample2_conv3x3``, for the layer shapes of the zoo. Prints milliseconds and ratios.
+
+  python benchmarks/conv_cpu.py [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from dfkd_jax.models import layers  # noqa: E402
+
+# (batch, size, c_in, c_out, kernel, stride, padding): ResNet-18/WRN/LeNet/generator layers.
+KERNEL_GRAD_SHAPES = [
+    (64, 32, 3, 64, 3, 1, 1), (64, 32, 64, 64, 3, 1, 1), (64, 32, 64, 128, 3, 2, 1), (64, 16, 128, 128, 3, 1, 1),
+    (64, 8, 256, 256, 3, 1, 1), (64, 4, 512, 512, 3, 1, 1), (64, 32, 16, 16, 3, 1, 1), (64, 16, 32, 32, 3, 1, 1),
+    (256, 14, 6, 16, 5, 1, 0), (64, 32, 128, 64, 3, 1, 1), (64, 32, 64, 1, 3, 1, 1)]
+UPSAMPLE_SHAPES = [(64, 8, 128, 128), (64, 16, 128, 64)]
+
+
+def timed_ms(fn, *args, reps=3):
+  jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  for _ in range(reps):
+    jax.block_until_ready(fn(*args))
+  return (time.perf_counter() - t0) / reps * 1000
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--rounds', type=int, default=3)
+  args = parser.parse_args()
+  key = jax.random.key(0)
+  print('kernel gradient\n| shape (N, HxW, Cin->Cout, k, stride) | XLA ms | GEMM ms | XLA / GEMM |\n|---|---|---|---|')
+  for n, size, c_in, c_out, k, s, p in KERNEL_GRAD_SHAPES:
+    x = jax.random.normal(key, (n, size, size, c_in))
+    out = (size + 2 * p - k) // s + 1
+    dy = jax.random.normal(key, (n, out, out, c_out))
+    shape = (k, k, c_in, c_out)
+    xla = jax.jit(lambda x, dy: jax.vjp(lambda w: layers._xla_conv(x, w, s, p), jnp.zeros(shape))[1](dy)[0])
+    gemm = jax.jit(lambda x, dy: layers._kernel_grad_by_gemm(x, dy, shape, s, p))
+    a = statistics.median(timed_ms(xla, x, dy) for _ in range(args.rounds))
+    b = statistics.median(timed_ms(gemm, x, dy) for _ in range(args.rounds))
+    print(f'| {n}, {size}x{size}, {c_in}->{c_out}, {k}, {s} | {a:.1f} | {b:.1f} | {a / b:.2f} |', flush=True)
+  print('\nupsample x2 + conv3x3, forward + backward\n| shape (N, HxW, Cin->Cout) | upsample then conv ms | fused ms | ratio |\n|---|---|---|---|')
+  for n, size, c_in, c_out in UPSAMPLE_SHAPES:
+    x = jax.random.normal(key, (n, size, size, c_in))
+    w = jax.random.normal(key, (3, 3, c_in, c_out))
+    naive = jax.jit(jax.grad(lambda x, w: jnp.sum(layers.conv2d(layers.upsample_nearest(x, 2), w, 1, 1) ** 2), (0, 1)))
+    fused = jax.jit(jax.grad(lambda x, w: jnp.sum(layers.upsample2_conv3x3(x, w) ** 2), (0, 1)))
+    a = statistics.median(timed_ms(naive, x, w) for _ in range(args.rounds))
+    b = statistics.median(timed_ms(fused, x, w) for _ in range(args.rounds))
+    print(f'| {n}, {size}x{size}, {c_in}->{c_out} | {a:.1f} | {b:.1f} | {a / b:.2f} |', flush=True)
+
+
+if __name__ == '__main__':
+  main()
