@@ -180,7 +180,7 @@ def run(job: Job, config, workdir: str, mesh) -> Summary:
 
   phase_fraction = time_phases(job, state, frozen, timing_key, mesh, config) if start < job.num_steps else {}
   progress = report.Progress(job.num_steps, start)
-  elapsed_before = history['elapsed_s']
+  elapsed_before, train_before = history['elapsed_s'], history['train_s']
   t_train = time.monotonic()
   step = start
   last_saved = start if restored is not None else None
@@ -197,6 +197,7 @@ def run(job: Job, config, workdir: str, mesh) -> Summary:
         _save_samples(job, state, sample_key, step, workdir, config)
       if record:
         record['time/elapsed_s'] = elapsed_before + time.monotonic() - t_start
+        record['time/train_s'] = train_before + time.monotonic() - t_train  # summed over resumed runs
         record['time/steps_per_s'] = (step - start) / max(time.monotonic() - t_train, 1e-9)
         writer.write(step, record)
       if checkpointer.save(step, state, config.to_dict(), force=step == job.num_steps):
@@ -211,9 +212,13 @@ def run(job: Job, config, workdir: str, mesh) -> Summary:
   writer.close()
   if step >= job.num_steps and job.on_finish is not None:
     job.on_finish(state, workdir)
+  summary_path = os.path.join(workdir, 'summary.json')
+  if start >= job.num_steps and os.path.exists(summary_path):
+    with open(summary_path) as f:  # nothing trained now: the finished run's summary (and timings) stands
+      return Summary(json.load(f), signals.received)
 
   wall = elapsed_before + time.monotonic() - t_start
-  train_wall = time.monotonic() - t_train + history['train_s']
+  train_wall = train_before + time.monotonic() - t_train
   accs = history['student_top1']
   values = {
       'teacher_top1': teacher_top1,
@@ -227,7 +232,7 @@ def run(job: Job, config, workdir: str, mesh) -> Summary:
       'finished': step >= job.num_steps,
   }
   if report.is_writer():
-    report.write_json(os.path.join(workdir, 'summary.json'), values)
+    report.write_json(summary_path, values)
   return Summary(values, signals.received)
 
 
@@ -275,6 +280,8 @@ def _history(workdir: str) -> dict:
           hist['teacher_top1'] = rec['eval/teacher_top1']
         if 'time/elapsed_s' in rec:
           hist['elapsed_s'] = rec['time/elapsed_s']
+        if 'time/train_s' in rec:
+          hist['train_s'] = rec['time/train_s']
   return hist
 
 

@@ -185,7 +185,7 @@ def test_teacher_outputs(teacher_run):
     if r['step'] % 10 == 0:
       assert {'train/loss', 'train/accuracy', 'train/lr'} <= r.keys()
       assert all(np.isfinite(r[k]) for k in ('train/loss', 'train/accuracy', 'train/lr'))
-    assert r['time/elapsed_s'] > 0 and r['time/steps_per_s'] > 0
+    assert r['time/elapsed_s'] >= r['time/train_s'] > 0 and r['time/steps_per_s'] > 0
   evals = [(r['step'], r['eval/student_top1']) for r in records if 'eval/student_top1' in r]
   assert [s for s, _ in evals] == [35, 70]
   assert all(0.0 <= a <= 1.0 and a * 500 == round(a * 500) for _, a in evals)  # k/500 held-out digits
@@ -197,7 +197,8 @@ def test_teacher_outputs(teacher_run):
   assert values['student_top1_final'] == evals[-1][1]
   assert values['student_top1_best'] == max(a for _, a in evals)
   assert values['student_top1_final'] > 0.5  # one epoch on 4,500 digits learns something
-  assert values['wall_s'] >= values['train_s'] > 0 and values['peak_rss_mb'] > 100
+  assert values['wall_s'] >= values['train_s'] >= records[-1]['time/train_s'] > 0
+  assert values['peak_rss_mb'] > 100
   assert checkpoint_steps(workdir) == [35, 70]
   state = restore_arrays(workdir, 70)
   assert int(state["['step']"]) == 70 and int(state["['model']['step']"]) == 70
@@ -223,9 +224,16 @@ def test_teacher_resume_after_sigterm_is_bitwise(teacher_run, tmp_path, monkeypa
   assert summary.stopped_by_signal is None and summary.values['finished'] is True
   assert checkpoint_steps(workdir) == [21, 35, 70]
   assert_bitwise_equal(restore_arrays(workdir, 70), restore_arrays(full, 70))
-  assert_same_run_metrics(read_metrics(workdir), read_metrics(full))
+  records = read_metrics(workdir)
+  assert_same_run_metrics(records, read_metrics(full))
   for key in ('steps', 'student_top1_best', 'student_top1_final'):
     assert summary.values[key] == full_summary.values[key]
+  # Wall and training time add up over the two runs.
+  for key in ('time/elapsed_s', 'time/train_s'):
+    times = [r[key] for r in records]
+    assert times == sorted(times), key
+  assert summary.values['train_s'] >= records[-1]['time/train_s']
+  assert summary.values['wall_s'] >= records[-1]['time/elapsed_s']
 
 
 def test_teacher_resume_after_losing_the_last_checkpoint(teacher_run, tmp_path, capsys):
@@ -258,7 +266,8 @@ def test_finished_run_is_not_retrained(teacher_run, tmp_path, capsys):
   assert summary.values['steps'] == 70 and summary.values['finished'] is True
   assert read_metrics(workdir) == read_metrics(full)  # nothing logged again
   assert checkpoint_steps(workdir) == [35, 70]
-  assert summary.values['student_top1_final'] == full_summary.values['student_top1_final']
+  assert summary.values == full_summary.values  # its summary (timings included) stands
+  assert read_json(workdir, 'summary.json') == read_json(full, 'summary.json')
 
 
 # --- DAFL ---------------------------------------------------------------------------------------
