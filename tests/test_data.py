@@ -24,7 +24,9 @@ from dfkd_jax.data import preprocess, sources
 from dfkd_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MNIST_DIR = '/work/shared/data/mnist'
+# The real MNIST test set lives beside the repository (../shared), never inside it.
+MNIST_DIR = next((d for d in (os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'mnist'),
+                              '/work/shared/data/mnist') if os.path.isdir(d)), '/work/shared/data/mnist')
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
