@@ -18,7 +18,6 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dfkd_jax import checkpoint as ckpt_lib

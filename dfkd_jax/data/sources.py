@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import io
 import os
 import struct
 from typing import NamedTuple
