@@ -13,14 +13,13 @@ import os
 import struct
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from dfkd_jax import data
-from dfkd_jax.data import preprocess, sources
+from dfkd_jax.data import preprocess
 from dfkd_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
