@@ -1,0 +1,48 @@
+r"""DFND on MNIST, LeNet-5 -> LeNet-5-half, from an offline unlabelled pool "in the wild".
+
+  python -m dfkd_jax.main --config configs/dfnd_mnist.py --workdir workdirs/dfnd_mnist
+
+Teacher: the embedded LeNet-5 (98.29% on the real MNIST test set). Unlabelled pool
+(``dfkd_jax.data.unlabelled.mnist_mix``): the 4,500 embedded training digits without labels, 3,000
+noise images, 10,000 patches of scikit-image's sample photographs and, with scikit-learn installed,
+its 1,797 8x8 digits upsampled. The teacher keeps its 4,000 most confident images
+(``WORKDIR/selection.json`` says how many are real digits); the student learns KD at T=4 plus the
+noise-adaptation term, the matrix's diagonal set to the teacher's accuracy on the evaluation data. Add
+``--config.eval.data=idx:../shared/data/mnist --config.eval.split=test`` for the real test set.
+Variants: ``:runlocal`` (a small pool, a few steps).
+"""
+import ml_collections
+
+from dfkd_jax import configlib
+
+
+def mnist_pool(runlocal: bool) -> ml_collections.ConfigDict:
+  """The offline MNIST pool of the little-data configs (small with ``runlocal``)."""
+  pool = dict(source='mnist_mix', split='train', digits='embedded_mnist', digits_split='train', noise=3000,
+              photo_patches=10000, sklearn_digits=1797)
+  if runlocal:
+    pool.update(digits_split='heldout', noise=100, photo_patches=200, sklearn_digits=100)
+  return ml_collections.ConfigDict(pool)
+
+
+def get_config(arg=None):
+  arg = configlib.parse_arg(arg, runlocal=False)
+  c = configlib.mnist_distillation('dfnd')
+  c.unlabelled = mnist_pool(arg.runlocal)
+  c.dfnd = dict(num_select=4000, teacher_accuracy=0.0, accuracy_estimate='eval', noise_weight=1.0,
+                optimizer_noise=dict(name='adam', lr=1e-3))
+  c.kd = dict(temperature=4.0)
+  c.augment = dict(crop_padding=2, flip=False)
+  c.batch_size = 128
+  c.num_epochs = 60
+  c.optimizer_s = dict(name='adam', lr=1e-3, schedule='multistep', milestones=(24, 48), gamma=0.1)
+  c.eval.every_steps = 31 * 5
+  c.checkpoint.every_steps = 31 * 15
+  if arg.runlocal:
+    c.dfnd.num_select = 256
+    c.batch_size, c.num_epochs = 32, 2
+    c.eval.every_steps = c.checkpoint.every_steps = 8
+    c.eval.batch_size = 100
+    c.log_every_steps = 1
+    c.report.phase_timing_reps = 1
+  return c

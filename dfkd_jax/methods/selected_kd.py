@@ -1,0 +1,152 @@
+"""What PU compression and DFND share: scoring an unlabelled pool with a network, reporting what a
+selection contains, and distilling the student on the selected real images.
+
+The selected images live on the host as uint8 at model resolution; each step's batch is drawn
+without replacement from a permutation fixed by (seed, epoch) (so a resumed run sees the same
+batches), augmented on device (``config.augment``: random crop with zero padding, horizontal flip),
+normalised, and fed to the frozen teacher (eval mode) and the student (train mode). A method
+supplies the loss ``loss_fn(student_logits, teacher_logits, aux_params) -> (loss, metrics)``
+and, optionally, auxiliary parameters trained jointly with the student by their own optimiser
+(DFND's noise-adaptation matrix).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dfkd_jax import augment, data, loop, parallel, report
+from dfkd_jax.data import preprocess, unlabelled
+from dfkd_jax.methods import distill
+from dfkd_jax.state import TrainState
+
+LossFn = Callable[[jax.Array, jax.Array, object], tuple[jax.Array, dict]]
+
+
+class Aux(NamedTuple):
+  """Parameters trained with the student: initial value and optimiser."""
+  params: object
+  tx: optax.GradientTransformation
+
+
+def to_model_resolution(images: np.ndarray, config) -> np.ndarray:
+  """uint8 N,H,W[,C] -> uint8 NHWC at ``config.image_size`` with ``config.in_channels``."""
+  images = images if images.ndim == 4 else images[..., None]
+  if images.shape[-1] == 1 and config.in_channels == 3:
+    images = np.repeat(images, 3, axis=-1)
+  elif images.shape[-1] == 3 and config.in_channels == 1:
+    images = np.round(images @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]
+  return preprocess.resize_uint8(images, config.image_size)
+
+
+def map_batches(fn: Callable[[jax.Array], jax.Array], images_u8: np.ndarray, config, mesh) -> np.ndarray:
+  """``fn(normalised images)`` over uint8 images in global batches of ``config.eval.batch_size``
+  split over the mesh (the last batch padded); returns the concatenated outputs on the host."""
+  batch = config.eval.batch_size
+  parallel.check_batch(batch, mesh, 'eval.batch_size')
+  sharding = parallel.data_sharded(mesh)
+  jitted = jax.jit(lambda x: fn(data.normalize(x.astype(jnp.float32) / 255.0, config.dataset)))
+  outputs = []
+  for start in range(0, len(images_u8), batch):
+    chunk = images_u8[start:start + batch]
+    pad = batch - len(chunk)
+    chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)]) if pad else chunk
+    outputs.append(np.asarray(jax.device_get(jitted(jax.device_put(chunk, sharding))))[:batch - pad])
+  return np.concatenate(outputs)
+
+
+def teacher_logits(s: distill.Setup, images_u8: np.ndarray, config, mesh) -> np.ndarray:
+  """The frozen teacher's logits (eval mode) on every image."""
+  return map_batches(lambda x: s.teacher.model.apply(s.teacher.variables, x, train=False), images_u8, config, mesh)
+
+
+def selection_report(pool: unlabelled.Pool, selected: np.ndarray, **extra) -> dict:
+  """What a selection (boolean mask over the pool) holds: counts per kind and, when the pool
+  records its true digits (kind 0), precision and recall of the selection for them."""
+  out = {'pool': pool.name, 'pool_size': len(selected), 'pool_composition': pool.composition(),
+         'selected': int(selected.sum()),
+         'selected_composition': unlabelled.composition(pool.kinds[selected]),
+         **extra}
+  if np.any(pool.kinds >= 0):
+    true = pool.kinds == 0
+    hits = int(np.sum(selected & true))
+    out.update(selected_true_digits=hits, precision=hits / max(int(selected.sum()), 1),
+               recall=hits / max(int(true.sum()), 1))
+  return out
+
+
+def print_selection(method: str, rep: dict) -> None:
+  line = f"{method}: selected {rep['selected']} of {rep['pool_size']} unlabelled images ({rep['pool']})"
+  if 'selected_true_digits' in rep:
+    line += (f"; {rep['selected_true_digits']} are true digits (precision {100 * rep['precision']:.1f}%, "
+             f"recall {100 * rep['recall']:.1f}%)")
+  print(line, flush=True)
+
+
+def make_job(config, mesh, s: distill.Setup, images_u8: np.ndarray, loss_fn: LossFn, *,
+             aux: Aux | None = None, report_values: dict | None = None) -> loop.Job:
+  """The loop job distilling the student on ``images_u8`` (uint8 NHWC at model resolution).
+
+  ``config``: ``batch_size``, ``num_epochs``, ``optimizer_s`` (per-epoch schedule), ``augment``.
+  ``report_values`` (the selection report) is written to ``WORKDIR/selection.json`` at the end.
+  """
+  parallel.check_batch(config.batch_size, mesh, 'batch_size')
+  local_batch = config.batch_size // jax.process_count()
+  steps_per_epoch = max(1, len(images_u8) // config.batch_size)
+  tx_s, lr_s = distill.student_optimizer(config, steps_per_epoch)
+  teacher = s.teacher
+
+  def init(key):
+    state = {'step': jnp.zeros((), jnp.int32),
+             'student': distill.create_state(s.student, tx_s, key, s.student_input_shape)}
+    if aux is not None:
+      state['aux'] = TrainState.create(apply_fn=None, params=aux.params, tx=aux.tx)
+    return state
+
+  def kd(state, frozen, key, batch):
+    crop_key, flip_key = jax.random.split(key)
+    x = batch['images'].astype(jnp.float32) / 255.0
+    if config.augment.crop_padding:
+      x = augment.random_crop(crop_key, x, config.augment.crop_padding)
+    if config.augment.flip:
+      x = augment.random_flip(flip_key, x)
+    x = data.normalize(x, config.dataset)
+    t_logits = teacher.model.apply(frozen['teacher'], x, train=False)
+    student = state['student']
+    aux_params = state['aux'].params if aux is not None else None
+
+    def objective(params, aux_params):
+      logits, batch_stats = distill.apply_train(student, params, x)
+      loss, metrics = loss_fn(logits, t_logits, aux_params)
+      return loss, (batch_stats, metrics)
+
+    (loss, (batch_stats, metrics)), (grads, aux_grads) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
+        student.params, aux_params)
+    new = dict(state, student=student.apply_gradients(grads=grads, batch_stats=batch_stats))
+    if aux is not None:
+      new['aux'] = state['aux'].apply_gradients(grads=aux_grads)
+    return new, dict(metrics, **{'train/student_loss': loss, 'train/lr_student': lr_s(student.step)})
+
+  def next_batch(step):
+    epoch, i = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([config.seed, epoch]).permutation(len(images_u8))
+    start = i * config.batch_size + jax.process_index() * local_batch
+    return {'images': images_u8[order[start:start + local_batch]]}
+
+  export = distill.export_student(config)
+
+  def on_finish(state, workdir):
+    export(state, workdir)
+    if report_values is not None and report.is_writer():
+      report.write_json(os.path.join(workdir, 'selection.json'), report_values)
+    return dict(report_values or {})
+
+  return loop.Job(
+      init=init, phases=[('kd', kd)], frozen={'teacher': teacher.variables},
+      num_steps=steps_per_epoch * config.num_epochs, student=distill.evaluated_student(s),
+      teacher=distill.evaluated_teacher(s), next_batch=next_batch, steps_per_epoch=steps_per_epoch,
+      on_finish=on_finish)
