@@ -11,24 +11,14 @@ noise-adaptation term, the matrix's diagonal set to the teacher's accuracy on th
 ``--config.eval.data=idx:../shared/data/mnist --config.eval.split=test`` for the real test set.
 Variants: ``:runlocal`` (a small pool, a few steps).
 """
-import ml_collections
-
 from dfkd_jax import configlib
-
-
-def mnist_pool(runlocal: bool) -> ml_collections.ConfigDict:
-  """The offline MNIST pool of the little-data configs (small with ``runlocal``)."""
-  pool = dict(source='mnist_mix', split='train', digits='embedded_mnist', digits_split='train', noise=3000,
-              photo_patches=10000, sklearn_digits=1797)
-  if runlocal:
-    pool.update(digits_split='heldout', noise=100, photo_patches=200, sklearn_digits=100)
-  return ml_collections.ConfigDict(pool)
+from dfkd_jax.data import unlabelled
 
 
 def get_config(arg=None):
   arg = configlib.parse_arg(arg, runlocal=False)
   c = configlib.mnist_distillation('dfnd')
-  c.unlabelled = mnist_pool(arg.runlocal)
+  c.unlabelled = unlabelled.mnist_mix_config(small=arg.runlocal)
   c.dfnd = dict(num_select=4000, teacher_accuracy=0.0, accuracy_estimate='eval', noise_weight=1.0,
                 optimizer_noise=dict(name='adam', lr=1e-3))
   c.kd = dict(temperature=4.0)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 from typing import NamedTuple
 
+import ml_collections
 import numpy as np
 
 from dfkd_jax.data import sources
@@ -85,6 +86,16 @@ def labelled_subset(spec: str, split: str, per_class: int, num_classes: int, see
 # ------------------------------------------------------------------------------------------------
 # The offline MNIST pool
 # ------------------------------------------------------------------------------------------------
+
+def mnist_mix_config(small: bool = False) -> ml_collections.ConfigDict:
+  """``config.unlabelled`` for the ``mnist_mix`` pool: the defaults below, or with ``small`` a
+  900-image pool for smoke tests (the 500 hold-out digits, 100 noise, 200 patches, 100 8x8 digits)."""
+  pool = dict(source='mnist_mix', split='train', digits='embedded_mnist', digits_split='train', noise=3000,
+              photo_patches=10000, sklearn_digits=1797)
+  if small:
+    pool.update(digits_split='heldout', noise=100, photo_patches=200, sklearn_digits=100)
+  return ml_collections.ConfigDict(pool)
+
 
 def mnist_mix(seed: int, *, digits: str = 'embedded_mnist', digits_split: str = 'train', noise: int = 3000,
               photo_patches: int = 10000, sklearn_digits: int = 1797) -> Pool:

@@ -43,6 +43,11 @@ def to_model_resolution(images: np.ndarray, config) -> np.ndarray:
   return preprocess.resize_uint8(images, config.image_size)
 
 
+def normalized(images_u8: np.ndarray, config) -> np.ndarray:
+  """uint8 images -> float32 in the teacher's input space (``config.dataset`` normalisation)."""
+  return data.normalize(images_u8.astype(np.float32) / 255.0, config.dataset).astype(np.float32)
+
+
 def map_batches(fn: Callable[[jax.Array], jax.Array], images_u8: np.ndarray, config, mesh) -> np.ndarray:
   """``fn(normalised images)`` over uint8 images in global batches of ``config.eval.batch_size``
   split over the mesh (the last batch padded); returns the concatenated outputs on the host."""
