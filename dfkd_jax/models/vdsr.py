@@ -20,6 +20,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import traverse_util
 
 from dfkd_jax.models.generators import DaflGenerator, linear_view_layout
@@ -38,13 +39,17 @@ class VDSR(nn.Module):
   num_blocks: int = 18
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, depth: Array | None = None) -> Array:
+    """``depth`` (optional, traced int): only the first ``depth`` blocks act, the others pass their
+    input through, which is the ``num_blocks=depth`` network on the same variables (DFSR's
+    progressive distillation inside one compiled program)."""
     def conv(features, name):
       return Conv2d(features, 3, padding=1, use_bias=False, kernel_init=kaiming_normal_fan_out, name=name)
 
     out = nn.relu(conv(self.width, 'input')(x))
     for i in range(self.num_blocks):
-      out = nn.relu(conv(self.width, f'residual_layer.{i}.conv')(out))
+      block = nn.relu(conv(self.width, f'residual_layer.{i}.conv')(out))
+      out = block if depth is None else jnp.where(i < depth, block, out)
     return conv(1, 'output')(out) + x
 
 

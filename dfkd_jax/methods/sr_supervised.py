@@ -1,0 +1,80 @@
+"""Supervised training of a super-resolution network (VDSR) on HR photographs: how SR teachers
+are made.
+
+Each step takes ``batch_size`` random HR luma patches (``sr_eval.random_patches``, drawn with a
+generator fixed by (seed, step), so a resumed run sees the same patches), one scale s drawn
+uniformly from ``sr_data.scales`` (multi-scale VDSR), the network input x = bicubic(bicubic(HR, 1/s), s)
+(MATLAB-compatible, ``sr_ops.imresize``), and minimises the mean squared error ‖net(x) − HR‖²
+(mean over pixels). At the end the model is exported as ``WORKDIR/model`` (the format that
+``--config.teacher.checkpoint`` accepts) and evaluated on ``sr_eval`` (PSNR/SSIM per scale, in
+``WORKDIR/sr_eval.json``).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfkd_jax import loop, models, optim, parallel, report, sr_eval
+from dfkd_jax.convert import model_dir
+from dfkd_jax.methods import distill
+
+
+def scale_switch(key, scales, fn):
+  """``fn(s)`` for a scale s drawn uniformly from ``scales`` (static Python ints: one branch each)."""
+  index = jax.random.randint(key, (), 0, len(scales))
+  return jax.lax.switch(index, [lambda s=s: fn(s) for s in scales])
+
+
+def evaluate_scales(apply_fn, variables, config) -> dict[str, float]:
+  """PSNR/SSIM on ``config.sr_eval`` for each scale, keys ``x{s}/{metric}``."""
+  images = sr_eval.load_images(config.sr_eval.data, config.sr_eval.crop)
+  out = {}
+  for s in config.sr_eval.scales:
+    out.update({f'x{s}/{k}': v for k, v in sr_eval.evaluate(apply_fn, variables, images, s).items()})
+  return out
+
+
+def make_job(config, mesh) -> loop.Job:
+  model = models.create(config.model.arch, **config.model.get('kwargs', {}))
+  train = [sr_eval.luma01(im) for im in sr_eval.load_images(config.sr_data.train).values()]
+  parallel.check_batch(config.batch_size, mesh, 'batch_size')
+  local_batch = config.batch_size // jax.process_count()
+  schedule = optim.make_schedule(config.optimizer, 1, config.num_steps)
+  tx = optim.make_optimizer(config.optimizer, schedule)
+  size, scales = config.sr_data.patch_size, tuple(config.sr_data.scales)
+
+  def init(key):
+    return {'step': jnp.zeros((), jnp.int32),
+            'model': distill.create_state(model, tx, key, (size, size, 1), train_init=False)}
+
+  def train_phase(state, frozen, key, batch):
+    hr = batch['hr']
+    x = scale_switch(key, scales, lambda s: sr_eval.bicubic_input(hr, s))
+    m = state['model']
+
+    def loss_fn(params):
+      return jnp.mean(jnp.square(m.apply_fn({'params': params}, x) - hr))
+
+    loss, grads = jax.value_and_grad(loss_fn)(m.params)
+    return dict(state, model=m.apply_gradients(grads=grads)), {'train/loss': loss, 'train/lr': schedule(m.step)}
+
+  def next_batch(step):
+    rng = np.random.default_rng([config.seed, step, jax.process_index()])
+    return {'hr': sr_eval.random_patches(train, local_batch, size, rng)}
+
+  def on_finish(state, workdir):
+    variables = state['model'].variables
+    model_dir.save_trained(workdir, 'model', config.model.arch, variables, config, config.model.get('kwargs', {}),
+                           {'trained_by': 'dfkd_jax.methods.sr_supervised', 'seed': config.seed})
+    results = evaluate_scales(model.apply, variables, config)
+    if report.is_writer():
+      report.write_json(os.path.join(workdir, 'sr_eval.json'), results)
+    print('sr eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in results.items()), flush=True)
+    return results
+
+  return loop.Job(init=init, phases=[('train', train_phase)], frozen={}, num_steps=config.num_steps,
+                  student=loop.Evaluated(model.apply, lambda s: s['model'].variables), next_batch=next_batch,
+                  on_finish=on_finish)
