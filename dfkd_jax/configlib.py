@@ -137,6 +137,19 @@ def cmi_generator_settings(c: ml_collections.ConfigDict, nz: int) -> None:
                                              'schedule': 'cosine'})
 
 
+def inversion_settings(c: ml_collections.ConfigDict, *, crop_padding: int = 4, flip: bool = True) -> None:
+  """What the inversion methods (``methods/inversion.py``) share in the CMI framework: the student
+  distils at T=20 from a replay pool of every synthesised image (uint8: the references' 8-bit PNG
+  round trip) read with the standard train augmentation (RandomCrop(padding) + horizontal flip),
+  SGD(0.1, momentum 0.9, wd 1e-4) with a per-epoch cosine; no synthesis-only warm-up."""
+  c.pool = ml_collections.ConfigDict({'capacity': 0, 'dtype': 'uint8'})
+  c.kd_augment = ml_collections.ConfigDict({'crop_padding': crop_padding, 'flip': flip})
+  c.warmup_epochs = 0
+  c.kd = ml_collections.ConfigDict({'loss': 'kl', 'temperature': 20.0})
+  c.optimizer_s = ml_collections.ConfigDict({'name': 'sgd', 'lr': 0.1, 'momentum': 0.9, 'weight_decay': 1e-4,
+                                             'schedule': 'cosine'})
+
+
 def finish_cifar(c: ml_collections.ConfigDict, arg, *, num_epochs: int, student_steps_per_epoch: int = 400) -> None:
   """Epoch accounting of the CMI framework (``ep_steps // kd_steps`` generator steps per epoch),
   or the runlocal shrink."""

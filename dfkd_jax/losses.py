@@ -315,16 +315,29 @@ def l2_prior(images: Array, *, per_example: bool = True) -> Array:
 # ----------------------------------------------------------------------------------------------
 
 def cmi_contrastive_loss(local_projections: Array, global_projections: Array, *,
-                         temperature: float, num_current: int) -> Array:
+                         temperature: float, num_current: int, cached_valid: Array | None = None) -> Array:
   """CMI's contrastive loss on projected (L2-normalised) features, rows = [current; cached].
 
   logits = local @ stop_gradient(global)ᵀ / τ, shape (B+K, B+K); ℓ_i = CE(logits_i, i) (the
   positive is the diagonal). With cached rows (K > 0) the loss is mean_{i<B} ℓ_i + mean_{i≥B} ℓ_i
   (B = ``num_current``), so the cached rows do not dilute the generator's gradient; with K = 0 it
   is mean_i ℓ_i. CMI ``CMISynthesizer.synthesize`` (τ = ``cr_T``).
+
+  ``cached_valid`` (K,) bool marks which cached rows are real (``synth.bank.sample``'s mask while
+  the bank is filling): the others are left out of every softmax (their columns) and of the mean
+  over cached rows, which is then over the valid ones only, or dropped if there are none (the
+  reference's first call, whose bank is empty). With every row valid it equals the unmasked loss.
   """
   logits = local_projections @ jax.lax.stop_gradient(global_projections).T / temperature
+  if cached_valid is not None:
+    columns = jnp.concatenate([jnp.ones((num_current,), bool), cached_valid])
+    logits = jnp.where(columns[None, :], logits, -jnp.inf)
   per_row = -jnp.diagonal(jax.nn.log_softmax(logits, axis=-1))
   if per_row.shape[0] == num_current:
     return jnp.mean(per_row)
-  return jnp.mean(per_row[:num_current]) + jnp.mean(per_row[num_current:])
+  current, cached = per_row[:num_current], per_row[num_current:]
+  if cached_valid is None:
+    return jnp.mean(current) + jnp.mean(cached)
+  count = jnp.sum(cached_valid)
+  cached_mean = jnp.sum(jnp.where(cached_valid, cached, 0.0)) / jnp.maximum(count, 1)
+  return jnp.mean(current) + cached_mean

@@ -9,6 +9,7 @@ Nothing is added to the variables, and the taps are ordinary traced values, so t
   outputs, taps = apply_with_bn_taps(teacher, variables, x)          # every layers.BatchNorm call
   running = running_stats(variables, taps)                           # [(mean, var)] in the same order
   outputs, taps = apply_with_input_taps(teacher, variables, x, ['layer1', 'layer2'])
+  outputs, bn, named = apply_with_bn_and_input_taps(teacher, variables, x, ['layer1'])  # one forward
 
 Taps come in call order. Each is a ``LayerInput`` whose ``name`` and ``path`` are static pytree
 metadata, so lists of taps can be returned from a jitted function.
@@ -55,21 +56,42 @@ def _layer_input(path: tuple[str, ...], x: jax.Array) -> LayerInput:
                     x.mean(batch_axes[1:]))
 
 
-def _apply_tapped(model: nn.Module, variables, x, select: Callable[[nn.Module], bool],
-                  apply_kw: dict[str, Any]) -> tuple[Any, list[LayerInput], list[tuple[str, ...]]]:
-  """Runs ``model.apply``; returns its outputs, the taps of selected calls and every called path."""
-  taps, called = [], []
+def _apply_tapped(model: nn.Module, variables, x, selects: Sequence[Callable[[nn.Module], bool]],
+                  apply_kw: dict[str, Any]) -> tuple[Any, list[list[LayerInput]], list[tuple[str, ...]]]:
+  """Runs ``model.apply``; returns its outputs, for each predicate in ``selects`` the taps of the
+  calls it selects, and every called path."""
+  taps, called = [[] for _ in selects], []
 
   def interceptor(next_fun, args, kwargs, context):
     if context.method_name == '__call__':
       called.append(context.module.path)
-      if select(context.module):
-        taps.append(_layer_input(context.module.path, args[0]))
+      hits = [i for i, select in enumerate(selects) if select(context.module)]
+      if hits:
+        tap = _layer_input(context.module.path, args[0])
+        for i in hits:
+          taps[i].append(tap)
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):
     outputs = model.apply(variables, x, **apply_kw)
   return outputs, taps, called
+
+
+def _is_bn(module: nn.Module) -> bool:
+  return isinstance(module, BatchNorm)
+
+
+def _named(names: Sequence[str]) -> Callable[[nn.Module], bool]:
+  wanted = set(names)
+  return lambda module: '.'.join(module.path) in wanted
+
+
+def _check_named(model: nn.Module, names: Sequence[str], taps: Sequence[LayerInput],
+                 called: Sequence[tuple[str, ...]]) -> None:
+  missing = sorted(set(names) - {t.name for t in taps})
+  if missing:
+    known = ', '.join(sorted({'.'.join(p) for p in called if p}))
+    raise UserError(f'no module named {", ".join(missing)} is called by {type(model).__name__}; known: {known}')
 
 
 def apply_with_bn_taps(model: nn.Module, variables, x, **apply_kw) -> tuple[Any, list[LayerInput]]:
@@ -79,7 +101,7 @@ def apply_with_bn_taps(model: nn.Module, variables, x, **apply_kw) -> tuple[Any,
   ``apply_kw`` goes to ``apply`` unchanged (``train=``, ``mutable=``, ``rngs=``, ...), so the outputs
   are whatever ``apply`` returns.
   """
-  outputs, taps, _ = _apply_tapped(model, variables, x, lambda m: isinstance(m, BatchNorm), apply_kw)
+  outputs, (taps,), _ = _apply_tapped(model, variables, x, [_is_bn], apply_kw)
   return outputs, taps
 
 
@@ -89,13 +111,18 @@ def apply_with_input_taps(model: nn.Module, variables, x, names: Sequence[str],
   torch-style name is in ``names`` (e.g. CMI's ResNet-34 features: 'layer1' .. 'layer4'), in call
   order. A name that no module call matches raises a ``UserError``.
   """
-  wanted = set(names)
-  outputs, taps, called = _apply_tapped(model, variables, x, lambda m: '.'.join(m.path) in wanted, apply_kw)
-  missing = sorted(wanted - {t.name for t in taps})
-  if missing:
-    known = ', '.join(sorted({'.'.join(p) for p in called if p}))
-    raise UserError(f'no module named {", ".join(missing)} is called by {type(model).__name__}; known: {known}')
+  outputs, (taps,), called = _apply_tapped(model, variables, x, [_named(names)], apply_kw)
+  _check_named(model, names, taps, called)
   return outputs, taps
+
+
+def apply_with_bn_and_input_taps(model: nn.Module, variables, x, names: Sequence[str],
+                                 **apply_kw) -> tuple[Any, list[LayerInput], list[LayerInput]]:
+  """One ``model.apply``: the taps of ``apply_with_bn_taps`` and those of ``apply_with_input_taps``
+  for ``names`` (CMI on ResNet-34 reads the BN statistics and the stage inputs of the same forward)."""
+  outputs, (bn_taps, named_taps), called = _apply_tapped(model, variables, x, [_is_bn, _named(names)], apply_kw)
+  _check_named(model, names, named_taps, called)
+  return outputs, bn_taps, named_taps
 
 
 def running_stats(variables, taps: Sequence[LayerInput]) -> list[tuple[jax.Array, jax.Array]]:

@@ -5,7 +5,7 @@ import importlib
 
 from dfkd_jax.errors import UserError
 
-METHODS = ('supervised', 'dafl', 'zskt', 'dfad', 'dfq')
+METHODS = ('supervised', 'dafl', 'zskt', 'dfad', 'dfq', 'deepinv', 'cmi')
 
 
 def get(name: str):

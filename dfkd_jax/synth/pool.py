@@ -85,6 +85,13 @@ def sample(pool: dict, key: jax.Array, batch: int) -> jax.Array:
   return _read(pool, indices)
 
 
+def latest(pool: dict, num: int) -> jax.Array:
+  """The ``num`` most recently added items, oldest first (float32 in [0, 1] for a uint8 pool), for
+  sample grids; slots never written read as their initial zeros."""
+  capacity = pool['items'].shape[0]
+  return _read(pool, (pool['next'] - num + jnp.arange(num)) % capacity)
+
+
 def random_order(key: jax.Array, filled: jax.Array, capacity: int) -> jax.Array:
   """(capacity,) int32 slot indices whose first ``filled`` entries are a uniformly random
   permutation of [0, filled) (the rest are the empty slots)."""

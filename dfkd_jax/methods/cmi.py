@@ -1,0 +1,126 @@
+"""CMI: Contrastive Model Inversion (Fang et al., IJCAI 2021; zju-vipa/CMI ``CMISynthesizer``).
+
+Every synthesis call re-initialises the generator G (weights N(0, 0.02), biases 0, BN scales
+N(1, 0.02)), draws latents z ~ N(0, I) and optimises both with a fresh Adam(lr_g, (0.5, 0.999))
+for ``g_steps`` steps towards random sorted labels y. Per step, with x = G(z) ∈ [0, 1] and two
+views, each with per-image random parameters and normalised after augmenting,
+
+  global v_g = RandomCrop(size, padding 4) + flip,   local v_l = RandomResizedCrop(scale (0.25, 1)) + flip,
+
+the loss is
+
+  L = bn · Σ_l (‖σ²_run,l − σ²_l(v_g)‖₂ + ‖μ_run,l − μ_l(v_g)‖₂) + oh · CE(T(v_g), y)
+    + adv · (−(1/N) Σ_n [argmax S = argmax T]_n · KL(p_T ‖ p_S)_n)          (T = 1, S in eval mode)
+    + cr · L_cr,
+
+where L_cr contrasts instance features. f(v) concatenates the per-image spatial means of the inputs
+of every teacher BatchNorm (``cmi.feature_layers``: of the named modules instead; ResNet-34 uses
+layer1..layer4), the projection head h (Linear(d, d), ReLU, Linear(d, ``head_dim``), L2-normalised;
+own Adam(lr_g), never reset) maps local rows [f(v_l); cached local] and global rows [f(v_g); cached
+global] (``negatives`` rows sampled from the memory bank, only from its filled part), and
+
+  L_cr = mean_{i ≤ N} ℓ_i + mean_{i > N} ℓ_i,  ℓ_i = CE(h_local h_globalᵀ / cr_T, i)  (global rows detached).
+
+The iterate with the lowest L (before its update) is kept: its images x (pre-augmentation) go to
+the replay pool, its [f(v_l) ‖ f(v_g)] rows to the memory bank, a FIFO of ``bank_size`` (40,960)
+rows on device initialised N(0, 1). The student then distils from the pool
+(``methods/inversion.py``). The generator's running BN statistics are never read (synthesis runs it
+in train mode and the student reads the pool), so they are not kept.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dfkd_jax import augment, data, losses, models, taps
+from dfkd_jax.methods import distill, inversion
+from dfkd_jax.models.generators import reset_params
+from dfkd_jax.models.layers import Linear
+from dfkd_jax.state import TrainState
+from dfkd_jax.synth import bank as bank_lib
+
+
+class ProjectionHead(nn.Module):
+  """CMI ``MLPHead(dim_in, dim_feat)``: Linear(d, hidden) -> ReLU -> Linear(hidden, features), then
+  x / max(‖x‖₂, 1e-12) per row (``F.normalize``). Torch default initialisation."""
+  hidden: int
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = Linear(self.features, name='head.2')(nn.relu(Linear(self.hidden, name='head.0')(x)))
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def make_job(config, mesh):
+  s = distill.setup(config, mesh)
+  w, cfg = config.loss, config.cmi
+  batch, teacher = config.synthesis_batch_size, s.teacher.model
+  generator = models.create(config.generator.arch, **config.generator.kwargs)
+  nz_shape = models.input_shape(config.generator.arch, **config.generator.kwargs)
+  params_template, stats_template = inversion.generator_template(generator, nz_shape)
+  feature_layers = tuple(cfg.feature_layers)
+  dim = sum(t.spatial_mean.shape[1] for t in inversion.abstract_view(s, feature_layers).features)
+  head = ProjectionHead(hidden=dim, features=cfg.head_dim)
+  tx_g = inversion.adam(config.optimizer_g.lr, config.optimizer_g.betas)
+  tx_head = inversion.adam(config.optimizer_g.lr)  # torch's default betas
+
+  def init(key):
+    head_key, bank_key = jax.random.split(key)
+    return {'head': TrainState.create(apply_fn=head.apply, params=head.init(head_key, jnp.zeros((1, dim)))['params'],
+                                      tx=tx_head, batch_stats={}),
+            'bank': bank_lib.init(bank_key, cfg.bank_size, 2 * dim)}
+
+  def begin(method_state, ctx, key):
+    params_key, z_key, target_key = jax.random.split(key, 3)
+    variables = {'generator': reset_params(params_template, params_key),
+                 'z': distill.latent(z_key, (batch,) + nz_shape, mesh)}
+    return {'variables': variables, 'opt': tx_g.init(variables),
+            'targets': inversion.random_targets(target_key, batch, config.num_classes, sort=True)}
+
+  def features(view: inversion.TeacherView):
+    return taps.concat_spatial_means(view.features)
+
+  def objective(variables, head_params, targets, cached, valid, ctx, key):
+    global_key, local_key = jax.random.split(key)
+    x, _ = inversion.generate(generator, variables['generator'], stats_template, variables['z'])
+    global_view = augment.random_crop(global_key, x, cfg.crop_padding)
+    local_view = augment.random_resized_crop(local_key, x, scale=cfg.local_scale)
+    if cfg.flip:
+      global_view = augment.random_flip(jax.random.fold_in(global_key, 1), global_view)
+      local_view = augment.random_flip(jax.random.fold_in(local_key, 1), local_view)
+    global_view, local_view = (data.normalize(v, config.dataset) for v in (global_view, local_view))
+    t = inversion.teacher_view(teacher, ctx.teacher, global_view, feature_layers)
+    terms = {'bn': inversion.bn_loss(t, ctx.teacher), 'oh': losses.cross_entropy(t.logits, targets)}
+    if w.adv:
+      terms['adv'] = losses.masked_adversarial_kl(inversion.student_logits(ctx, global_view), t.logits, 1.0)
+    global_features = features(t)
+    local_features = features(inversion.teacher_view(teacher, ctx.teacher, local_view, feature_layers))
+    cached_local, cached_global = jnp.split(cached, 2, axis=1)
+    project = lambda f: head.apply({'params': head_params}, f)
+    # The bank rows are constants: projected on their own, their input gradient is never formed.
+    local_rows = jnp.concatenate([project(local_features), project(cached_local)])
+    global_rows = jax.lax.stop_gradient(project(jnp.concatenate([global_features, cached_global])))
+    terms['cr'] = losses.cmi_contrastive_loss(local_rows, global_rows, temperature=cfg.cr_temperature,
+                                              num_current=batch, cached_valid=valid)
+    total = sum(w[name] * value for name, value in terms.items())
+    candidate = {'images': x, 'features': jnp.concatenate([local_features, global_features], axis=1)}
+    return total, (candidate, {f'train/loss_{name}': value for name, value in terms.items()})
+
+  def step(carry, method_state, ctx, key):
+    bank_key, key = jax.random.split(key)
+    cached, valid = bank_lib.sample(method_state['bank'], bank_key, cfg.negatives)
+    head_state = method_state['head']
+    (loss, (candidate, metrics)), (grads, head_grads) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
+        carry['variables'], head_state.params, carry['targets'], cached, valid, ctx, key)
+    variables, opt_state = inversion.apply_adam(tx_g, carry['variables'], carry['opt'], grads)
+    method_state = dict(method_state, head=head_state.apply_gradients(grads=head_grads))
+    return inversion.Step(dict(carry, variables=variables, opt=opt_state), method_state, loss, candidate, metrics)
+
+  def finish(carry, method_state, best, ctx):
+    return dict(method_state, bank=bank_lib.add(method_state['bank'], best['features'])), best['images']
+
+  synthesizer = inversion.Synthesizer(init=init, begin=begin, stages=[inversion.Stage(config.g_steps, step)],
+                                      finish=finish)
+  return inversion.make_job(config, mesh, s, synthesizer)

@@ -1,0 +1,144 @@
+"""DeepInversion and Adaptive DeepInversion (Yin et al., "Dreaming to Distill", CVPR 2020).
+
+Each synthesis call optimises a batch of pixels x (in the teacher's normalised input space, drawn
+N(0, I)) for ``g_steps`` Adam steps towards random target labels y, on a jittered view
+v = jitter_flip(x) (a circular shift of the whole batch by up to ``jitter`` pixels, and a mirror
+with probability 1/2 if ``flip``):
+
+  L(x) = oh · CE(T(v), y)                                           target class
+       + bn · Σ_l m_l (‖σ²_run,l − σ²_l(v)‖₂ + ‖μ_run,l − μ_l(v)‖₂)  BN-input statistics (m_0 =
+                                                                    ``first_bn_multiplier``, m_l = 1)
+       + adv · A(S(v), T(v))                                        competition with the student
+       + tv_l1 · TV₁(p) + tv_l2 · TV₂(p) + l2 · ‖p‖₂                image priors on p = x or v
+
+and the student distils from the pool of kept batches (``methods/inversion.py``). Knobs
+(``config.loss`` and ``config.deepinv``) select between the two references:
+
+| | CMI framework (``DeepInvSyntheiszer``) | NVlabs (``deepinversion.py``; CIFAR script) |
+|---|---|---|
+| ``adv_form`` A | 'neg_js': −JS_T=3 | 'adi': 1 − clamp(JS_T=3, 0, 1) |
+| ``tv_l1`` / ``tv_l2`` | 1e-3 / 0 | 0 / 1e-4 (CIFAR 2.5e-5) |
+| ``l2``, ``l2_per_example`` | 0, whole-batch norm | 1e-5 per-example mean (CIFAR: whole batch) |
+| ``prior_on`` | 'inputs' (x) | 'augmented' (v) |
+| ``first_bn_multiplier`` | 1 | 10 (CIFAR 1) |
+| ``jitter``, ``flip`` | side // 8, True | 30, True (CIFAR 2, False) |
+| Adam betas; lr schedule | (0.5, 0.99); constant | (0.5, 0.9); ``lr_schedule='cosine'`` (100-step warm-up) |
+| ``clip`` to the valid pixel range after each step | yes | setting ids 0, 1 (CIFAR: no) |
+| ``targets`` | 'random_sorted' | 'cycle' (CIFAR: 0..9 repeated) |
+| ``low_res_steps`` | 0 | 2,000 at half resolution (AvgPool 2, jitter // 2, a new Adam) for setting id 0 |
+
+``config.deepinv.best`` chooses which iterate goes to the pool:
+  'lowest_loss' (default): the iterate with the lowest total loss, evaluated before its update;
+  'post_step': the CMI framework's aliasing quirk, ``best_inputs = inputs.data`` then an in-place
+      Adam step: the best iterate *after* its update, before the clip;
+  'last': the final iterate. The NVlabs CIFAR script's ``best_inputs = inputs.data`` aliases the
+      optimised tensor itself; the NVlabs ImageNet script never updates ``best_cost``, so it also
+      keeps the last iterate (whose loss is below 10⁴).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from dfkd_jax import augment, data, losses
+from dfkd_jax.errors import UserError
+from dfkd_jax.methods import distill, inversion
+from dfkd_jax.models.layers import avg_pool
+
+_BEST = ('lowest_loss', 'post_step', 'last')
+
+
+def cosine_with_warmup(base_lr: float, warmup: int, steps: int):
+  """NVlabs ``lr_cosine_policy(base, warmup, steps)`` of the inner step k (from 0):
+  base·(k + 1)/warmup for k < warmup, then base·(1 + cos(π (k − warmup)/(steps − warmup)))/2."""
+  def schedule(k):
+    warm = base_lr * (k + 1) / warmup
+    cosine = 0.5 * (1 + jnp.cos(jnp.pi * (k - warmup) / max(steps - warmup, 1))) * base_lr
+    return jnp.where(k < warmup, warm, cosine)
+  return schedule
+
+
+def _targets(key, cfg, num: int, num_classes: int):
+  if cfg.targets == 'cycle':
+    return jnp.arange(num) % num_classes
+  if cfg.targets in ('random_sorted', 'random'):
+    return inversion.random_targets(key, num, num_classes, sort=cfg.targets == 'random_sorted')
+  raise UserError(f"deepinv.targets must be 'random_sorted', 'random' or 'cycle', not {cfg.targets!r}")
+
+
+def make_job(config, mesh):
+  s = distill.setup(config, mesh)
+  inversion.abstract_view(s)
+  w, cfg = config.loss, config.deepinv
+  if cfg.best not in _BEST:
+    raise UserError(f"deepinv.best must be one of {', '.join(_BEST)}, not {cfg.best!r}")
+  if w.adv_form not in ('neg_js', 'adi'):
+    raise UserError(f"loss.adv_form must be 'neg_js' (CMI framework) or 'adi' (NVlabs), not {w.adv_form!r}")
+  if cfg.prior_on not in ('inputs', 'augmented'):
+    raise UserError(f"deepinv.prior_on must be 'inputs' or 'augmented', not {cfg.prior_on!r}")
+  batch, shape = config.synthesis_batch_size, s.student_input_shape
+  mean, std = data.preprocess.constants(config.dataset)
+  pixel_low, pixel_high = -mean / std, (1 - mean) / std  # [0, 1] in the normalised space
+  teacher = s.teacher.model
+
+  def optimizer(steps: int):
+    opt = config.optimizer_g
+    schedule = opt.get('schedule', 'constant')
+    if schedule == 'cosine':
+      return inversion.adam(cosine_with_warmup(opt.lr, opt.get('warmup_steps', 100), steps), opt.betas)
+    if schedule != 'constant':
+      raise UserError(f"optimizer_g.schedule must be 'constant' or 'cosine', not {schedule!r}")
+    return inversion.adam(opt.lr, opt.betas)
+
+  def objective(x, targets, ctx, key, factor):
+    view = avg_pool(x, factor) if factor > 1 else x
+    view = augment.random_jitter_flip(key, view, cfg.jitter // factor, flip=cfg.flip)
+    t = inversion.teacher_view(teacher, ctx.teacher, view)
+    terms = {'bn': inversion.bn_loss(t, ctx.teacher, first_multiplier=w.first_bn_multiplier),
+             'oh': losses.cross_entropy(t.logits, targets)}
+    if w.adv:
+      s_logits = inversion.student_logits(ctx, view)
+      terms['adv'] = (-losses.jensen_shannon(s_logits, t.logits, 3.0) if w.adv_form == 'neg_js'
+                      else losses.adi_competition_loss(s_logits, t.logits, 3.0))
+    prior = view if cfg.prior_on == 'augmented' else x
+    if w.tv_l1:
+      terms['tv_l1'] = losses.total_variation_l1(prior)
+    if w.tv_l2:
+      terms['tv_l2'] = losses.total_variation_l2(prior)
+    if w.l2:
+      terms['l2'] = losses.l2_prior(prior, per_example=w.l2_per_example)
+    total = sum(w[name] * value for name, value in terms.items())
+    return total, {f'train/loss_{name}': value for name, value in terms.items()}
+
+  def step(carry, method_state, ctx, key, tx, factor):
+    x = carry['x']
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(x, carry['targets'], ctx, key, factor)
+    stepped, opt_state = inversion.apply_adam(tx, x, carry['opt'], grads)
+    after = jnp.clip(stepped, pixel_low, pixel_high) if cfg.clip else stepped
+    candidate = stepped if cfg.best == 'post_step' else x
+    return inversion.Step(dict(carry, x=after, opt=opt_state), method_state, loss, candidate, metrics)
+
+  def stage(steps: int, factor: int) -> inversion.Stage:
+    tx = optimizer(steps)
+    fresh = lambda carry: dict(carry, opt=tx.init(carry['x']))  # a new Adam per stage, as NVlabs
+    return inversion.Stage(steps, functools.partial(step, tx=tx, factor=factor), enter=fresh)
+
+  def begin(method_state, ctx, key):
+    x_key, t_key = jax.random.split(key)
+    return {'x': distill.latent(x_key, (batch,) + shape, mesh),
+            'targets': _targets(t_key, cfg, batch, config.num_classes)}
+
+  def finish(carry, method_state, best, ctx):
+    x = carry['x'] if cfg.best == 'last' else best
+    return method_state, data.to_unit_range(x, config.dataset)
+
+  stages = [stage(config.g_steps, 1)]
+  if cfg.low_res_steps:
+    if shape[0] % 2 or shape[1] % 2:
+      raise UserError(f'deepinv.low_res_steps needs an even image size, got {shape[0]}x{shape[1]}')
+    stages.insert(0, stage(cfg.low_res_steps, 2))
+  synthesizer = inversion.Synthesizer(init=lambda key: {}, begin=begin, stages=stages, finish=finish)
+  return inversion.make_job(config, mesh, s, synthesizer)
+

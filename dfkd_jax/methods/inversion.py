@@ -1,0 +1,278 @@
+"""The inversion engine shared by DeepInversion, CMI, Fast and NAYER: every synthesis call optimises
+a new batch against the frozen teacher (its pixels, or a re-initialised or cloned generator and its
+latents), keeps the best iterate in an on-device replay pool, and the student distils from the pool.
+
+One outer iteration is one compiled program (the state donated, the teacher frozen):
+
+  synth  one synthesis call. ``Synthesizer.begin`` draws the call's fresh variables and optimiser
+         state; each ``Stage`` then runs its ``steps`` inner steps as one ``lax.scan``. Inner step
+         k evaluates the method's total loss L_k on the current variables and updates them; the
+         candidate of the step with the lowest L_k is kept (L_k < best so far: ties keep the
+         earlier step, NaN never wins), the references' ``if best_cost > loss``. The candidate is
+         what L_k was computed on (pre-augmentation images in [0, 1], plus e.g. CMI's features).
+         ``Synthesizer.finish`` turns it into the images appended to the pool and updates what the
+         method keeps across calls (CMI's memory bank, Fast's meta-generator, ...).
+  kd     ``kd_steps`` student updates (train mode) on pool batches of ``batch_size``. The pool is
+         read in a fresh random order per synthesis call, without replacement within a pass (the
+         references' ``DataLoader(shuffle=True)`` re-created after every call), through the train
+         augmentation ``kd_augment`` (zero-padded random crop, horizontal flip), normalised; the
+         loss is ``config.kd`` (KL(p_T ‖ p_S)·T²) against the teacher (eval mode) on the same batch.
+
+Step accounting (reference_semantics §6.13): one epoch is ``iters_per_epoch`` = ep_steps // kd_steps
+outer iterations, each one synthesis call and ``kd_steps`` student steps; the student's learning
+rate is a per-epoch schedule of its own step count. During the first ``warmup_epochs`` epochs the
+kd phase is skipped (Fast, NAYER: synthesis only), so the student's schedule starts after warm-up.
+
+State: ``{'step', 'student', 'method' (the method's persistent state), 'pool'}``, all checkpointed,
+so a resumed run continues exactly as an uninterrupted one.
+
+Pool (``config.pool``): ``capacity`` images, 0 for every image the run will synthesise (the
+references' pool grows without bound: synthesis batch × outer iterations; e.g. 51,200 CIFAR images,
+157 MB as uint8, replicated on each device); a smaller capacity keeps the most recent images.
+``dtype`` 'uint8' reproduces the references' 8-bit PNG round trip, 'float32' keeps images as they
+are (clipped to [0, 1], as the PNG writer clamps).
+
+A method module builds a ``Synthesizer`` from the pieces below and calls ``make_job``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dfkd_jax import augment, data, loop, losses, parallel, synth, taps
+from dfkd_jax.errors import UserError
+from dfkd_jax.methods import distill
+from dfkd_jax.state import TrainState
+from dfkd_jax.synth import pool as pool_lib
+
+_POOL_DTYPES = {'uint8': jnp.uint8, 'float32': jnp.float32}
+
+
+class Context(NamedTuple):
+  """What a synthesis step reads besides its own variables."""
+  teacher: Any            # the frozen teacher's variables
+  student: TrainState     # for adversarial terms (apply it in eval mode, as the references do)
+  epoch: jax.Array        # int32 epoch of this outer iteration
+
+
+class Step(NamedTuple):
+  """The result of one inner step."""
+  carry: Any              # the call's variables and optimiser state after the update
+  method_state: Any       # the persistent method state (e.g. CMI's projection head) after the step
+  loss: jax.Array         # the total loss, evaluated before this step's update
+  candidate: Any          # what ``loss`` was computed on; kept if it is the lowest so far
+  metrics: dict           # scalars; the last step's are reported
+
+
+StepFn = Callable[[Any, Any, Context, jax.Array], Step]  # (carry, method_state, ctx, key) -> Step
+
+
+class Stage(NamedTuple):
+  """``steps`` inner steps of ``step`` in one ``lax.scan``; ``enter(carry)`` runs first (e.g. a
+  fresh optimiser at a new resolution in NVlabs DeepInversion's multi-resolution schedule)."""
+  steps: int
+  step: StepFn
+  enter: Callable[[Any], Any] | None = None
+
+
+class Synthesizer(NamedTuple):
+  """A method's synthesis.
+
+  init: key -> the persistent method state (any pytree, ``{}`` if none).
+  begin: (method_state, ctx, key) -> carry, the call's fresh variables and optimiser state.
+  stages: the inner optimisation, run in order.
+  finish: (carry, method_state, best_candidate, ctx) -> (method_state, images (N, H, W, C) in
+    [0, 1] for the pool).
+  """
+  init: Callable[[jax.Array], Any]
+  begin: Callable[[Any, Context, jax.Array], Any]
+  stages: Sequence[Stage]
+  finish: Callable[[Any, Any, Any, Context], tuple[Any, jax.Array]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces the methods share
+# ------------------------------------------------------------------------------------------------
+
+class TeacherView(NamedTuple):
+  """The teacher (eval mode) on one view: logits and the inputs of its BatchNorm layers."""
+  logits: jax.Array
+  bn: list                # taps.LayerInput of every BatchNorm, in call order
+  features: list          # the taps CMI reads features from: ``bn``, or the named modules' inputs
+
+
+def teacher_view(model, variables, x, feature_layers: Sequence[str] = ()) -> TeacherView:
+  """One eval-mode forward of the teacher ``model`` on ``x`` (its normalised input space) with
+  BatchNorm-input taps and, if ``feature_layers`` are named, taps on those modules' inputs."""
+  if feature_layers:
+    logits, bn, named = taps.apply_with_bn_and_input_taps(model, variables, x, feature_layers, train=False)
+    return TeacherView(logits, bn, named)
+  logits, bn = taps.apply_with_bn_taps(model, variables, x, train=False)
+  return TeacherView(logits, bn, bn)
+
+
+def abstract_view(s: distill.Setup, feature_layers: Sequence[str] = ()) -> TeacherView:
+  """The shapes of ``teacher_view`` on this job's inputs; a teacher without BatchNorm layers is a
+  ``UserError`` (every inversion method matches BN statistics, as the references assert)."""
+  view = jax.eval_shape(lambda x: teacher_view(s.teacher.model, s.teacher.variables, x, feature_layers),
+                        jnp.zeros((2,) + tuple(s.student_input_shape)))
+  if not view.bn:
+    raise UserError(f'teacher {s.teacher.metadata.get("arch", "")!r} has no BatchNorm layer, whose statistics '
+                    'inversion methods match; use a BN teacher (e.g. embedded:resnet8_mnist)')
+  return view
+
+
+def bn_moments(view: TeacherView) -> list:
+  """[(μ, σ²)] of every BN input (Fast/NAYER blend them with ``losses.blend_batch_stats``)."""
+  return [(t.mean, t.var) for t in view.bn]
+
+
+def bn_loss(view: TeacherView, variables, *, first_multiplier: float = 1.0, moments=None) -> jax.Array:
+  """DeepInversion's Σ_l m_l (‖σ²_run,l − σ²_l‖₂ + ‖μ_run,l − μ_l‖₂) over every BN of the teacher
+  (``moments`` replaces the view's own batch statistics, e.g. blended ones)."""
+  return losses.bn_statistics_loss(bn_moments(view) if moments is None else moments,
+                                   taps.running_stats(variables, view.bn), first_multiplier=first_multiplier)
+
+
+def student_logits(ctx: Context, x) -> jax.Array:
+  """The student in eval mode (running BN statistics), as the references run it during synthesis."""
+  return ctx.student.apply_fn(ctx.student.variables, x, train=False)
+
+
+def random_targets(key, num: int, num_classes: int, *, sort: bool) -> jax.Array:
+  """``num`` labels uniform over the classes, sorted (CMI-fw DeepInversion and CMI) or not (Fast)."""
+  targets = jax.random.randint(key, (num,), 0, num_classes)
+  return jnp.sort(targets) if sort else targets
+
+
+def adam(learning_rate, betas=(0.9, 0.999)) -> optax.GradientTransformation:
+  """``torch.optim.Adam(lr, betas, eps=1e-8)`` (``learning_rate`` a float or a schedule of the
+  step); build it once, ``init`` a fresh state per synthesis call."""
+  return optax.adam(learning_rate, b1=betas[0], b2=betas[1], eps=1e-8)
+
+
+def apply_adam(tx, params, opt_state, grads):
+  """One optimiser step; returns (params, opt_state)."""
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def generator_template(model, latent_shape) -> tuple[Any, Any]:
+  """(params, batch_stats) of ``model`` as zeros of the right shapes: what ``models.generators.
+  reset_params`` re-draws every parameter of, and fresh running statistics."""
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2,) + tuple(latent_shape)), train=False))
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
+  return zeros['params'], zeros.get('batch_stats', {})
+
+
+def generate(model, params, batch_stats, z) -> tuple[jax.Array, Any]:
+  """``model(z)`` with train-mode BatchNorm (batch statistics), as the references synthesise;
+  returns (images, updated running statistics)."""
+  images, updates = model.apply({'params': params, 'batch_stats': batch_stats}, z, train=True,
+                                mutable=['batch_stats'])
+  return images, updates['batch_stats']
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine
+# ------------------------------------------------------------------------------------------------
+
+def train_augment(key, images, cfg) -> jax.Array:
+  """The student's view of pool images (in [0, 1]): ``RandomCrop(size, padding=cfg.crop_padding)``
+  then ``RandomHorizontalFlip`` if ``cfg.flip``, each per image (the standard CIFAR transform)."""
+  crop_key, flip_key = jax.random.split(key)
+  if cfg.crop_padding:
+    images = augment.random_crop(crop_key, images, cfg.crop_padding)
+  if cfg.flip:
+    images = augment.random_flip(flip_key, images)
+  return images
+
+
+def pool_capacity(config) -> int:
+  """``config.pool.capacity``, or with 0 every image the run synthesises."""
+  capacity = config.pool.capacity
+  if capacity < 0:
+    raise UserError(f'pool.capacity must be >= 0 (0: every synthesised image), got {capacity}')
+  return capacity or config.synthesis_batch_size * config.num_epochs * config.iters_per_epoch
+
+
+def make_job(config, mesh, s: distill.Setup, synthesizer: Synthesizer) -> loop.Job:
+  """The loop job of an inversion method: the ``synth`` then ``kd`` phases above."""
+  batch, kd_steps, iters_per_epoch = config.batch_size, config.kd_steps, config.iters_per_epoch
+  parallel.check_batch(config.synthesis_batch_size, mesh, 'synthesis_batch_size')
+  if config.pool.dtype not in _POOL_DTYPES:
+    raise UserError(f"pool.dtype must be one of {', '.join(_POOL_DTYPES)}, not {config.pool.dtype!r}")
+  capacity = pool_capacity(config)
+  warmup_epochs = config.get('warmup_epochs', 0)
+  num_steps = config.num_epochs * iters_per_epoch
+  tx_s, lr_s = distill.student_optimizer(config, iters_per_epoch * kd_steps)
+  kd_loss = distill.kd_loss_fn(config.kd)
+  teacher = s.teacher.model
+  data_sharding = parallel.data_sharded(mesh)
+
+  def init(key):
+    method_key, student_key = jax.random.split(key)
+    return {'step': jnp.zeros((), jnp.int32),
+            'student': distill.create_state(s.student, tx_s, student_key, s.student_input_shape),
+            'method': synthesizer.init(method_key),
+            'pool': pool_lib.init(capacity, s.student_input_shape, _POOL_DTYPES[config.pool.dtype])}
+
+  def synthesize(state, frozen, key, _):
+    ctx = Context(frozen['teacher'], state['student'], state['step'] // iters_per_epoch)
+    begin_key, key = jax.random.split(key)
+    carry = synthesizer.begin(state['method'], ctx, begin_key)
+    method_state, best, metrics = state['method'], None, {}
+    for i, stage in enumerate(synthesizer.stages):
+      if stage.enter is not None:
+        carry = stage.enter(carry)
+      if best is None:  # zeros shaped like the candidate, and +inf
+        candidate = jax.eval_shape(stage.step, carry, method_state, ctx, key).candidate
+        best = synth.init_best(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), candidate))
+
+      def inner(c, k, stage=stage):
+        carry, method_state, best = c
+        out = stage.step(carry, method_state, ctx, k)
+        best = synth.keep_best(best, out.loss, jax.lax.stop_gradient(out.candidate))
+        return (out.carry, out.method_state, best), dict(out.metrics, **{'train/synthesis_loss': out.loss})
+
+      (carry, method_state, best), stage_metrics = jax.lax.scan(
+          inner, (carry, method_state, best), jax.random.split(jax.random.fold_in(key, i), stage.steps))
+      metrics = jax.tree.map(lambda m: m[-1], stage_metrics)
+    method_state, images = synthesizer.finish(carry, method_state, best[1], ctx)
+    pool = pool_lib.add(state['pool'], jnp.clip(jax.lax.stop_gradient(images), 0.0, 1.0))
+    metrics.update({'train/best_synthesis_loss': best[0], 'train/pool_size': pool_lib.size(pool)})
+    return dict(state, method=method_state, pool=pool), metrics
+
+  def distil(student, pool, tvars, key):
+    order_key, augment_key = jax.random.split(key)
+
+    def kd_step(student, i):
+      x = pool_lib.sample_epoch(pool, order_key, i * batch, batch)
+      x = train_augment(jax.random.fold_in(augment_key, i), x, config.kd_augment)
+      x = jax.lax.with_sharding_constraint(data.normalize(x, config.dataset), data_sharding)
+      t_logits = teacher.apply(tvars, x, train=False)
+      return distill.student_update(student, x, lambda logits: kd_loss(logits, t_logits))
+
+    return jax.lax.scan(kd_step, student, jnp.arange(kd_steps))
+
+  def kd(state, frozen, key, _):
+    run = lambda student: distil(student, state['pool'], frozen['teacher'], key)
+    if warmup_epochs:  # synthesis-only epochs: the student and its optimiser stay as they are
+      skip = lambda student: (student, jnp.zeros((kd_steps,)))
+      student, step_losses = jax.lax.cond(state['step'] // iters_per_epoch >= warmup_epochs, run, skip,
+                                          state['student'])
+    else:
+      student, step_losses = run(state['student'])
+    return dict(state, student=student), {'train/student_loss': step_losses[-1],
+                                          'train/lr_student': lr_s(jnp.maximum(student.step - 1, 0))}
+
+  def sample_images(state, key):
+    return pool_lib.latest(state['pool'], min(64, config.synthesis_batch_size))
+
+  return loop.Job(
+      init=init, phases=[('synth', synthesize), ('kd', kd)], frozen={'teacher': s.teacher.variables},
+      num_steps=num_steps, student=distill.evaluated_student(s), teacher=distill.evaluated_teacher(s),
+      sample_images=sample_images, steps_per_epoch=iters_per_epoch, on_finish=distill.export_student(config))
