@@ -1,4 +1,11 @@
-"""Top-1 accuracy over a whole split: padded batches with a mask, so no example is dropped."""
+"""Top-1 accuracy over a whole split: padded batches with a mask, so no example is dropped.
+
+Each process holds its own shard of the split (``dfkd_jax.data.load(..., process_index=...)``);
+each global batch is assembled from the processes' local batches with
+``jax.make_array_from_process_local_data`` (split over the mesh's ``data`` axis), and the counts
+are summed over the global batch inside the compiled step, so every process gets the same
+accuracy. The requested batch size is rounded up to a multiple of the device count.
+"""
 from __future__ import annotations
 
 import functools
@@ -7,13 +14,14 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from dfkd_jax import parallel
 
 
 class EvalSet(NamedTuple):
   """This process's share of a split, preprocessed (float32 NHWC in the teacher's input space),
-  padded to whole global batches; ``mask`` is 0 on padding."""
+  padded to whole batches; ``mask`` is 0 on padding."""
   images: np.ndarray
   labels: np.ndarray
   mask: np.ndarray
@@ -21,36 +29,43 @@ class EvalSet(NamedTuple):
 
   @classmethod
   def build(cls, images: np.ndarray, labels: np.ndarray, local_batch: int) -> 'EvalSet':
+    """Pads to whole local batches; every process gets as many batches as the largest share
+    needs (the shares differ by an example or so), since each batch is a collective step."""
     n = len(images)
-    padded = -(-max(n, 1) // local_batch) * local_batch
+    largest = int(multihost_utils.process_allgather(np.int32(n)).max()) if jax.process_count() > 1 else n
+    padded = -(-max(largest, 1) // local_batch) * local_batch
     pad = padded - n
     return cls(np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)]),
                np.concatenate([labels, np.zeros((pad,), labels.dtype)]),
                np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]), n)
 
 
+def local_batch_size(requested: int, mesh) -> int:
+  """This process's part of the global evaluation batch: ``requested`` rounded up to a multiple of
+  the device count (so that it splits over the devices), divided by the process count."""
+  return parallel.round_up_batch(requested, mesh) // jax.process_count()
+
+
 @functools.lru_cache(maxsize=None)
-def _correct_count_fn(apply_fn: Callable, out_sharding) -> Callable:
+def _correct_count_fn(apply_fn: Callable, mesh) -> Callable:
   def count(variables, images, labels, mask):
     logits = apply_fn(variables, images, train=False)
     return jnp.sum((jnp.argmax(logits, -1) == labels) * mask), jnp.sum(mask)
-  return jax.jit(count, out_shardings=(out_sharding, out_sharding))
+  repl = parallel.replicated(mesh)
+  return jax.jit(count, out_shardings=(repl, repl))
 
 
-def top1(apply_fn: Callable, variables: Any, eval_set: EvalSet, mesh, global_batch: int) -> float:
-  """Top-1 accuracy (in [0, 1]) of ``apply_fn(variables, x, train=False)`` on the whole split.
-
-  Each process feeds its own shard; ``make_array_from_process_local_data`` assembles the global
-  batch, and the sums are global.
-  """
-  local_batch = global_batch // jax.process_count()
+def top1(apply_fn: Callable, variables: Any, eval_set: EvalSet, mesh, batch_size: int) -> float:
+  """Top-1 accuracy (in [0, 1]) of ``apply_fn(variables, x, train=False)`` on the whole split, in
+  global batches of ``batch_size`` rounded up to a multiple of the device count."""
+  local_batch = local_batch_size(batch_size, mesh)
   data_sharding = parallel.data_sharded(mesh)
-  count = _correct_count_fn(apply_fn, parallel.replicated(mesh))
-  correct, total = 0.0, 0.0
+  count = _correct_count_fn(apply_fn, mesh)
+  counts = []
   for start in range(0, len(eval_set.images), local_batch):
     sl = slice(start, start + local_batch)
     batch = [jax.make_array_from_process_local_data(data_sharding, a[sl])
              for a in (eval_set.images, eval_set.labels, eval_set.mask)]
-    c, t = count(variables, *batch)
-    correct, total = correct + c, total + t
+    counts.append(count(variables, *batch))
+  correct, total = np.sum(jax.device_get(counts), axis=0) if counts else (0.0, 0.0)
   return float(correct) / max(float(total), 1.0)

@@ -6,14 +6,16 @@
   ``student_top1_final``, ``steps``, ``wall_s``, ``peak_rss_mb``, ...);
 - ``samples/step_XXXXXXX.png``: grids of synthetic samples.
 
-Only process 0 writes. A progress line with rate and ETA goes to the terminal; TensorBoard is an
-optional mirror (``report.tensorboard=True``, needs the ``tensorboard`` extra).
+Only process 0 writes. The workdir may be local or in an object store (``gs://bucket/run``, through
+``etils.epath``; ``pip install gcsfs`` where TensorFlow is not installed). A progress line with rate
+and ETA goes to the terminal; TensorBoard is an optional mirror (``report.tensorboard=True``, needs
+the ``tensorboard`` extra).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -21,6 +23,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 
 
 def is_writer() -> bool:
@@ -39,32 +42,56 @@ def _jsonable(v):
   return v
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Writes atomically (a crash never leaves a half-written file)."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
-    f.write('\n')
-  os.replace(tmp, path)
+def is_local(path) -> bool:
+  """Local paths can be appended to; object-store objects (``gs://...``) can only be rewritten."""
+  return '://' not in str(path)
+
+
+def _write_text(path: epath.Path, text: str) -> None:
+  """Writes atomically (a crash never leaves a half-written file): to a temporary file first, then
+  renamed over ``path``. (Object-store uploads are atomic anyway.)"""
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def write_json(path, obj: Any) -> None:
+  _write_text(epath.Path(path), json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + '\n')
+
+
+def read_json(path) -> Any:
+  return json.loads(epath.Path(path).read_text())
 
 
 class MetricWriter:
-  """Appends JSON lines to ``metrics.jsonl`` (process 0 only), mirrors to TensorBoard if asked."""
+  """Appends JSON lines to ``metrics.jsonl`` (process 0 only), mirrors to TensorBoard if asked.
 
-  def __init__(self, workdir: str, tensorboard: bool = False):
+  An object store cannot append, so there the file is rewritten whole at each write (it holds a
+  line per logged step: small).
+  """
+
+  def __init__(self, workdir, tensorboard: bool = False):
     self.active = is_writer()
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = epath.Path(workdir) / 'metrics.jsonl'
+    self._lines = None  # every line of the file, when it has to be rewritten to add one
+    if self.active and not is_local(self.path):
+      self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
     self._tb = None
     if self.active and tensorboard:
       from tensorboardX import SummaryWriter  # optional extra: pip install '.[tensorboard]'
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.active:
       return
     record = {'step': int(step), **{k: _jsonable(v) for k, v in scalars.items()}}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    line = json.dumps(record) + '\n'
+    if self._lines is None:
+      with self.path.open('a') as f:
+        f.write(line)
+    else:
+      self._lines.append(line)
+      _write_text(self.path, ''.join(self._lines))
     if self._tb is not None:
       for k, v in record.items():
         if k != 'step' and isinstance(v, (int, float)):
@@ -75,14 +102,28 @@ class MetricWriter:
       self._tb.close()
 
 
-def truncate_metrics(workdir: str, last_step: int) -> None:
+def read_metrics(workdir) -> list[dict]:
+  """The records of ``WORKDIR/metrics.jsonl`` (none if there is no file), skipping a line cut by a
+  crash mid-write."""
+  path = epath.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    return []
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      continue
+  return records
+
+
+def truncate_metrics(workdir, last_step: int) -> None:
   """Drops records after ``last_step`` (written by a run that died after its last checkpoint),
   so a resumed run's ``metrics.jsonl`` reads as one uninterrupted run."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not (is_writer() and os.path.exists(path)):
+  path = epath.Path(workdir) / 'metrics.jsonl'
+  if not (is_writer() and path.exists()):
     return
-  with open(path) as f:
-    lines = f.readlines()
+  lines = path.read_text().splitlines(keepends=True)
   kept = []
   for line in lines:
     try:
@@ -91,10 +132,7 @@ def truncate_metrics(workdir: str, last_step: int) -> None:
     except (ValueError, KeyError):
       continue  # a line cut by a crash mid-write
   if len(kept) != len(lines):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    _write_text(path, ''.join(kept))
 
 
 class Progress:
@@ -140,7 +178,7 @@ def _fmt_s(s: float) -> str:
   return f'{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}' if s >= 3600 else f'{s // 60:02d}:{s % 60:02d}'
 
 
-def save_image_grid(path: str, images: np.ndarray, ncol: int = 8) -> None:
+def save_image_grid(path, images: np.ndarray, ncol: int = 8) -> None:
   """Saves NHWC images in [0, 1] as one PNG grid (1 or 3 channels)."""
   from PIL import Image
   images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
@@ -152,5 +190,8 @@ def save_image_grid(path: str, images: np.ndarray, ncol: int = 8) -> None:
     r, q = divmod(i, ncol)
     grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = images[i]
   pixels = (grid * 255).round().astype(np.uint8)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(pixels[..., 0] if c == 1 else pixels).save(path)
+  png = io.BytesIO()
+  Image.fromarray(pixels[..., 0] if c == 1 else pixels).save(png, format='PNG')
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(png.getvalue())

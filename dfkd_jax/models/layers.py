@@ -6,14 +6,18 @@ Flax path mechanically (see ``dfkd_jax.convert``).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dfkd_jax.errors import UserError
 
 Array = jax.Array
 
@@ -181,6 +185,24 @@ class Linear(nn.Module):
     return y
 
 
+# How many equal slices of the batch train-mode BatchNorm layers take their statistics over, when
+# they don't say (``BatchNorm.stat_groups=None``). Read when a model is traced, like Flax's
+# ``logical_axis_rules``: see ``batch_stat_groups``.
+_STAT_GROUPS = contextvars.ContextVar('batch_stat_groups', default=1)
+
+
+@contextlib.contextmanager
+def batch_stat_groups(groups: int) -> Iterator[None]:
+  """Train-mode ``BatchNorm`` layers traced inside this context (and not setting ``stat_groups``)
+  compute their statistics over ``groups`` equal slices of the batch: with the batch split over
+  ``groups`` devices, that is per-device BatchNorm (``dfkd_jax.parallel.with_batch_norm``)."""
+  token = _STAT_GROUPS.set(groups)
+  try:
+    yield
+  finally:
+    _STAT_GROUPS.reset(token)
+
+
 class BatchNorm(nn.Module):
   """``torch.nn.BatchNorm{1,2}d`` over the last axis, with PyTorch's exact semantics.
 
@@ -189,9 +211,11 @@ class BatchNorm(nn.Module):
   0.9 here), where the variance fed to the running average is the *unbiased* one, n/(n-1) * var,
   as torch does. Eval mode uses the running statistics. ``affine=False`` keeps running stats only.
 
-  ``stat_groups > 1`` computes the statistics separately over ``stat_groups`` equal slices of the
-  batch (what per-device BatchNorm under PyTorch DataParallel/DDP does); the running statistics
-  then average the per-slice statistics.
+  ``stat_groups > 1`` normalises each of ``stat_groups`` equal, contiguous slices of the batch with
+  its own statistics, as each GPU does under PyTorch DataParallel/DDP, and the running statistics
+  follow the first slice only, as there (DDP broadcasts rank 0's buffers before every forward;
+  DataParallel keeps device 0's replica's). ``None`` takes the count from the enclosing
+  ``batch_stat_groups`` context (1, the whole batch, outside any).
 
   The taps of ``dfkd_jax.taps`` intercept this module's ``__call__`` to read its *input*.
   """
@@ -199,7 +223,7 @@ class BatchNorm(nn.Module):
   momentum: float = 0.9
   epsilon: float = 1e-5
   affine: bool = True
-  stat_groups: int = 1
+  stat_groups: int | None = None
 
   @nn.compact
   def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
@@ -211,7 +235,11 @@ class BatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
       y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
     else:
-      g = self.stat_groups
+      # Initialisation runs on a dummy batch that need not split; it updates no statistics.
+      g = 1 if self.is_initializing() else self.stat_groups or _STAT_GROUPS.get()
+      if x.shape[0] % g:
+        raise UserError(f'BatchNorm {self.name} gets a batch of {x.shape[0]}, which does not split into {g} '
+                        f'equal slices for per-device statistics: use a batch that is a multiple of {g}')
       xg = x.reshape((g, x.shape[0] // g) + x.shape[1:])
       axes = tuple(range(1, xg.ndim - 1))
       mean = xg.mean(axes, keepdims=True)
@@ -219,11 +247,11 @@ class BatchNorm(nn.Module):
       y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
       if not self.is_initializing():
         n = math.prod(xg.shape[1:-1])
-        batch_mean = mean.reshape(g, c).mean(0)
-        batch_var = var.reshape(g, c).mean(0) * (n / max(n - 1, 1))
+        first_mean = mean.reshape(g, c)[0]
+        first_var = var.reshape(g, c)[0] * (n / max(n - 1, 1))
         m = self.momentum
-        ra_mean.value = m * ra_mean.value + (1 - m) * batch_mean
-        ra_var.value = m * ra_var.value + (1 - m) * batch_var
+        ra_mean.value = m * ra_mean.value + (1 - m) * first_mean
+        ra_var.value = m * ra_var.value + (1 - m) * first_var
     if self.affine:
       y = y * self.param('scale', nn.initializers.ones, (c,)) + self.param('bias', nn.initializers.zeros, (c,))
     return y
