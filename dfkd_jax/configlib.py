@@ -51,7 +51,9 @@ def base(*, method: str, dataset: str, num_classes: int, image_size: int, in_cha
   c.image_size = image_size
   c.in_channels = in_channels
   c.data_dir = ''                  # tfds data_dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
-  c.mesh = ml_collections.ConfigDict({'num_devices': -1})  # -1: all local devices
+  # Devices (-1: all), BatchNorm statistics over the 'global' batch or 'per_device' (as PyTorch
+  # DDP), arrays of at least fsdp_min_mb MiB split over the devices (0: none): dfkd_jax.parallel.
+  c.mesh = ml_collections.ConfigDict({'num_devices': -1, 'batch_norm': 'global', 'fsdp_min_mb': 0.0})
   c.log_every_steps = 50
   c.eval = ml_collections.ConfigDict({
       'data': eval_data, 'split': eval_split, 'batch_size': 500, 'every_steps': 500})
