@@ -59,6 +59,9 @@ def base(*, method: str, dataset: str, num_classes: int, image_size: int, in_cha
       'data': eval_data, 'split': eval_split, 'batch_size': 500, 'every_steps': 500})
   c.checkpoint = ml_collections.ConfigDict({'every_steps': 500, 'keep': 3, 'async_save': True})
   c.report = ml_collections.ConfigDict({'tensorboard': False, 'sample_grid': True, 'phase_timing_reps': 3})
+  # A non-finite loss or state: 'stop' (a NumericalError naming them; the last checkpoint is
+  # good) or 'skip' (keep the previous state, count it in train/skipped_updates).
+  c.numerics = ml_collections.ConfigDict({'on_nonfinite': 'stop'})
   return c
 
 

@@ -7,3 +7,14 @@ class UserError(Exception):
   message that says what is wrong and, where possible, how to fix it."""
 
   exit_code = 2
+
+
+class StopRequested(BaseException):
+  """SIGTERM arrived before training started: the run stops at once, with nothing new to save.
+
+  A BaseException (like KeyboardInterrupt) so that no ``except Exception`` on the way, e.g. around
+  a checkpoint read, mistakes it for a failure of what it interrupted."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum

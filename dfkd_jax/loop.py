@@ -6,11 +6,22 @@ phases, e.g. a generator step then k student steps), with the state donated, the
 variables passed in, and randomness ``fold_in(seed, step)`` so results do not depend on where a
 run was resumed. The loop knows nothing of a method's internals; a method knows nothing of files,
 logging or checkpoints.
+
+Robustness (what a killed, preempted or diverging run does):
+  - one run per workdir (``workdir_lock``); a second one is refused, naming the first;
+  - SIGTERM/SIGINT before the first step stop at once (nothing new to save); during training they
+    finish the step, checkpoint it and stop (exit 0 for SIGTERM, a preemption notice);
+  - numerics (``config.numerics.on_nonfinite``): 'stop' checks every step's metrics and the
+    finiteness of each part of the state (generator, student, ...) before anything derived from
+    it is logged, evaluated, checkpointed or exported, and stops with a ``NumericalError`` naming
+    the step, the loss terms and the parts; 'skip' keeps the previous state inside the compiled
+    step when the new one or a metric is non-finite, and counts it (``train/skipped_updates``);
+  - checkpoint restore and write failures: see ``checkpoint``.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import logging
 import os
 import signal
@@ -18,16 +29,22 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from dfkd_jax import checkpoint as ckpt_lib
-from dfkd_jax import evaluate, parallel, report
-from dfkd_jax.errors import UserError
+from dfkd_jax import evaluate, parallel, report, workdir_lock
+from dfkd_jax.errors import StopRequested, UserError
 
 log = logging.getLogger(__name__)
 
 State = Any  # a pytree (dict) holding at least 'step'
 Phase = Callable[[State, Any, jax.Array, Any], tuple[State, dict]]
+
+ON_NONFINITE = ('stop', 'skip')
+SKIPPED = 'skipped_updates'  # state entry (and train/ metric) counting updates skipped as non-finite
+_FINITE = 'finite/'  # per-step flags (is each part of the state finite) the loop checks, never logs
 
 
 @dataclasses.dataclass
@@ -66,10 +83,13 @@ class Job:
 
 
 class _StopSignals:
-  """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to checkpoint and stop cleanly."""
+  """SIGTERM (preemption) and SIGINT (Ctrl-C). Until ``training`` is set they stop the run at once
+  (``StopRequested`` / ``KeyboardInterrupt``: nothing new exists to save); then they ask the loop
+  to checkpoint the current step and stop."""
 
   def __init__(self):
     self.received = None
+    self.training = False
     self._previous = {}
 
   def __enter__(self):
@@ -81,6 +101,8 @@ class _StopSignals:
     return self
 
   def _handle(self, signum, frame):
+    if not self.training:
+      raise KeyboardInterrupt if signum == signal.SIGINT else StopRequested(signum)
     if self.received is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C stops at once
     self.received = signum
@@ -90,30 +112,72 @@ class _StopSignals:
       signal.signal(sig, handler)
 
 
-def _compose(phases: Sequence[tuple[str, Phase]]) -> Callable:
-  """One outer iteration: each phase gets its own key; the step counter advances by one."""
+def _all_finite(tree) -> jax.Array:
+  """True if every floating-point value in ``tree`` is finite."""
+  checks = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(checks).all() if checks else jnp.array(True)
+
+
+def _parts(state) -> list[str]:
+  """The named parts of a state whose finiteness is checked: 'generator', 'student', 'model'..."""
+  return [name for name in state if name not in ('step', SKIPPED)]
+
+
+def _compose(phases: Sequence[tuple[str, Phase]], on_nonfinite: str) -> Callable:
+  """One outer iteration: each phase gets its own key; the step counter advances by one. Adds
+  ``finite/<part>`` flags to the metrics ('stop'), or keeps the previous state when the new one or
+  a metric is non-finite and counts it ('skip'; a select, so no host sync)."""
 
   def iteration(state, frozen, seed_key, batch):
     key = jax.random.fold_in(seed_key, state['step'])
-    metrics = {}
+    new, metrics = state, {}
     for i, (_, fn) in enumerate(phases):
-      state, m = fn(state, frozen, jax.random.fold_in(key, i), batch)
+      new, m = fn(new, frozen, jax.random.fold_in(key, i), batch)
       metrics.update(m)
-    return dict(state, step=state['step'] + 1), metrics
+    if on_nonfinite == 'skip':
+      ok = _all_finite(metrics) & _all_finite([new[name] for name in _parts(new)])
+      new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+      new[SKIPPED] = state[SKIPPED] + jnp.where(ok, 0, 1).astype(state[SKIPPED].dtype)
+      metrics[f'train/{SKIPPED}'] = new[SKIPPED]
+    else:
+      metrics.update({f'{_FINITE}{name}': _all_finite(new[name]) for name in _parts(new)})
+    return dict(new, step=state['step'] + 1), metrics
 
   return iteration
 
 
-def compile_job(job: Job, mesh, init_key) -> tuple[Callable, Callable, Any]:
-  """(jitted init, jitted donated iteration, state sharding) of ``job`` on ``mesh``: the state
-  and frozen variables replicated, outputs pinned to the same shardings so that every iteration
-  reuses one compiled program."""
+def compile_job(job: Job, mesh, init_key, on_nonfinite: str = 'stop',
+                mesh_config=None) -> tuple[Callable, Callable, Any]:
+  """(jitted init, jitted donated iteration, state sharding) of ``job`` on ``mesh``, every input
+  and output with an explicit sharding (``dfkd_jax.parallel``): the state and frozen variables
+  replicated, or split by ``mesh_config.fsdp_min_mb``; the batch split over the devices; outputs
+  pinned to the input shardings so that every iteration reuses one compiled program. Train-mode
+  BatchNorm follows ``mesh_config.batch_norm`` (``config.mesh``; None: the defaults). The state
+  gets a ``skipped_updates`` counter in every mode, so that a run can switch modes when it resumes."""
+  if on_nonfinite not in ON_NONFINITE:
+    raise UserError(f"numerics.on_nonfinite must be one of {', '.join(ON_NONFINITE)}, not {on_nonfinite!r}")
+  mesh_config = mesh_config or {}
   repl = parallel.replicated(mesh)
-  abstract = jax.eval_shape(job.init, init_key)
-  state_sharding = jax.tree.map(lambda _: repl, abstract)
-  init = jax.jit(job.init, out_shardings=state_sharding)
-  iteration = jax.jit(_compose(job.phases), donate_argnums=(0,), out_shardings=(state_sharding, repl))
+  init_fn = lambda key: dict(job.init(key), **{SKIPPED: jnp.zeros((), jnp.int32)})
+  abstract = jax.eval_shape(init_fn, init_key)
+  state_sharding = parallel.array_shardings(abstract, mesh, mesh_config.get('fsdp_min_mb', 0.0))
+  init = jax.jit(init_fn, out_shardings=state_sharding)
+  iteration = jax.jit(_compose(_phases_on(job, mesh, mesh_config), on_nonfinite), donate_argnums=(0,),
+                      in_shardings=(state_sharding, frozen_sharding(job, mesh, mesh_config), repl,
+                                    parallel.data_sharded(mesh)),
+                      out_shardings=(state_sharding, repl))
   return init, iteration, state_sharding
+
+
+def frozen_sharding(job: Job, mesh, mesh_config=None):
+  """Where ``job.frozen`` lives: replicated, or split by ``mesh_config.fsdp_min_mb``."""
+  return parallel.array_shardings(job.frozen, mesh, (mesh_config or {}).get('fsdp_min_mb', 0.0))
+
+
+def _phases_on(job: Job, mesh, mesh_config) -> list[tuple[str, Phase]]:
+  """``job.phases`` with train-mode BatchNorm statistics as ``mesh_config.batch_norm`` says."""
+  groups = parallel.batch_norm_groups((mesh_config or {}).get('batch_norm', 'global'), mesh)
+  return parallel.with_batch_norm(job.phases, groups)
 
 
 @dataclasses.dataclass
@@ -124,27 +188,35 @@ class Summary:
 
 def run(job: Job, config, workdir: str, mesh) -> Summary:
   """Runs (or resumes) ``job`` on ``mesh`` to ``job.num_steps`` and returns the summary written
-  to ``WORKDIR/summary.json``."""
+  to ``WORKDIR/summary.json``.
+
+  Raises UserError for what a user can fix (a workdir in use, a checkpoint written with another
+  config, a full disk), NumericalError when the state or a metric becomes non-finite in 'stop'
+  mode, StopRequested when SIGTERM arrives before the first step.
+  """
   t_start = time.monotonic()
-  if config.eval.get('data'):  # before any compile or file: a config error a user can fix
-    parallel.check_batch(config.eval.batch_size, mesh, 'eval.batch_size')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'cannot create the workdir {workdir!r}: {e.strerror or e}') from e
-  if not os.access(workdir, os.W_OK):
-    raise UserError(f'the workdir {workdir!r} is not writable')
+  with _StopSignals() as signals, workdir_lock.claim(workdir, exclusive=report.is_writer()):
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                         every_steps=config.checkpoint.every_steps,
+                                         async_save=config.checkpoint.get('async_save', True))
+    try:
+      return _train(job, config, workdir, mesh, checkpointer, signals, t_start)
+    finally:
+      checkpointer.close()
+
+
+def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpointer, signals: _StopSignals,
+           t_start: float) -> Summary:
+  on_nonfinite = config.get('numerics', {}).get('on_nonfinite', 'stop')
   repl = parallel.replicated(mesh)
   # Independent streams: initialisation, training steps (folded with the step), sample grids, timing.
   init_key, seed_key, sample_key, timing_key = jax.random.split(jax.random.key(config.seed), 4)
+  eval_set = _eval_set(config, mesh)  # before the workdir is touched: a missing dataset is a config error
 
-  init, iteration, state_sharding = compile_job(job, mesh, init_key)
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                       every_steps=config.checkpoint.every_steps,
-                                       async_save=config.checkpoint.get('async_save', True))
+  init, iteration, state_sharding = compile_job(job, mesh, init_key, on_nonfinite, config.mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        jax.eval_shape(job.init, init_key), state_sharding)
-  restored = checkpointer.restore_latest(target)
+                        jax.eval_shape(init, init_key), state_sharding)
+  restored = checkpointer.restore_latest(target, config.to_dict())
   if restored is not None:
     state, start = restored
     print(f'resuming from the checkpoint at step {start} in {workdir}', flush=True)
@@ -154,11 +226,10 @@ def run(job: Job, config, workdir: str, mesh) -> Summary:
   if report.is_writer():
     report.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
-  frozen = jax.device_put(job.frozen, repl)
+  frozen = jax.device_put(job.frozen, frozen_sharding(job, mesh, config.mesh))
   batch_sharding = parallel.data_sharded(mesh)
   writer = report.MetricWriter(workdir, tensorboard=config.report.get('tensorboard', False))
   history = _history(workdir)
-  eval_set = _eval_set(config, mesh)
 
   def evaluate_now(step, state):
     results = {}
@@ -180,41 +251,51 @@ def run(job: Job, config, workdir: str, mesh) -> Summary:
   phase_fraction = time_phases(job, state, frozen, timing_key, mesh, config) if start < job.num_steps else {}
   progress = report.Progress(job.num_steps, start)
   elapsed_before, train_before = history['elapsed_s'], history['train_s']
+  guard = _FiniteGuard(check=on_nonfinite == 'stop')
   t_train = time.monotonic()
   step = start
   last_saved = start if restored is not None else None
-  with _StopSignals() as signals:
-    while step < job.num_steps:
-      batch = _device_batch(job, step, batch_sharding)
-      state, metrics = iteration(state, frozen, seed_key, batch)
-      step += 1
-      record = {}
-      if step % config.log_every_steps == 0 or step == job.num_steps:
-        record.update(_check_finite(jax.device_get(metrics), step))
-      if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == job.num_steps):
-        record.update(evaluate_now(step, state))
-        _save_samples(job, state, sample_key, step, workdir, config)
-      if record:
-        record['time/elapsed_s'] = elapsed_before + time.monotonic() - t_start
-        record['time/train_s'] = train_before + time.monotonic() - t_train  # summed over resumed runs
-        record['time/steps_per_s'] = (step - start) / max(time.monotonic() - t_train, 1e-9)
-        writer.write(step, record)
-      if checkpointer.save(step, state, config.to_dict(), force=step == job.num_steps):
-        last_saved = step
-      progress.update(step, _progress_info(record, history), force=step == job.num_steps)
-      if signals.received is not None:
-        break
+  stopped_by = None
+  signals.training = True  # from here a stop signal ends the current step with a checkpoint
+  while step < job.num_steps:
+    batch = _device_batch(job, step, batch_sharding)
+    state, metrics = iteration(state, frozen, seed_key, batch)
+    step += 1
+    guard.add(step, metrics)
+    stopping = signals.received
+    last = step == job.num_steps
+    log_now = step % config.log_every_steps == 0 or last
+    eval_now = bool(config.eval.every_steps) and (step % config.eval.every_steps == 0 or last)
+    save_now = checkpointer.is_due(step, force=last or stopping is not None)
+    record = {}
+    if log_now or eval_now or save_now:  # nothing derived from a non-finite state is ever kept
+      logged = guard.verify(last_saved)
+      if log_now:
+        record.update(logged)
+    if eval_now:
+      record.update(evaluate_now(step, state))
+      _save_samples(job, state, sample_key, step, workdir, config, mesh)
+    if record:
+      record['time/elapsed_s'] = elapsed_before + time.monotonic() - t_start
+      record['time/train_s'] = train_before + time.monotonic() - t_train  # summed over resumed runs
+      record['time/steps_per_s'] = (step - start) / max(time.monotonic() - t_train, 1e-9)
+      writer.write(step, record)
+    if save_now:
+      checkpointer.save(step, state, config.to_dict(), force=True)
+      last_saved = step
+    progress.update(step, _progress_info(record, history), force=last)
+    if stopping is not None:
+      stopped_by = stopping
+      break
   progress.close()
-  if signals.received is not None and last_saved != step:
-    checkpointer.save(step, state, config.to_dict(), force=True)
-  checkpointer.close()
+  checkpointer.wait()  # the final checkpoint is complete before the outputs say so
   writer.close()
   if step >= job.num_steps and job.on_finish is not None:
     job.on_finish(state, workdir)
   summary_path = os.path.join(workdir, 'summary.json')
-  if start >= job.num_steps and os.path.exists(summary_path):
-    with open(summary_path) as f:  # nothing trained now: the finished run's summary (and timings) stands
-      return Summary(json.load(f), signals.received)
+  if start >= job.num_steps and epath.Path(summary_path).exists():
+    # Nothing trained now: the finished run's summary (and timings) stands.
+    return Summary(report.read_json(summary_path), stopped_by)
 
   wall = elapsed_before + time.monotonic() - t_start
   train_wall = train_before + time.monotonic() - t_train
@@ -230,9 +311,11 @@ def run(job: Job, config, workdir: str, mesh) -> Summary:
       **{f'{name}_s': frac * train_wall for name, frac in phase_fraction.items()},
       'finished': step >= job.num_steps,
   }
+  if on_nonfinite == 'skip':
+    values[SKIPPED] = int(jax.device_get(state[SKIPPED]))
   if report.is_writer():
     report.write_json(summary_path, values)
-  return Summary(values, signals.received)
+  return Summary(values, stopped_by)
 
 
 def frozen_variables(evaluated: Evaluated, frozen):
@@ -246,41 +329,68 @@ def _device_batch(job, step, sharding):
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def _check_finite(metrics: Mapping[str, Any], step: int) -> dict:
-  out = {}
-  for name, value in metrics.items():
-    value = np.asarray(value)
-    if not np.all(np.isfinite(value)):
-      raise NumericalError(f'{name} became {value.item() if value.ndim == 0 else "non-finite"} at step {step}; '
-                           f'the last good checkpoint is kept (lower the learning rate or check the teacher)')
-    out[name] = value
-  return out
-
-
 class NumericalError(UserError):
-  """A loss or metric became NaN/inf."""
+  """A loss, metric or part of the state became NaN/inf."""
   exit_code = 3
+
+
+class _FiniteGuard:
+  """Holds each step's metrics as device values (no host sync per step) until something derived
+  from that step's state is about to be kept; ``verify`` then fetches them all and, when checking
+  ('stop' mode), raises NumericalError at the first step with a non-finite metric or state part."""
+
+  def __init__(self, check: bool):
+    self.check = check
+    self.pending = []  # [(step, metrics)], oldest first
+
+  def add(self, step: int, metrics: dict) -> None:
+    if not self.check:
+      self.pending.clear()  # only the latest metrics are logged
+    self.pending.append((step, metrics))
+
+  def verify(self, last_saved: int | None) -> dict:
+    """The latest step's metrics on the host (without the ``finite/`` flags)."""
+    steps = [step for step, _ in self.pending]
+    fetched = jax.device_get([metrics for _, metrics in self.pending])
+    self.pending.clear()
+    if self.check:
+      for step, metrics in zip(steps, fetched):
+        _raise_if_nonfinite(step, metrics, last_saved)
+    return {name: value for name, value in fetched[-1].items() if not name.startswith(_FINITE)}
+
+
+def _raise_if_nonfinite(step: int, metrics: Mapping[str, Any], last_saved: int | None) -> None:
+  terms = [f'{name}={_show(value)}' for name, value in metrics.items()
+           if not name.startswith(_FINITE) and not np.isfinite(value).all()]
+  parts = [name[len(_FINITE):] for name, finite in metrics.items() if name.startswith(_FINITE) and not finite]
+  if not (terms or parts):
+    return
+  kept = (f'the last good checkpoint (step {last_saved}) is kept' if last_saved is not None else
+          'no checkpoint had been saved yet')
+  raise NumericalError(
+      f"numerical failure at step {step}: {', '.join(terms) if terms else 'every loss is finite'}; "
+      f"{'non-finite values in: ' + ', '.join(parts) if parts else 'the state is still finite'}; "
+      f'the run stopped without keeping anything of this step and {kept}; lower the learning rate, or '
+      f'set --config.numerics.on_nonfinite=skip to skip such updates')
+
+
+def _show(value) -> str:
+  value = np.asarray(value)
+  return str(value.item()) if value.ndim == 0 else 'non-finite'
 
 
 def _history(workdir: str) -> dict:
   """What earlier runs on this workdir logged: accuracies, teacher accuracy, elapsed time."""
   hist = {'student_top1': [], 'elapsed_s': 0.0, 'train_s': 0.0}
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          rec = json.loads(line)
-        except ValueError:
-          continue
-        if 'eval/student_top1' in rec:
-          hist['student_top1'].append(rec['eval/student_top1'])
-        if 'eval/teacher_top1' in rec:
-          hist['teacher_top1'] = rec['eval/teacher_top1']
-        if 'time/elapsed_s' in rec:
-          hist['elapsed_s'] = rec['time/elapsed_s']
-        if 'time/train_s' in rec:
-          hist['train_s'] = rec['time/train_s']
+  for rec in report.read_metrics(workdir):
+    if 'eval/student_top1' in rec:
+      hist['student_top1'].append(rec['eval/student_top1'])
+    if 'eval/teacher_top1' in rec:
+      hist['teacher_top1'] = rec['eval/teacher_top1']
+    if 'time/elapsed_s' in rec:
+      hist['elapsed_s'] = rec['time/elapsed_s']
+    if 'time/train_s' in rec:
+      hist['train_s'] = rec['time/train_s']
   return hist
 
 
@@ -292,15 +402,21 @@ def _eval_set(config, mesh):
   ds = data.load(config.eval.data, config.eval.split, data_dir=config.get('data_dir'),
                  process_index=jax.process_index(), process_count=jax.process_count())
   images = data.prepare_images(ds.images, config.dataset, config.image_size, config.in_channels)
-  return evaluate.EvalSet.build(images, ds.labels, config.eval.batch_size // jax.process_count())
+  return evaluate.EvalSet.build(images, ds.labels, evaluate.local_batch_size(config.eval.batch_size, mesh))
 
 
-def _save_samples(job, state, sample_key, step, workdir, config):
+def _save_samples(job, state, sample_key, step, workdir, config, mesh):
   if job.sample_images is None or not config.report.get('sample_grid', True):
     return
-  images = jax.device_get(job.sample_images(state, sample_key))
+  # Compiled with a replicated output, so that every process holds the whole grid (multi-host).
+  images = jax.device_get(_sampler(job.sample_images, mesh)(state, sample_key))
   if report.is_writer():
     report.save_image_grid(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), images[:64])
+
+
+@functools.lru_cache(maxsize=None)
+def _sampler(sample_images: Callable, mesh) -> Callable:
+  return jax.jit(sample_images, out_shardings=parallel.replicated(mesh))
 
 
 def _progress_info(record, history) -> str:
@@ -321,7 +437,7 @@ def time_phases(job: Job, state, frozen, timing_key, mesh, config) -> dict[str, 
     return {job.phases[0][0]: 1.0} if len(job.phases) == 1 else {}
   batch = _device_batch(job, 0, parallel.data_sharded(mesh))
   times = {}
-  for i, (name, fn) in enumerate(job.phases):
+  for i, (name, fn) in enumerate(_phases_on(job, mesh, config.mesh)):
     compiled = jax.jit(lambda s, f, k, b, fn=fn: fn(s, f, k, b))
     key = jax.random.fold_in(timing_key, i)
     jax.block_until_ready(compiled(state, frozen, key, batch))  # compile

@@ -1,10 +1,15 @@
 """Command line: ``python -m dfkd_jax.main --config configs/X.py[:arg] --workdir DIR [--config.a.b=v]``.
 
 Re-running the same command on the same workdir resumes from the latest checkpoint. Errors a user
-can fix are one line on stderr and a non-zero exit (``--verbose`` adds the traceback).
+can fix are one line on stderr and a non-zero exit (``--verbose`` adds the traceback): 2 for bad
+input, 3 for a numerical failure, 130 for Ctrl-C. SIGTERM exits 0: during training after
+checkpointing the current step, before it at once.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging as py_logging
 import os
 import re
 import signal
@@ -14,7 +19,8 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dfkd_jax.errors import UserError
+from dfkd_jax import workdir_lock
+from dfkd_jax.errors import StopRequested, UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/X.py[:arg]).', lock_config=True)
@@ -41,28 +47,59 @@ def _flush_denormals_on_cpu() -> None:
     os.environ['XLA_FLAGS'] = f'{flags_env} --xla_cpu_ftz=true'.strip()
 
 
+# OS errors that are the environment's, not a bug: one line instead of a traceback.
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _stop_now(signum, frame):
+  raise StopRequested(signum)
+
+
+class _DropOrbaxTracebacks(py_logging.Filter):
+  """Orbax logs a failed background save as several ERROR tracebacks; the CLI reports it in one
+  line instead (``--verbose`` keeps them)."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}', 2)
   if FLAGS.config is None or FLAGS.workdir is None:
     _fail('--config and --workdir are required', 2)
-  # Library INFO logs (Orbax writes several lines per checkpoint) only with --verbose.
-  logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
+  # Library logs (Orbax writes several lines per checkpoint, tfds warns about missing files it
+  # then reports as an error) only with --verbose: a failure is one line.
+  logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.ERROR)
+  if not FLAGS.verbose:
+    py_logging.getLogger('absl').addFilter(_DropOrbaxTracebacks())
+    # After a failed background save, TensorStore's pending callbacks hit Orbax's closed event
+    # loop ("Event loop is closed"); the failure itself is reported in one line.
+    sys.unraisablehook = lambda unraisable: None
   _flush_denormals_on_cpu()
   try:
-    import jax
-    if FLAGS.jax_distributed:
-      kw = {k: getattr(FLAGS, k) for k in ('coordinator_address', 'num_processes', 'process_id')
-            if getattr(FLAGS, k) is not None}
-      if FLAGS.local_device_ids:
-        kw['local_device_ids'] = [int(i) for i in FLAGS.local_device_ids]
-      jax.distributed.initialize(**kw)
-    from dfkd_jax.train import train_and_evaluate
-    summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    # Refuse a busy workdir before the slow start-up (multi-host: process 0 locks it in the loop).
+    with contextlib.nullcontext() if FLAGS.jax_distributed else workdir_lock.claim(FLAGS.workdir):
+      import jax
+      if FLAGS.jax_distributed:
+        kw = {k: getattr(FLAGS, k) for k in ('coordinator_address', 'num_processes', 'process_id')
+              if getattr(FLAGS, k) is not None}
+        if FLAGS.local_device_ids:
+          kw['local_device_ids'] = [int(i) for i in FLAGS.local_device_ids]
+        jax.distributed.initialize(**kw)
+      from dfkd_jax.train import train_and_evaluate
+      summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except UserError as e:
     if FLAGS.verbose:
       traceback.print_exc()
     _fail(str(e), e.exit_code)
+  except OSError as e:
+    if e.errno not in _ENVIRONMENT_ERRNOS:
+      raise
+    if FLAGS.verbose:
+      traceback.print_exc()
+    _fail(f'{e.strerror}: {e.filename or FLAGS.workdir}; free disk space or fix the permissions, then '
+          f're-run the same command (it resumes from the last checkpoint)', 2)
   except KeyboardInterrupt:
     _fail('interrupted', 130)
   if summary.stopped_by_signal == signal.SIGINT:
@@ -70,8 +107,16 @@ def main(argv) -> None:
 
 
 def run():
+  # A preemption notice during start-up (config, imports, teacher, compilation) stops at once:
+  # nothing new exists to save. The loop replaces this handler when training starts.
+  signal.signal(signal.SIGTERM, _stop_now)
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main, flags_parser=_parse_flags)
+  try:
+    app.run(main, flags_parser=_parse_flags)
+  except StopRequested as e:
+    print(f'stopped by {signal.Signals(e.signum).name} before the first training step; nothing was '
+          f'changed; re-run the same command to continue', flush=True)
+    sys.exit(0)
 
 
 def _parse_flags(argv):

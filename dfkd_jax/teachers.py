@@ -59,7 +59,8 @@ def load(teacher_cfg, num_classes: int, dataset: str) -> Teacher:
     model, variables, meta = api.convert_file(path, arch=teacher_cfg.get('arch') or None,
                                               num_classes=num_classes, dataset=dataset)
   else:
-    raise UserError(f'teacher checkpoint {spec!r} does not exist')
+    raise UserError(f'teacher checkpoint {spec!r} does not exist; set --config.teacher.checkpoint to '
+                    f"embedded:NAME ({', '.join(embedded_names())}), a converted directory or a .pth file")
   if meta.get('num_classes') is not None and meta['num_classes'] != num_classes:
     raise UserError(f"teacher {spec} has {meta['num_classes']} classes but the config has num_classes={num_classes}")
   if meta.get('dataset') not in (None, dataset):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -78,8 +79,12 @@ def save_trained(workdir: str, name: str, arch: str, variables: Any, config, mod
   path = os.path.join(workdir, name)
   if jax.process_index() != 0 or is_model_dir(path):
     return
-  save(path, arch, jax.device_get(variables), num_classes=config.num_classes, dataset=config.dataset,
+  # Written aside and renamed when complete, so that a run killed mid-export exports again.
+  partial = f'{path}.partial'
+  shutil.rmtree(partial, ignore_errors=True)
+  save(partial, arch, jax.device_get(variables), num_classes=config.num_classes, dataset=config.dataset,
        model_kwargs=dict(model_kwargs), extra=extra)
+  os.rename(partial, path)
 
 
 def load(path: str) -> tuple[Any, dict, dict]:
