@@ -43,10 +43,10 @@ def test_nnpu_risk_non_negative_branch():
 
 
 def test_nnpu_risk_negative_branch_reverses_the_step():
-  # Unlabelled scores far positive: the unbiased negative-class risk goes below zero.
-  p, u, prior, gamma = [-3.0, -2.0], [5.0, 6.0], 0.6, 0.5
-  r_pos = prior * (sig(3.0) + sig(2.0)) / 2
-  r_neg = (sig(-5.0) + sig(-6.0)) / 2 - prior * (sig(-3.0) + sig(-2.0)) / 2
+  # Positives scored high, unlabelled far negative: the unbiased negative-class risk goes below zero.
+  p, u, prior, gamma = [3.0, 2.0], [-5.0, -6.0], 0.6, 0.5
+  r_pos = prior * (sig(-3.0) + sig(-2.0)) / 2
+  r_neg = (sig(-5.0) + sig(-6.0)) / 2 - prior * (sig(3.0) + sig(2.0)) / 2
   assert r_neg < 0
   objective, risk = L.nnpu_risk(jnp.array(p), jnp.array(u), prior, gamma=gamma)
   np.testing.assert_allclose(objective, -gamma * r_neg, rtol=1e-6)

@@ -19,8 +19,9 @@ Reference (huawei ``DEMC/pu_compress``, reference_semantics §2.11) and what dif
 - each selector step draws a batch of P and a batch of U; the reference draws mixed batches from
   P ∪ U (0.08% positives with CIFAR-10 + ImageNet, so most of its batches hold no positive); the
   risk estimates the same expectation;
-- the trunk is fine-tuned with the head (``pu.train_backbone``), as in the reference, starting
-  from a copy of the teacher; BatchNorm runs in train mode on the concatenated P and U batch;
+- the trunk is fine-tuned with the head when ``pu.train_backbone`` (the reference), starting from
+  a copy of the teacher, its BatchNorm in train mode on the concatenated P and U batch; otherwise
+  it stays frozen (eval mode) and only the head learns;
 - the class prior can be estimated instead of fixed (0.21 in the reference);
 - stage 1 runs while the job is built (it is not checkpointed; re-running repeats it, with the
   same result for the same seed), stage 2 is the loop's job.
@@ -131,7 +132,7 @@ def train_selector(config, mesh, s: distill.Setup, positives: np.ndarray, pool: 
   @jax.jit
   def step(params, batch_stats, opt_state, xp, xu):
     def objective(params):
-      g, new_stats = score(params, batch_stats, jnp.concatenate([xp, xu]), True)
+      g, new_stats = score(params, batch_stats, jnp.concatenate([xp, xu]), cfg.train_backbone)
       objective, risk = losses_little_data.nnpu_risk(g[:len(xp)], g[len(xp):], prior, beta=cfg.beta, gamma=cfg.gamma)
       return objective, (new_stats, risk)
 
