@@ -46,15 +46,13 @@ process_group_alive() {
 
 cmd_install() {
   describe "[options]" \
-    "Create the venv $VENV with Python >= 3.12 and pip install -U 'jax[tpu]' and this project (editable). uv finds a Python of that version on the image or downloads a standalone build: TPU images ship Python 3.10, and jax >= 0.11 needs 3.12."
+    "Create the venv $VENV with Python >= 3.12 and pip install -U 'jax[tpu]' and this project (editable) with its gcs extra (gs:// workdirs). uv finds a Python of that version on the image or downloads a standalone build: TPU images ship Python 3.10, and jax >= 0.11 needs 3.12."
   option PYTHON_VERSION --python-version X.Y "Python of the venv." 3.12
   option EXTRAS --extras LIST "Comma-separated extras of setup.cfg to install too: torch, tensorboard, tensorflow, test."
   example "  bash launch/tpu_worker.sh install --extras tensorboard"
   parse_args "$@"
-  local project=$REPO_DIR
-  if [[ -n $EXTRAS ]]; then
-    project+="[$EXTRAS]"
-  fi
+  # gcs: the workdir is a gs:// bucket, which etils.epath (run outputs, Orbax) reads through gcsfs.
+  local project="${REPO_DIR}[gcs${EXTRAS:+,$EXTRAS}]"
   ensure_uv
   if [[ ! -x $VENV/bin/python ]]; then
     run "$UV" venv --seed --python "$PYTHON_VERSION" "$VENV"
