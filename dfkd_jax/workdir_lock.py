@@ -60,10 +60,13 @@ def claim(workdir: str, exclusive: bool = True):
   finally:
     _held[path][1] -= 1
     if not _held[path][1]:
-      os.close(_held.pop(path)[0])  # closing the file releases the lock
+      fd = _held.pop(path)[0]
+      if fd is not None:
+        os.close(fd)  # closing the file releases the lock
 
 
-def _acquire(path: str, workdir: str) -> int:
+def _acquire(path: str, workdir: str) -> int | None:
+  """The descriptor holding the lock (None where the filesystem cannot lock)."""
   try:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # never truncated before the lock is ours
   except OSError as e:
@@ -75,9 +78,11 @@ def _acquire(path: str, workdir: str) -> int:
     os.close(fd)
     raise UserError(f'the workdir {workdir} is in use by {owner}; wait for that run to end (or stop it), '
                     f'or use another --workdir') from None
-  except OSError as e:  # e.g. a filesystem without locks
+  except OSError as e:  # a filesystem without locks (some NFS set-ups): run, but say so
     os.close(fd)
-    raise UserError(f'cannot lock {path}: {e.strerror or e}') from e
+    print(f'warning: cannot lock {path} ({e.strerror or e}); make sure no other run uses this workdir',
+          flush=True)
+    return None
   owner = {'pid': os.getpid(), 'host': socket.gethostname(),
            'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
   os.ftruncate(fd, 0)
