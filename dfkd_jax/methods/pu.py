@@ -8,8 +8,10 @@ features: f(x) = [GAP(relu(o_1(x))), ..., GAP(relu(o_K(x)))], the global average
 outputs of ``pu.feature_modules`` (ResNet-34: layer1..layer4, 64+128+256+512 = 960 features),
 then a squeeze-and-excitation layer  f ⊙ σ(W₂ relu(W₁ f))  (no biases, reduction 16) and a linear
 score g(x) = w·(…) + b. g is trained with the non-negative PU risk (``losses_little_data.nnpu_risk``,
-sigmoid loss, class prior π, β = 0, γ = 1); the images of U with g(x) > 0 are selected.
-π is ``pu.prior`` when > 0, otherwise estimated (``estimate_prior``).
+sigmoid loss, class prior π, β = 0, γ = 1); the images of U with g(x) > 0 are selected
+(``pu.selection='positive'``), or the π·|U| best-scored ones (``'prior'``: a selector trained briefly
+is conservative at 0; the prior says how many to take). π is ``pu.prior`` when > 0, otherwise
+estimated (``estimate_prior``).
 
 Stage 2, robust distillation on the selected images: class weight sets w_k (inverse teacher class
 mass, plus ``perturb_num`` perturbed copies, ``losses_little_data.robust_kd_class_weights``) and the
@@ -153,6 +155,18 @@ def train_selector(config, mesh, s: distill.Setup, positives: np.ndarray, pool: 
   return scores, float(risk)
 
 
+def select(scores: np.ndarray, prior: float, rule: str) -> np.ndarray:
+  """Boolean mask of the selected pool images: 'positive' = g(x) > 0 (the reference), 'prior' = the
+  round(π·|U|) highest scores (as many as the class prior says U holds; ties: lower index)."""
+  if rule == 'positive':
+    return scores > 0
+  if rule == 'prior':
+    mask = np.zeros(len(scores), bool)
+    mask[np.argsort(-scores, kind='stable')[:int(round(prior * len(scores)))]] = True
+    return mask
+  raise UserError(f"pu.selection must be 'positive' or 'prior', not {rule!r}")
+
+
 def class_prior(config, mesh, s: distill.Setup, positives: np.ndarray, pool: np.ndarray) -> tuple[float, str]:
   """π from ``pu.prior`` (> 0) or ``estimate_prior`` on the teacher's multi-scale features."""
   if config.pu.prior > 0:
@@ -176,7 +190,7 @@ def make_job(config, mesh):
   prior, prior_source = class_prior(config, mesh, s, positives, images)
   print(f'pu: class prior {prior:.4f} ({prior_source}); {len(positives)} labelled positives', flush=True)
   scores, risk = train_selector(config, mesh, s, positives, images, prior)
-  selected = scores > 0
+  selected = select(scores, prior, cfg.selection)
   if not selected.any():
     raise UserError('pu: the selector kept no unlabelled image (g(x) <= 0 everywhere); raise pu.prior or pu.steps')
   rep = selected_kd.selection_report(pool, selected, prior=prior, prior_source=prior_source, selector_risk=risk,
