@@ -46,15 +46,18 @@ def robust_kd_class_weights(teacher_probs: Array, *, num_perturbations: int = 1,
   """PU compression's class weight sets, shape (1 + num_perturbations, C).
 
   w_c = C · (1/m_c) / Σ_c' (1/m_c'),  m_c = Σ_n softmax(t_n)_c  over the selected data (rare
-  classes weigh more; Σ_c w_c = C), followed by ``num_perturbations`` copies w + ε·u with
-  u ~ U(−1, 1)^C drawn from ``key``.
+  classes weigh more, every class gets the same total weight m_c·w_c; Σ_c w_c = C), followed by
+  ``num_perturbations`` copies w ⊙ (1 + ε·u) with u ~ U(−1, 1)^C drawn from ``key``.
+
+  The perturbation is relative: on a skewed selection the weights span orders of magnitude, and an
+  additive ε would turn the small ones negative (pushing the student away from the teacher).
   """
   inverse = 1.0 / jnp.sum(teacher_probs, axis=0)
   weights = teacher_probs.shape[-1] * inverse / jnp.sum(inverse)
   if not num_perturbations:
     return weights[None]
   noise = jax.random.uniform(key, (num_perturbations, weights.shape[0]), minval=-1.0, maxval=1.0)
-  return jnp.concatenate([weights[None], weights[None] + epsilon * noise])
+  return jnp.concatenate([weights[None], weights[None] * (1.0 + epsilon * noise)])
 
 
 def robust_kd(student_logits: Array, teacher_logits: Array, class_weights: Array,
