@@ -44,17 +44,19 @@ def mnist_row(name: str, r: dict) -> str:
 
 
 def table(results: dict) -> str:
-  rows = ['| MNIST method | selected (real digits, precision) | teacher top-1 | student best | student final | wall s |',
-          '|---|---|---|---|---|---|']
+  rows = ['| MNIST method | selected (real digits, precision) | teacher top-1 | student best | student final '
+          '| wall s |', '|---|---|---|---|---|---|']
   rows += [mnist_row(name, r) for name, r in results.items() if name != 'dfsr']
   if 'dfsr' in results:
     e = results['dfsr']['sr_eval']
     rows += ['', '| DFSR (held-out photos) | bicubic PSNR | teacher PSNR | student PSNR | student − bicubic | '
                  'bicubic / teacher / student SSIM |', '|---|---|---|---|---|---|']
     for scale in ('x2/', 'x3/', 'x4/', ''):
-      rows.append(f"| {scale.rstrip('/') or 'mean'} | {e[scale + 'bicubic_psnr']:.2f} | {e[scale + 'teacher_psnr']:.2f} | "
-                  f"{e[scale + 'student_psnr']:.2f} | {e[scale + 'student_minus_bicubic_psnr']:+.2f} | "
-                  f"{e[scale + 'bicubic_ssim']:.4f} / {e[scale + 'teacher_ssim']:.4f} / {e[scale + 'student_ssim']:.4f} |")
+      v = {k: e[scale + k] for k in ('bicubic_psnr', 'teacher_psnr', 'student_psnr', 'student_minus_bicubic_psnr',
+                                     'bicubic_ssim', 'teacher_ssim', 'student_ssim')}
+      rows.append(f"| {scale.rstrip('/') or 'mean'} | {v['bicubic_psnr']:.2f} | {v['teacher_psnr']:.2f} | "
+                  f"{v['student_psnr']:.2f} | {v['student_minus_bicubic_psnr']:+.2f} | "
+                  f"{v['bicubic_ssim']:.4f} / {v['teacher_ssim']:.4f} / {v['student_ssim']:.4f} |")
   return '\n'.join(rows)
 
 

@@ -28,8 +28,8 @@ def get_config(arg=None):
   c.sr_eval = dict(data=f'folder:data/sr/{arg.testset}', crop=0, scales=(2, 3, 4))
   c.teacher = dict(checkpoint='checkpoints/vdsr/model_vdsr.pth', arch='vdsr')
   c.student = dict(arch='vdsr_half', kwargs=dict(num_blocks=18))
-  c.dfsr = dict(scales=(2, 3, 4), latent=256, gw=1.0, reconw=1.0, inc_num=arg.inc_num, inc_step=1 if arg.inc_num > 1 else 0,
-                boundary='replicate', reference_rounding=False)
+  c.dfsr = dict(scales=(2, 3, 4), latent=256, gw=1.0, reconw=1.0, inc_num=arg.inc_num,
+                inc_step=1 if arg.inc_num > 1 else 0, boundary='replicate', reference_rounding=False)
   c.batch_size = 128
   c.kd_steps = 50
   c.optimizer_s = dict(name='sgd', lr=0.1, momentum=0.9, weight_decay=1e-4, schedule='multistep',

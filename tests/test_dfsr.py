@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dfkd_jax import loop, methods, models, parallel, sr_eval, sr_ops
+from dfkd_jax.convert import model_dir
 from dfkd_jax.errors import UserError
 from dfkd_jax.methods import dfsr
 
@@ -22,10 +23,20 @@ def load_config(name, arg='runlocal'):
   return module.get_config(arg)
 
 
-def tiny_dfsr_config(**dfsr_overrides):
+@pytest.fixture(scope='module')
+def tiny_teacher(tmp_path_factory):
+  """A converted-model directory of a 1-block VDSR (random weights): a cheap teacher."""
+  model = models.create('vdsr', num_blocks=1)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 48, 48, 1)))
+  path = str(tmp_path_factory.mktemp('teacher') / 'vdsr1')
+  model_dir.save(path, 'vdsr', variables, num_classes=None, dataset='none', model_kwargs={'num_blocks': 1})
+  return path
+
+
+def tiny_dfsr_config(teacher, **dfsr_overrides):
   config = load_config('dfsr_vdsr_local')
-  config.teacher.arch = 'vdsr'
-  config.student.kwargs.num_blocks = 2
+  config.teacher.checkpoint = teacher
+  config.student.kwargs.num_blocks = 1
   config.batch_size, config.kd_steps = 2, 1
   config.dfsr.update(dfsr_overrides)
   return config
@@ -50,8 +61,8 @@ def all_changed(a, b):
   return all(jax.tree.leaves(jax.tree.map(lambda x, y: not np.array_equal(x, y), a, b)))
 
 
-def test_dfsr_iterations_update_student_and_generators():
-  job, before, after, metrics, frozen = run_iterations(tiny_dfsr_config())
+def test_dfsr_iterations_update_student_and_generators(tiny_teacher):
+  job, before, after, metrics, frozen = run_iterations(tiny_dfsr_config(tiny_teacher))
   assert all(np.isfinite(v).all() for v in metrics.values()), metrics
   assert {'train/student_loss', 'train/generator_loss', 'train/loss_recon'} <= set(metrics)
   assert all_changed(before['student'].params, after['student'].params)
@@ -64,19 +75,21 @@ def test_dfsr_iterations_update_student_and_generators():
     np.testing.assert_array_equal(a, b)
 
 
-def test_reference_rounding_leaves_only_the_direct_reconstruction_gradient():
+def test_reference_rounding_leaves_only_the_direct_reconstruction_gradient(tiny_teacher):
   # With the reference's 1/255 rounding of every resize and no reconstruction term, no gradient
   # reaches the generators: Adam with zero gradients leaves them unchanged.
-  _, before, after, _, _ = run_iterations(tiny_dfsr_config(reference_rounding=True, reconw=0.0), n=1)
+  config = tiny_dfsr_config(tiny_teacher, scales=(2,), reference_rounding=True, reconw=0.0)
+  _, before, after, _, _ = run_iterations(config, n=1)
   for a, b in zip(jax.tree.leaves(before['generators'].params), jax.tree.leaves(after['generators'].params)):
     np.testing.assert_array_equal(a, b)
-  _, before, after, _, _ = run_iterations(tiny_dfsr_config(reference_rounding=False, reconw=0.0), n=1)
+  config = tiny_dfsr_config(tiny_teacher, scales=(2,), reference_rounding=False, reconw=0.0)
+  _, before, after, _, _ = run_iterations(config, n=1)
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before['generators'].params),
                                                       jax.tree.leaves(after['generators'].params)))
 
 
-def test_generator_sizes_must_fit_every_scale():
-  config = tiny_dfsr_config()
+def test_generator_sizes_must_fit_every_scale(tiny_teacher):
+  config = tiny_dfsr_config(tiny_teacher)
   config.image_size = 40
   with pytest.raises(UserError, match='multiple of 4'):
     dfsr.make_job(config, parallel.make_mesh(1))

@@ -81,7 +81,6 @@ def keep_inactive_blocks(new_params, old_params, depth):
 
 
 def make_job(config, mesh) -> loop.Job:
-  s = distill.setup(config, mesh)
   cfg = config.dfsr
   size, batch, scales = config.image_size, config.batch_size, tuple(cfg.scales)
   generators = {}
@@ -91,6 +90,7 @@ def make_job(config, mesh) -> loop.Job:
       raise UserError(f'image_size={size} must be a multiple of 4*{scale} for the x{scale} generator '
                       f'(48 serves scales 2, 3 and 4)')
     generators[f'x{scale}'] = models.create('dfsr_generator', nz=cfg.latent, img_size=lr_size, nc=1)
+  s = distill.setup(config, mesh)
   num_blocks = config.student.get('kwargs', {}).get('num_blocks', 18)
   progressive = cfg.inc_num > 1
   tx_s, lr_s = distill.student_optimizer(config, config.iters_per_epoch * config.kd_steps)
@@ -104,7 +104,8 @@ def make_job(config, mesh) -> loop.Job:
 
   def generate(g_params, key, scale):
     """(G_s(z), clamp(bicubic↑s(G_s(z)), 0, 1)) for a batch of z."""
-    low = generators[f'x{scale}'].apply({'params': g_params[f'x{scale}']}, distill.latent(key, (batch, cfg.latent), mesh))
+    z = distill.latent(key, (batch, cfg.latent), mesh)
+    low = generators[f'x{scale}'].apply({'params': g_params[f'x{scale}']}, z)
     return low, jnp.clip(resize(low, scale), 0.0, 1.0)
 
   def init(key):
