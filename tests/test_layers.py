@@ -15,7 +15,7 @@ def _xla_conv(x, w, stride, padding):
 @pytest.mark.parametrize('shape', [
     # (batch, size, c_in, c_out, kernel, stride, padding)
     (2, 8, 3, 16, 3, 1, 1), (2, 9, 4, 8, 3, 2, 1), (2, 12, 6, 16, 5, 1, 0), (2, 8, 5, 3, 3, 1, 1),
-    (3, 7, 8, 12, 1, 2, 0)])
+    (3, 7, 8, 12, 1, 2, 0), (2, 9, 6, 1, 3, 1, 2), (2, 7, 4, 2, 5, 1, 1), (2, 8, 4, 1, 3, 2, 1)])
 def test_conv2d_gradients_match_xla(shape):
   n, size, c_in, c_out, k, stride, padding = shape
   kx, kw, kd = jax.random.split(jax.random.key(0), 3)
@@ -53,3 +53,23 @@ def test_fused_upsample_conv_equals_upsample_then_conv(size):
   dy = jax.random.normal(kd, y.shape)
   for got, want in zip(vjp(dy), vjp_ref(dy)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+def test_batch_normalisation_closed_form_gradient_equals_autodiff(groups):
+  """The custom VJP of train-mode BN equals differentiating its forward formula, including the
+  cotangents of the returned batch mean and variance."""
+  kx, kd = jax.random.split(jax.random.key(3))
+  x = jax.random.normal(kx, (groups, 6, 5, 4, 3)) * 3 + 1
+
+  def plain(x_):
+    mean = x_.mean((1, 2, 3), keepdims=True)
+    var = jnp.square(x_ - mean).mean((1, 2, 3), keepdims=True)
+    return (x_ - mean) * jax.lax.rsqrt(var + 0.8), mean, var
+
+  outs, vjp = jax.vjp(lambda x_: layers.normalize_with_batch_stats(x_, 0.8), x)
+  outs_ref, vjp_ref = jax.vjp(plain, x)
+  for got, want in zip(outs, outs_ref):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  cotangents = tuple(jax.random.normal(k, o.shape) for k, o in zip(jax.random.split(kd, 3), outs))
+  np.testing.assert_allclose(vjp(cotangents)[0], vjp_ref(cotangents)[0], rtol=1e-4, atol=1e-5)
