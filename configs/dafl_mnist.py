@@ -4,9 +4,11 @@ r"""DAFL on MNIST, LeNet-5 -> LeNet-5-half, with the original code's semantics (
 
 Teacher: the embedded LeNet-5 (98.29% on the real MNIST test set). Variants (``:arg``):
 ``runlocal`` (a few iterations), ``paper`` (200 epochs x 120 iterations at batch 512, the paper's
-schedule: about 13 hours in the reference code on a 2-core CPU). The default (400 iterations at
-batch 64) is cut to finish in under 10 minutes on a 2-core CPU; it is far from converged (about
-70% on the real test set when measured, see the README).
+schedule: about 13 hours in the reference code on a 2-core CPU). The default is cut to finish in
+under 10 minutes on a 2-core CPU: 500 iterations at batch 64, each one generator step and ten
+student steps on that iteration's batch (the student step is ~20x cheaper than the generator's),
+with the student's Adam learning rate annealed by a cosine over the run. It is far from converged
+(80% on the real test set after 300 such iterations when measured; see the README).
 """
 from dfkd_jax import configlib
 
@@ -18,17 +20,19 @@ def get_config(arg=None):
   c.generator = dict(arch='dafl_generator', kwargs=dict(nz=100, img_size=32, nc=1), output='normalized',
                      sample_mode='train')
   c.student_batch = 'reuse'  # the generator and student steps share one batch, as in the original
-  c.g_steps, c.kd_steps = 1, 1
+  c.g_steps, c.kd_steps = 1, 1  # the paper's; the default below takes 10 student steps
   c.loss = dict(oh=1.0, ie=5.0, a=0.1)
   c.kd = dict(loss='kl', temperature=1.0, reduction='batchmean')
-  c.optimizer_g = dict(name='adam', lr=0.2)
-  c.optimizer_s = dict(name='adam', lr=2e-3)
+  c.optimizer_g = dict(name='adam', lr=0.2, schedule='constant', per_step=False)
+  c.optimizer_s = dict(name='adam', lr=2e-3, schedule='constant', per_step=False)
   if arg.paper:
     c.batch_size = 512
     configlib.set_schedule(c, num_epochs=200, iters_per_epoch=120)
   else:
     c.batch_size = 64
-    configlib.set_schedule(c, num_epochs=4, iters_per_epoch=100)
+    c.kd_steps = 10
+    c.optimizer_s.update(schedule='cosine', per_step=True)
+    configlib.set_schedule(c, num_epochs=5, iters_per_epoch=100)
   if arg.runlocal:
     configlib.runlocal(c)
   return c
