@@ -6,11 +6,12 @@ offline unlabelled pool.
 Teacher: the embedded LeNet-5 (98.29% on the real MNIST test set). Positives: 10 images per class of
 the embedded training digits. Unlabelled pool: as ``configs/dfnd_mnist.py`` (4,500 unlabelled real
 digits among noise, photograph patches and upsampled 8x8 digits). Stage 1 trains the nnPU selector
-(an SE head on the LeNet trunk's three conv outputs; the trunk stays frozen here: fine-tuning it with
-Adam collapsed the selector to "all negative" in our runs) with the class prior estimated from the data
-(``--config.pu.prior=0.23`` to fix it) and keeps the estimated prior times the pool size of
-best-scored pool images (``--config.pu.selection=positive`` for the reference's g(x) > 0;
-``WORKDIR/selection.json`` says how many are real digits); stage 2 distils with the robust,
+(an SE head on the pooled outputs of the LeNet trunk's three convolutions and its hidden fully
+connected layer; the trunk stays frozen here: fine-tuning it with Adam collapsed the selector to
+"all negative" in our runs) with the class prior estimated from the data (``--config.pu.prior=0.23``
+to fix it), and keeps the pool images it scores positive (``WORKDIR/selection.json`` says how many
+are real digits; ``--config.pu.selection=prior`` keeps the prior times the pool size of best-scored
+images instead); stage 2 distils with the robust,
 class-reweighted KD. Add ``--config.eval.data=idx:../shared/data/mnist --config.eval.split=test`` for
 the real test set. Variants: ``:runlocal`` (a small pool, a few steps).
 """
@@ -23,10 +24,10 @@ def get_config(arg=None):
   c = configlib.mnist_distillation('pu')
   c.unlabelled = unlabelled.mnist_mix_config(small=arg.runlocal)
   c.pu = dict(labelled_data='embedded_mnist', labelled_split='train', labelled_per_class=10,
-              prior=0.0, beta=0.0, gamma=1.0, feature_modules=('features.0', 'features.3', 'features.6'),
+              prior=0.0, beta=0.0, gamma=1.0, feature_modules=('features.0', 'features.3', 'features.6', 'fc.0'),
               se_reduction=16, train_backbone=False, steps=800, batch_p=100, batch_u=256,
               optimizer=dict(name='adam', lr=3e-3, schedule='constant'),
-              perturb_num=1, perturb_eps=0.1, selection='prior')
+              perturb_num=1, perturb_eps=0.1, selection='positive')
   c.kd = dict(temperature=1.0)
   c.augment = dict(crop_padding=2, flip=False)
   c.batch_size = 128

@@ -109,6 +109,14 @@ def test_dfnd_selects_the_confident_samples():
     dfnd.select_confident(logits, 6)
 
 
+def test_pu_selection_rules():
+  scores = np.array([0.5, -1.0, 2.0, -0.1, 3.0])
+  np.testing.assert_array_equal(pu.select(scores, 0.4, 'positive'), [True, False, True, False, True])
+  np.testing.assert_array_equal(pu.select(scores, 0.4, 'prior'), [False, False, True, False, True])
+  with pytest.raises(UserError, match='selection'):
+    pu.select(scores, 0.4, 'all')
+
+
 def test_prior_estimate_on_separable_features():
   rng = np.random.default_rng(0)
   dim, prior = 8, 0.25
