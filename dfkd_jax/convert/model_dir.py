@@ -8,13 +8,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from dfkd_jax import models
 from dfkd_jax.errors import UserError
@@ -33,7 +34,7 @@ def sha256(path: str) -> str:
 
 
 def is_model_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, METADATA))
+  return (epath.Path(path) / METADATA).is_file()
 
 
 def abstract_variables(arch: str, num_classes: int | None, model_kwargs: dict) -> tuple[Any, Any]:
@@ -56,35 +57,48 @@ def metadata(arch: str, *, num_classes: int | None, dataset: str | None, model_k
 def save(path: str, arch: str, variables: Any, *, num_classes: int | None, dataset: str | None,
          model_kwargs: dict | None = None, extra: dict | None = None) -> dict:
   """Writes ``variables`` (numpy or jax) and metadata to directory ``path`` (created; must be
-  empty or absent); returns the metadata."""
-  path = os.path.abspath(path)
-  if os.path.exists(path) and os.listdir(path):
+  empty or absent; local or ``gs://``); returns the metadata. In a multi-process run every process
+  calls it: Orbax writes the (global) arrays collectively, process 0 the directory and metadata."""
+  path = epath.Path(path if '://' in str(path) else os.path.abspath(path))
+  if path.exists() and any(path.iterdir()):
     raise UserError(f'output directory {path} is not empty')
   meta = metadata(arch, num_classes=num_classes, dataset=dataset, model_kwargs=model_kwargs, extra=extra)
-  os.makedirs(path, exist_ok=True)
-  variables = jax.tree.map(lambda a: np.asarray(a, np.float32), dict(variables))
+  writer = jax.process_index() == 0
+  if writer:
+    path.mkdir(parents=True, exist_ok=True)
+  # Global arrays stay on their devices (a process may not hold all of an FSDP-split array).
+  variables = jax.tree.map(lambda a: a.astype(jnp.float32) if isinstance(a, jax.Array) else np.asarray(a, np.float32),
+                           dict(variables))
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(path, VARIABLES), variables)
+  checkpointer.save(path / VARIABLES, variables)
   checkpointer.wait_until_finished()
-  with open(os.path.join(path, METADATA), 'w') as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
-    f.write('\n')
+  if writer:
+    (path / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + '\n')
   return meta
 
 
 def save_trained(workdir: str, name: str, arch: str, variables: Any, config, model_kwargs: dict,
                  extra: dict) -> None:
-  """The final model of a training run as ``WORKDIR/name`` (process 0 only; a directory already
-  written by an earlier, resumed run is kept)."""
-  path = os.path.join(workdir, name)
-  if jax.process_index() != 0 or is_model_dir(path):
+  """The final model of a training run as ``WORKDIR/name`` (a directory already written by an
+  earlier, resumed run is kept). Every process of a multi-process run calls it (see ``save``)."""
+  path = epath.Path(workdir) / name
+  if is_model_dir(path):
     return
   # Written aside and renamed when complete, so that a run killed mid-export exports again.
-  partial = f'{path}.partial'
-  shutil.rmtree(partial, ignore_errors=True)
-  save(partial, arch, jax.device_get(variables), num_classes=config.num_classes, dataset=config.dataset,
+  partial = path.with_name(f'{name}.partial')
+  if jax.process_index() == 0 and partial.exists():
+    partial.rmtree()
+  _barrier('dfkd_jax export: no stale partial export')
+  save(str(partial), arch, variables, num_classes=config.num_classes, dataset=config.dataset,
        model_kwargs=dict(model_kwargs), extra=extra)
-  os.rename(partial, path)
+  if jax.process_index() == 0:
+    partial.rename(path)
+  _barrier('dfkd_jax export: in place')  # every process returns seeing the finished directory
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def load(path: str) -> tuple[Any, dict, dict]:
