@@ -55,12 +55,13 @@ def _stop_now(signum, frame):
   raise StopRequested(signum)
 
 
-class _DropOrbaxTracebacks(py_logging.Filter):
-  """Orbax logs a failed background save as several ERROR tracebacks; the CLI reports it in one
-  line instead (``--verbose`` keeps them)."""
+class _DropSaveTracebacks(py_logging.Filter):
+  """A failed background save is logged as many ERROR tracebacks, by Orbax and by asyncio (futures
+  nobody awaits after the failure); the CLI reports it in one line instead (``--verbose`` keeps
+  them)."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return f'{os.sep}orbax{os.sep}' not in record.pathname
+    return f'{os.sep}orbax{os.sep}' not in record.pathname and record.name != 'asyncio'
 
 
 def main(argv) -> None:
@@ -72,7 +73,7 @@ def main(argv) -> None:
   # then reports as an error) only with --verbose: a failure is one line.
   logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.ERROR)
   if not FLAGS.verbose:
-    py_logging.getLogger('absl').addFilter(_DropOrbaxTracebacks())
+    logging.get_absl_handler().addFilter(_DropSaveTracebacks())  # every logger's records pass it
     # After a failed background save, TensorStore's pending callbacks hit Orbax's closed event
     # loop ("Event loop is closed"); the failure itself is reported in one line.
     sys.unraisablehook = lambda unraisable: None

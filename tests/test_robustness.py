@@ -341,7 +341,8 @@ def _bad_input_cases(files):
                               ['batch_size=9 is not divisible by the 2 devices of the mesh', 'use batch_size=8 or 10']),
       'teacher_missing': ([f'--config.teacher.checkpoint={files}/missing.pth'], CONFIG,
                           [f"teacher checkpoint '{files}/missing.pth' does not exist; set --config.teacher.checkpoint "
-                           'to embedded:NAME (lenet5_mnist), a converted directory or a .pth file']),
+                           f"to embedded:NAME ({', '.join(teachers.embedded_names())}), a converted directory or a "
+                           '.pth file']),
       'teacher_truncated': ([f'--config.teacher.checkpoint={files}/truncated.pth'], CONFIG,
                             [f'{files}/truncated.pth is truncated or corrupted']),
       'teacher_dir_truncated': ([f'--config.teacher.checkpoint={files}/truncated_dir'], CONFIG,
