@@ -32,7 +32,7 @@ def get_config(arg=None):
               train_backbone=True, steps=170 * epochs, batch_p=128, batch_u=4096,
               optimizer=dict(name='sgd', lr=1e-3, momentum=0.9, weight_decay=5e-3, schedule='multistep',
                              milestones=(50 * epochs, 100 * epochs, 150 * epochs)),
-              perturb_num=1, perturb_eps=0.1, selection='positive')
+              perturb_num=1, perturb_eps=0.1, class_weight_power=1.0, selection='positive')
   c.kd = dict(temperature=1.0)
   c.augment = dict(crop_padding=4, flip=True)
   c.batch_size = 2048

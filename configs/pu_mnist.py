@@ -27,7 +27,7 @@ def get_config(arg=None):
               prior=0.0, beta=0.0, gamma=1.0, feature_modules=('features.0', 'features.3', 'features.6', 'fc.0'),
               se_reduction=16, train_backbone=False, steps=800, batch_p=100, batch_u=256,
               optimizer=dict(name='adam', lr=3e-3, schedule='constant'),
-              perturb_num=1, perturb_eps=0.1, selection='positive')
+              perturb_num=1, perturb_eps=0.1, class_weight_power=1.0, selection='positive')
   c.kd = dict(temperature=1.0)
   c.augment = dict(crop_padding=2, flip=False)
   c.batch_size = 128

@@ -42,17 +42,19 @@ def nnpu_risk(positive_scores: Array, unlabelled_scores: Array, prior: float, *,
 
 
 def robust_kd_class_weights(teacher_probs: Array, *, num_perturbations: int = 1, epsilon: float = 0.1,
-                            key: jax.Array | None = None) -> Array:
+                            key: jax.Array | None = None, power: float = 1.0) -> Array:
   """PU compression's class weight sets, shape (1 + num_perturbations, C).
 
-  w_c = C · (1/m_c) / Σ_c' (1/m_c'),  m_c = Σ_n softmax(t_n)_c  over the selected data (rare
-  classes weigh more, every class gets the same total weight m_c·w_c; Σ_c w_c = C), followed by
-  ``num_perturbations`` copies w ⊙ (1 + ε·u) with u ~ U(−1, 1)^C drawn from ``key``.
+  w_c = C · m_c^(−p) / Σ_c' m_c'^(−p),  m_c = Σ_n softmax(t_n)_c  over the selected data, followed
+  by ``num_perturbations`` copies w ⊙ (1 + ε·u) with u ~ U(−1, 1)^C drawn from ``key``. The
+  reference has p = ``power`` = 1: rare classes weigh more and every class gets the same total
+  weight m_c·w_c (Σ_c w_c = C). On a very skewed selection that puts a whole class's weight on a
+  few images; p < 1 tempers it, p = 0 gives uniform weights (plain KD).
 
   The perturbation is relative: on a skewed selection the weights span orders of magnitude, and an
   additive ε would turn the small ones negative (pushing the student away from the teacher).
   """
-  inverse = 1.0 / jnp.sum(teacher_probs, axis=0)
+  inverse = jnp.sum(teacher_probs, axis=0) ** -power
   weights = teacher_probs.shape[-1] * inverse / jnp.sum(inverse)
   if not num_perturbations:
     return weights[None]

@@ -201,7 +201,7 @@ def make_job(config, mesh):
   t_probs = jax.nn.softmax(selected_kd.teacher_logits(s, chosen, config, mesh) / config.kd.temperature, axis=-1)
   weights = losses_little_data.robust_kd_class_weights(
       jnp.asarray(t_probs), num_perturbations=cfg.perturb_num, epsilon=cfg.perturb_eps,
-      key=jax.random.fold_in(jax.random.key(config.seed), 5))
+      key=jax.random.fold_in(jax.random.key(config.seed), 5), power=cfg.class_weight_power)
   rep['class_weights'] = np.asarray(weights).round(4).tolist()
   temperature = config.kd.temperature
 
