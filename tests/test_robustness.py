@@ -8,9 +8,10 @@ a persistent compilation cache):
     uninterrupted run's, metrics read as one run;
   - a damaged latest checkpoint: one warning line, moved to checkpoints/corrupt/, the previous one
     used, the same final state;
-  - a disk that fills while checkpointing, a teacher whose logits overflow (a numerical failure
-    after a good checkpoint), SIGTERM during start-up, and every bad input of the issue: the exit
-    code, the one-line message, and every file already in the workdir unchanged.
+  - a disk that fills while checkpointing (or while writing other outputs), a teacher whose logits
+    overflow (a numerical failure after a good checkpoint), SIGTERM during start-up, and every bad
+    input of the issue: the exit code, the one-line message, and every file already in the workdir
+    unchanged.
 In-process, on a tiny job (milliseconds per step): where the finiteness checks happen (never a
 non-finite state checkpointed, even at a SIGTERM), the messages, 'skip' mode, SIGTERM during a
 checkpoint read, the workdir lock, and each kind of checkpoint damage.
@@ -402,6 +403,18 @@ def test_unwritable_workdir(env, tmp_path):
   message = one_line_error(run(blocker / 'run', env))
   assert message == f"error: cannot create the workdir '{blocker / 'run'}': Not a directory"
   assert blocker.read_text() == 'not a directory'
+
+
+def test_disk_full_outside_checkpoints_is_one_line(env, tmp_path):
+  """A full disk while writing metrics or outputs (simulated where the run starts) is one line too."""
+  full = (f'import errno, sys\nfrom dfkd_jax import main, train\n'
+          f'def no_space(*args):\n  raise OSError(errno.ENOSPC, "No space left on device", "{tmp_path}/metrics.jsonl")\n'
+          f'train.train_and_evaluate = no_space\nsys.argv = {command(tmp_path)[2:]!r}\nmain.run()\n')
+  result = subprocess.run([sys.executable, '-c', full], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+  assert one_line_error(result) == (f'error: No space left on device: {tmp_path}/metrics.jsonl; free disk space or '
+                                    'fix the permissions, then re-run the same command (it resumes from the last '
+                                    'checkpoint)')
 
 
 # --- the loop in-process, on a tiny job ---------------------------------------------------------
