@@ -116,6 +116,8 @@ def test_pu_selection_rules():
   scores = np.array([0.5, -1.0, 2.0, -0.1, 3.0])
   np.testing.assert_array_equal(pu.select(scores, 0.4, 'positive'), [True, False, True, False, True])
   np.testing.assert_array_equal(pu.select(scores, 0.4, 'prior'), [False, False, True, False, True])
+  logits = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])  # teacher: 0 0 1 1 1
+  np.testing.assert_array_equal(pu.select(scores, 0.4, 'balanced', logits), [True, False, False, False, True])
   with pytest.raises(UserError, match='selection'):
     pu.select(scores, 0.4, 'all')
 

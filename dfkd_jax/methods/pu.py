@@ -9,8 +9,8 @@ outputs of ``pu.feature_modules`` (ResNet-34: layer1..layer4, 64+128+256+512 = 9
 then a squeeze-and-excitation layer  f ⊙ σ(W₂ relu(W₁ f))  (no biases, reduction 16) and a linear
 score g(x) = w·(…) + b. g is trained with the non-negative PU risk (``losses_little_data.nnpu_risk``,
 sigmoid loss, class prior π, β = 0, γ = 1); the images of U with g(x) > 0 are selected
-(``pu.selection='positive'``), or the π·|U| best-scored ones (``'prior'``: a selector trained briefly
-is conservative at 0; the prior says how many to take). π is ``pu.prior`` when > 0, otherwise
+(``pu.selection='positive'``), or the π·|U| best-scored ones (``'prior'``), or those per class of
+the teacher's prediction (``'balanced'``), see ``select``. π is ``pu.prior`` when > 0, otherwise
 estimated (``estimate_prior``).
 
 Stage 2, robust distillation on the selected images: class weight sets w_k (inverse teacher class
@@ -155,16 +155,28 @@ def train_selector(config, mesh, s: distill.Setup, positives: np.ndarray, pool: 
   return scores, float(risk)
 
 
-def select(scores: np.ndarray, prior: float, rule: str) -> np.ndarray:
-  """Boolean mask of the selected pool images: 'positive' = g(x) > 0 (the reference), 'prior' = the
-  round(π·|U|) highest scores (as many as the class prior says U holds; ties: lower index)."""
+def select(scores: np.ndarray, prior: float, rule: str, teacher_logits: np.ndarray | None = None) -> np.ndarray:
+  """Boolean mask of the selected pool images (ties: lower index).
+
+  'positive': g(x) > 0 (the reference); 'prior': the round(π·|U|) highest scores (as many as the
+  class prior says U holds); 'balanced': among the images the teacher assigns to class c, the
+  round(π·|U|/C) highest scores, for every class c (a selector trained on a handful of positives
+  per class ranks some classes far below others; this keeps every class in the selection).
+  """
   if rule == 'positive':
     return scores > 0
+  mask = np.zeros(len(scores), bool)
   if rule == 'prior':
-    mask = np.zeros(len(scores), bool)
     mask[np.argsort(-scores, kind='stable')[:int(round(prior * len(scores)))]] = True
     return mask
-  raise UserError(f"pu.selection must be 'positive' or 'prior', not {rule!r}")
+  if rule == 'balanced':
+    labels, num_classes = np.argmax(teacher_logits, -1), teacher_logits.shape[-1]
+    per_class = int(round(prior * len(scores) / num_classes))
+    for c in range(num_classes):
+      of_class = np.flatnonzero(labels == c)
+      mask[of_class[np.argsort(-scores[of_class], kind='stable')[:per_class]]] = True
+    return mask
+  raise UserError(f"pu.selection must be 'positive', 'prior' or 'balanced', not {rule!r}")
 
 
 def class_prior(config, mesh, s: distill.Setup, positives: np.ndarray, pool: np.ndarray) -> tuple[float, str]:
@@ -190,7 +202,8 @@ def make_job(config, mesh):
   prior, prior_source = class_prior(config, mesh, s, positives, images)
   print(f'pu: class prior {prior:.4f} ({prior_source}); {len(positives)} labelled positives', flush=True)
   scores, risk = train_selector(config, mesh, s, positives, images, prior)
-  selected = select(scores, prior, cfg.selection)
+  logits = selected_kd.teacher_logits(s, images, config, mesh) if cfg.selection == 'balanced' else None
+  selected = select(scores, prior, cfg.selection, logits)
   if not selected.any():
     raise UserError('pu: the selector kept no unlabelled image (g(x) <= 0 everywhere); raise pu.prior or pu.steps')
   rep = selected_kd.selection_report(pool, selected, prior=prior, prior_source=prior_source, selector_risk=risk,
