@@ -69,7 +69,10 @@ def _accepted_args(module) -> list[str]:
   return listed.group(1).split(', ')
 
 
-def _total_steps(c) -> int:
+def _total_steps(c) -> int | None:
+  """Outer iterations of a step-counted job (None for epoch-counted teacher training)."""
+  if 'num_steps' in c:
+    return c.num_steps
   return c.num_epochs * c.iters_per_epoch if 'iters_per_epoch' in c else None
 
 
