@@ -86,7 +86,7 @@ def batch_norm_groups(mode: str, mesh) -> int:
 def with_batch_norm(phases: Sequence[tuple[str, Callable]], groups: int) -> list[tuple[str, Callable]]:
   """``phases`` (a ``loop.Job``'s) whose train-mode BatchNorm layers take their statistics over
   ``groups`` equal slices of the batch: the batch is split over the devices in order, so with one
-  group per device each device normalises its own slice, without communication."""
+  group per device each device normalises its own slice."""
   if groups == 1:
     return list(phases)
 
