@@ -10,11 +10,11 @@ digits among noise, photograph patches and upsampled 8x8 digits). Stage 1 trains
 connected layer; the trunk stays frozen here: fine-tuning it with Adam collapsed the selector to
 "all negative" in our runs) with the class prior estimated from the data (``--config.pu.prior=0.23``
 to fix it). It keeps, for each class the teacher predicts, the π·|U|/10 best-scored pool images
-(``pu.selection=balanced``: with 100 positives the selector ranks some classes far below others, and
-the reference's g(x) > 0, ``--config.pu.selection=positive``, leaves them out; measured 87.3% against at most
-70.3% with g(x) > 0, see ``benchmarks/results/little_data.md``; ``WORKDIR/selection.json`` says how many selected images
-are real digits); stage 2 distils with the robust,
-class-reweighted KD. Add ``--config.eval.data=idx:../shared/data/mnist --config.eval.split=test`` for
+(``pu.selection=balanced``: with 100 positives the selector ranks some classes far below others,
+and the reference's g(x) > 0, ``--config.pu.selection=positive``, leaves them out; measured 87.3%
+against at most 70.3% with g(x) > 0, see ``benchmarks/results/little_data.md``;
+``WORKDIR/selection.json`` says how many selected images are real digits); stage 2 distils with the
+robust, class-reweighted KD. Add ``--config.eval.data=idx:../shared/data/mnist --config.eval.split=test`` for
 the real test set. Variants: ``:runlocal`` (a small pool, a few steps).
 """
 from dfkd_jax import configlib
