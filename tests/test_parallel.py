@@ -11,9 +11,10 @@ optimiser state) must agree within float32 rounding:
   ||Δ8 − Δ1|| / ||Δ1|| <= ``STATE_RTOL``; integer leaves (step counters, the uint8 replay pool)
   exactly.
 
-Measured on the development machine: metrics within 1.5e-6, state within 5.6e-5 (DFAD's generator
-with FSDP; 1e-7 to 2e-5 elsewhere). A sharding mistake (statistics over the wrong slice, noise or
-batches in another order, a loss averaged per device) shows up at 1e-3 and above.
+Measured on the development machine: metrics within about 2e-6, state within about 6e-5 (the
+largest: DFAD's generator with FSDP; 1e-7 to 2e-5 elsewhere). A sharding mistake (statistics over
+the wrong slice, noise or batches in another order, a loss averaged per device) shows up at 1e-3
+and above.
 
 The rows use SGD for every model, with learning rates small enough that two iterations stay
 where rounding differences are not amplified by the dynamics. Adam divides each gradient
