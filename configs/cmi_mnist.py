@@ -17,6 +17,8 @@ def get_config(arg=None):
   c = configlib.mnist_distillation('cmi')
   c.teacher.checkpoint = 'embedded:resnet8_mnist'
   configlib.inversion_settings(c, crop_padding=2, flip=False)
+  # LeNet-5-half has no BatchNorm: SGD at lr 0.1 with the T=20 gradients (x T) kills it; Adam as DAFL.
+  c.optimizer_s = dict(name='adam', lr=1e-3, schedule='cosine')
   c.generator = dict(arch='cmi_generator', kwargs=dict(nz=256, ngf=64, img_size=32, nc=1))
   c.batch_size = 128
   c.synthesis_batch_size = 256
