@@ -208,7 +208,6 @@ def run(job: Job, config, workdir: str, mesh) -> Summary:
 def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpointer, signals: _StopSignals,
            t_start: float) -> Summary:
   on_nonfinite = config.get('numerics', {}).get('on_nonfinite', 'stop')
-  repl = parallel.replicated(mesh)
   # Independent streams: initialisation, training steps (folded with the step), sample grids, timing.
   init_key, seed_key, sample_key, timing_key = jax.random.split(jax.random.key(config.seed), 4)
   eval_set = _eval_set(config, mesh)  # before the workdir is touched: a missing dataset is a config error
