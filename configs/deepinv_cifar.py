@@ -30,13 +30,13 @@ def get_config(arg=None):
                    best='lowest_loss')
   if arg.variant == 'nvlabs':
     c.g_steps = 2000
-    c.optimizer_g = dict(lr=0.05, betas=(0.9, 0.999), schedule='constant')
+    c.optimizer_g = dict(lr=0.05, betas=(0.9, 0.999), schedule='constant', warmup_steps=100)
     c.loss = dict(bn=10.0, first_bn_multiplier=1.0, oh=1.0, adv=0.0, adv_form='adi', tv_l1=0.0, tv_l2=2.5e-5,
                   l2=0.0, l2_per_example=False)
     c.deepinv.update(jitter=2, flip=False, clip=False, prior_on='augmented', targets='cycle')
   elif arg.variant == 'cmi':
     c.g_steps = 1000
-    c.optimizer_g = dict(lr=0.1, betas=(0.5, 0.99), schedule='constant')
+    c.optimizer_g = dict(lr=0.1, betas=(0.5, 0.99), schedule='constant', warmup_steps=100)
     c.loss = dict(bn=10.0, first_bn_multiplier=1.0, oh=1.0, adv=1.0, adv_form='neg_js', tv_l1=1e-3, tv_l2=0.0,
                   l2=0.0, l2_per_example=False)
   else:

@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.synthesis_batch_size = 256
   c.g_steps = 200
   c.kd_steps = 50
-  c.optimizer_g = dict(lr=0.1, betas=(0.5, 0.99), schedule='constant')
+  c.optimizer_g = dict(lr=0.1, betas=(0.5, 0.99), schedule='constant', warmup_steps=100)
   c.loss = dict(bn=10.0, first_bn_multiplier=1.0, oh=1.0, adv=1.0, adv_form='neg_js', tv_l1=1e-3, tv_l2=0.0,
                 l2=0.0, l2_per_example=False)
   c.deepinv = dict(jitter=4, flip=False, clip=True, prior_on='inputs', targets='random_sorted', low_res_steps=0,

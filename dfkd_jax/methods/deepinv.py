@@ -87,7 +87,7 @@ def make_job(config, mesh):
     opt = config.optimizer_g
     schedule = opt.get('schedule', 'constant')
     if schedule == 'cosine':
-      return inversion.adam(cosine_with_warmup(opt.lr, opt.get('warmup_steps', 100), steps), opt.betas)
+      return inversion.adam(cosine_with_warmup(opt.lr, opt.warmup_steps, steps), opt.betas)
     if schedule != 'constant':
       raise UserError(f"optimizer_g.schedule must be 'constant' or 'cosine', not {schedule!r}")
     return inversion.adam(opt.lr, opt.betas)
