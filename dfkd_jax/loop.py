@@ -68,7 +68,8 @@ class Job:
   next_batch: host batch for a step (deterministic in the step), or None for data-free jobs.
   student / teacher: what evaluation measures.
   sample_images: (state, key) -> images in [0, 1] for the PNG grid, or None.
-  on_finish: (final state, workdir) -> None, e.g. to export the trained model.
+  on_finish: (final state, workdir) -> None or a dict of results (e.g. exports the trained model
+    and measures it); the returned numbers are merged into ``summary.json``.
   """
   init: Callable[[jax.Array], State]
   phases: Sequence[tuple[str, Phase]]
@@ -79,7 +80,7 @@ class Job:
   next_batch: Callable[[int], Mapping[str, np.ndarray]] | None = None
   sample_images: Callable[[State, jax.Array], jax.Array] | None = None
   steps_per_epoch: int = 1
-  on_finish: Callable[[State, str], None] | None = None
+  on_finish: Callable[[State, str], Mapping[str, Any] | None] | None = None
 
 
 class _StopSignals:
@@ -289,8 +290,9 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
   progress.close()
   checkpointer.wait()  # the final checkpoint is complete before the outputs say so
   writer.close()
+  finish_results = {}
   if step >= job.num_steps and job.on_finish is not None:
-    job.on_finish(state, workdir)
+    finish_results = job.on_finish(state, workdir) or {}
   summary_path = os.path.join(workdir, 'summary.json')
   if start >= job.num_steps and epath.Path(summary_path).exists():
     # Nothing trained now: the finished run's summary (and timings) stands.
@@ -309,12 +311,29 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
       'peak_rss_mb': report.peak_rss_mb(),
       **{f'{name}_s': frac * train_wall for name, frac in phase_fraction.items()},
       'finished': step >= job.num_steps,
+      # What the job measured once trained (e.g. DFSR's PSNRs); a key the loop owns is not replaced.
+      **{k: v for k, v in _scalars(finish_results).items() if k not in _LOOP_SUMMARY_KEYS},
   }
   if on_nonfinite == 'skip':
     values[SKIPPED] = int(jax.device_get(state[SKIPPED]))
   if report.is_writer():
     report.write_json(summary_path, values)
   return Summary(values, stopped_by)
+
+
+_LOOP_SUMMARY_KEYS = frozenset({'teacher_top1', 'student_top1_best', 'student_top1_final', 'steps', 'wall_s',
+                                 'train_s', 'peak_rss_mb', 'finished'})
+
+
+def _scalars(results: Mapping[str, Any]) -> dict[str, Any]:
+  """The JSON-able scalars of ``results`` (numbers, strings, booleans) as plain Python values."""
+  out = {}
+  for key, value in results.items():
+    if isinstance(value, (bool, str)):
+      out[key] = value
+    elif np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number):
+      out[key] = np.asarray(value).item()
+  return out
 
 
 def frozen_variables(evaluated: Evaluated, frozen):

@@ -14,6 +14,7 @@ temporary directory (every run builds new closures, so jit's in-memory cache can
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -268,6 +269,31 @@ def test_finished_run_is_not_retrained(teacher_run, tmp_path, capsys):
   assert checkpoint_steps(workdir) == [35, 70]
   assert summary.values == full_summary.values  # its summary (timings included) stands
   assert read_json(workdir, 'summary.json') == read_json(full, 'summary.json')
+
+
+def test_results_of_on_finish_join_the_summary(tmp_path, monkeypatch):
+  """What a job measures once trained (DFSR's PSNRs, PU's selection counts) lands in summary.json
+  as plain scalars; arrays are left out and the loop's own keys are not replaced."""
+  from dfkd_jax.methods import supervised
+  make_job = supervised.make_job
+
+  def make_job_reporting(config, mesh):
+    job = make_job(config, mesh)
+    export = job.on_finish
+
+    def on_finish(state, workdir):
+      export(state, workdir)
+      return {'psnr': np.float32(31.5), 'selected': np.int64(7), 'note': 'ok', 'per_class': np.zeros(3),
+              'steps': -1}
+    return dataclasses.replace(job, on_finish=on_finish)
+
+  monkeypatch.setattr(supervised, 'make_job', make_job_reporting)
+  workdir = str(tmp_path / 'run')
+  summary = train_and_evaluate(teacher_config(num_epochs=1, **{'eval.every_steps': 10}), workdir)
+  values = read_json(workdir, 'summary.json')
+  assert values == json.loads(json.dumps(summary.values))
+  assert values['psnr'] == 31.5 and values['selected'] == 7 and values['note'] == 'ok'
+  assert 'per_class' not in values and values['steps'] == 70
 
 
 # --- DAFL ---------------------------------------------------------------------------------------
