@@ -47,21 +47,6 @@ def _flush_denormals_on_cpu() -> None:
     os.environ['XLA_FLAGS'] = f'{flags_env} --xla_cpu_ftz=true'.strip()
 
 
-# A CPU-only run splits the CPU into this many devices (at most one per core), each running its
-# share of every batch on its own thread: benchmarks/results/devices.md measured 2 devices ahead of
-# 1 and 4 on the 2-core development machine.
-CPU_DEVICES = 2
-
-
-def _split_cpu_into_devices() -> None:
-  """Gives the CPU platform min(CPU_DEVICES, cores) devices unless ``XLA_FLAGS``
-  (``--xla_force_host_platform_device_count``) or ``JAX_NUM_CPU_DEVICES`` already choose. The mesh
-  uses them only where there is no accelerator. Set before jax starts."""
-  if '--xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
-    return
-  os.environ.setdefault('JAX_NUM_CPU_DEVICES', str(min(CPU_DEVICES, len(os.sched_getaffinity(0)))))
-
-
 # OS errors that are the environment's, not a bug: one line instead of a traceback.
 _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
@@ -93,7 +78,6 @@ def main(argv) -> None:
     # loop ("Event loop is closed"); the failure itself is reported in one line.
     sys.unraisablehook = lambda unraisable: None
   _flush_denormals_on_cpu()
-  _split_cpu_into_devices()
   try:
     # Refuse a busy workdir before the slow start-up (multi-host: process 0 locks it in the loop).
     with contextlib.nullcontext() if FLAGS.jax_distributed else workdir_lock.claim(FLAGS.workdir):

@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 import fsspec
+import jax
 import numpy as np
 import pytest
 from etils import epath
@@ -28,6 +29,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
 from dfkd_jax import loop, report
+from dfkd_jax.convert import model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAFL = 'configs/dafl_mnist.py:runlocal'
@@ -94,6 +96,12 @@ def test_two_processes_train_evaluate_checkpoint_and_resume(tmp_path):
     with Image.open(workdir / 'samples' / f'step_{step:07d}.png') as grid:
       assert grid.size == (8 * 34 + 2, 8 * 34 + 2)
   assert json.loads((workdir / 'config.json').read_text())['num_epochs'] == 2
+  # The student exported by both processes together (Orbax writes the global arrays collectively)
+  # is one complete model directory that loads in a single process.
+  assert not (workdir / 'student.partial').exists()
+  _, variables, meta = model_dir.load(str(workdir / 'student'))
+  assert meta['arch'] == 'lenet5_half'
+  assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(variables))
 
 
 class ObjectStore(MemoryFileSystem):
