@@ -116,9 +116,12 @@ def load(path: str) -> tuple[Any, dict, dict]:
     raise UserError(f'{path} has format {meta.get("format")!r}, expected {FORMAT!r}')
   model, abstract = abstract_variables(meta['arch'], meta.get('num_classes'), meta.get('model_kwargs', {}))
   try:
-    variables = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), VARIABLES),
-                                                   jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                                                abstract))
+    # Read whole onto this process's first device, whatever devices wrote it (a model exported by a
+    # pod slice loads on a laptop); the caller places it on its own mesh.
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    variables = ocp.StandardCheckpointer().restore(
+        os.path.join(os.path.abspath(path), VARIABLES),
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), abstract))
   except Exception as e:  # noqa: BLE001 - any read failure is a broken directory
     raise UserError(f'cannot read the weights in {path}: {str(e).splitlines()[0][:200]}') from e
   return model, jax.tree.map(np.asarray, variables), meta
