@@ -10,8 +10,9 @@ teacher's layer1..layer4 pooled features with an SE layer, prior 0.21, SGD 1e-3 
 epochs of batch 4096 with steps at 50/100/150 (here: 128 positives + 4,096 unlabelled per step,
 313 steps per ImageNet epoch); stage 2 robust KD at T=1 with one perturbed weight set (ε 0.1), SGD 0.1
 (wd 5e-4) for 200 epochs of batch 2048, steps at 50/100/150. Reported: 93.75% (teacher 95.61%).
-Stage 1 is hours on an accelerator and is not checkpointed. ``:runlocal`` smoke-tests the config
-anywhere (a random teacher, the offline MNIST pool in 3 channels, a few steps).
+Stage 1 is hours on an accelerator: its result is kept in ``WORKDIR/pu_stage1.npz`` once trained,
+so a re-run (resume) skips it (a crash during stage 1 repeats it). ``:runlocal`` smoke-tests the
+config anywhere (a random teacher, the offline MNIST pool in 3 channels, a few steps).
 """
 from dfkd_jax import configlib
 from dfkd_jax.data import unlabelled

@@ -4,6 +4,7 @@ No flags, no globals: the CLI (``dfkd_jax.main``) and tests call this directly.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 
 import jax
@@ -18,7 +19,10 @@ def train_and_evaluate(config, workdir: str) -> loop.Summary:
   log.info('process %d/%d, %d local / %d global devices', jax.process_index(), jax.process_count(),
            jax.local_device_count(), jax.device_count())
   mesh = parallel.make_mesh(config.mesh.num_devices)
-  job = methods.get(config.method).make_job(config, mesh)
+  make_job = methods.get(config.method).make_job
+  # A method with costly work before its loop (PU's selector) keeps that work's result in the workdir.
+  kwargs = {'workdir': workdir} if 'workdir' in inspect.signature(make_job).parameters else {}
+  job = make_job(config, mesh, **kwargs)
   summary = loop.run(job, config, workdir, mesh)
   v = summary.values
   if summary.stopped_by_signal is not None:

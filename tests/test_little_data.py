@@ -189,3 +189,30 @@ def test_method_iterations(name):
     assert not np.array_equal(before['aux'].params['theta'], after['aux'].params['theta'])
   for a, b in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(jax.device_get(frozen))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_pu_stage1_result_is_kept_in_the_workdir(tmp_path, monkeypatch):
+  """A re-run reads stage 1 from WORKDIR/pu_stage1.npz; a stage-2 setting keeps it, a selector
+  setting retrains it."""
+  calls = []
+
+  def fake_selector(config, mesh, s, positives, images, prior):
+    calls.append(prior)
+    return np.arange(len(images), dtype=np.float32) - len(calls), 0.25 * len(calls)
+
+  monkeypatch.setattr(pu, 'train_selector', fake_selector)
+  config = load_config('pu_mnist')
+  config.pu.prior = 0.2  # from the config: no teacher features needed
+  pool = np.zeros((7, 32, 32, 1), np.uint8)
+  first = pu.stage1(config, None, None, pool[:2], pool, str(tmp_path))
+  assert len(calls) == 1 and os.path.isfile(tmp_path / pu.STAGE1_FILE)
+  config.pu.selection = 'prior'  # stage 2 only
+  again = pu.stage1(config, None, None, pool[:2], pool, str(tmp_path))
+  assert len(calls) == 1
+  assert again[:2] == (0.2, 'config') and again[3] == 0.25
+  np.testing.assert_array_equal(again[2], first[2])
+  config.pu.steps += 1  # the selector changes: trained again, and the new result replaces the old
+  retrained = pu.stage1(config, None, None, pool[:2], pool, str(tmp_path))
+  assert len(calls) == 2 and retrained[3] == 0.5
+  np.testing.assert_array_equal(pu.stage1(config, None, None, pool[:2], pool, str(tmp_path))[2], np.arange(7) - 2)
+  assert len(calls) == 2 and not os.path.exists(tmp_path / (pu.STAGE1_FILE + '.partial'))

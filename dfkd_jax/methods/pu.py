@@ -25,18 +25,24 @@ Reference (huawei ``DEMC/pu_compress``, reference_semantics §2.11) and what dif
   a copy of the teacher, its BatchNorm in train mode on the concatenated P and U batch; otherwise
   it stays frozen (eval mode) and only the head learns;
 - the class prior can be estimated instead of fixed (0.21 in the reference);
-- stage 1 runs while the job is built (it is not checkpointed; re-running repeats it, with the
-  same result for the same seed), stage 2 is the loop's job.
+- stage 1 runs while the job is built and its result (π, the pool's scores g(x), the last risk) is
+  kept in ``WORKDIR/pu_stage1.npz`` with a key of the config fields it depends on: re-running the
+  command (after a crash, or to resume stage 2) reads it instead of training the selector again;
+  changing one of those fields retrains it. Stage 2 is the loop's job.
 """
 from __future__ import annotations
+
+import hashlib
+import json
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
-from dfkd_jax import losses_little_data, optim, taps
+from dfkd_jax import losses_little_data, optim, report, taps
 from dfkd_jax.data import unlabelled
 from dfkd_jax.errors import UserError
 from dfkd_jax.methods import distill, selected_kd
@@ -191,7 +197,46 @@ def class_prior(config, mesh, s: distill.Setup, positives: np.ndarray, pool: np.
   return estimate_prior(fp, fu, config.seed), 'estimated'
 
 
-def make_job(config, mesh):
+STAGE1_FILE = 'pu_stage1.npz'
+
+
+def _stage1_key(config, pool_size: int) -> str:
+  """What stage 1's result depends on: the teacher, the data, the selector's settings, the seed."""
+  fields = {name: config.get(name) for name in ('teacher', 'unlabelled', 'seed', 'image_size', 'in_channels',
+                                                  'num_classes', 'data_dir')}
+  pu = {k: v for k, v in config.pu.to_dict().items() if k not in ('selection', 'perturb_num', 'perturb_eps',
+                                                                     'class_weight_power')}
+  text = json.dumps({'fields': fields, 'pu': pu, 'pool_size': pool_size}, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def stage1(config, mesh, s: distill.Setup, positives: np.ndarray, images: np.ndarray,
+           workdir: str | None) -> tuple[float, str, np.ndarray, float]:
+  """(π, where π came from, scores g(x) on the pool, the selector's last risk), read from
+  ``WORKDIR/pu_stage1.npz`` when an earlier run of the same stage 1 wrote it."""
+  path = epath.Path(workdir) / STAGE1_FILE if workdir else None
+  key = _stage1_key(config, len(images))
+  if path is not None and path.exists():
+    with path.open('rb') as f:
+      saved = dict(np.load(f, allow_pickle=False))
+    if str(saved['key']) == key:
+      print(f'pu stage 1: read from {path}', flush=True)
+      return float(saved['prior']), str(saved['prior_source']), saved['scores'], float(saved['risk'])
+    print(f'pu stage 1: {path} was made with other settings; training the selector again', flush=True)
+  prior, prior_source = class_prior(config, mesh, s, positives, images)
+  print(f'pu: class prior {prior:.4f} ({prior_source}); {len(positives)} labelled positives', flush=True)
+  scores, risk = train_selector(config, mesh, s, positives, images, prior)
+  if path is not None and report.is_writer():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(STAGE1_FILE + '.partial')
+    with partial.open('wb') as f:
+      np.savez(f, key=key, prior=prior, prior_source=prior_source, scores=np.asarray(scores), risk=risk)
+    partial.replace(path)
+  return prior, prior_source, scores, risk
+
+
+def make_job(config, mesh, workdir: str | None = None):
+  """The PU job; ``workdir`` keeps stage 1's result (see the module docstring)."""
   s = distill.setup(config, mesh)
   cfg = config.pu
   labelled = unlabelled.labelled_subset(cfg.labelled_data, cfg.labelled_split, cfg.labelled_per_class,
@@ -199,9 +244,7 @@ def make_job(config, mesh):
   positives = selected_kd.to_model_resolution(labelled.images, config)
   pool = unlabelled.load_pool(config.unlabelled, config.seed, config.get('data_dir'))
   images = selected_kd.to_model_resolution(pool.images, config)
-  prior, prior_source = class_prior(config, mesh, s, positives, images)
-  print(f'pu: class prior {prior:.4f} ({prior_source}); {len(positives)} labelled positives', flush=True)
-  scores, risk = train_selector(config, mesh, s, positives, images, prior)
+  prior, prior_source, scores, risk = stage1(config, mesh, s, positives, images, workdir)
   logits = selected_kd.teacher_logits(s, images, config, mesh) if cfg.selection == 'balanced' else None
   selected = select(scores, prior, cfg.selection, logits)
   if not selected.any():
