@@ -2,16 +2,19 @@ r"""Benchmark: the inversion methods' synthesis inner step and student (KD) step
 timing setting (WRN-40-2 teacher -> WRN-16-1 student, CIFAR-10 shapes, batch 64, random weights),
 beside the CMI framework's PyTorch figures measured on this machine class
 (``shared/notes/reference_cpu_timings.md``: DeepInversion 596 ms, CMI 3,456 ms per inner step with
-4,096 bank negatives; student step 288 / 293 ms).
+4,096 bank negatives, Fast (Fast-Datafree, meta) 871 ms; student step 288 / 293 / 289 ms; no
+reference figure for CuDFKD and NAYER).
 
-  python benchmarks/inversion_steps.py [--methods deepinv,cmi] [--rounds 3] [--g-steps 10] [--kd-steps 10]
+  python benchmarks/inversion_steps.py [--methods deepinv,cmi,fast,cudfkd,nayer] [--rounds 3] [--g-steps 10] [--kd-steps 10]
       [--devices 1] [--out benchmarks/results/inversion_steps.md]
 
 Each configuration is the method's CIFAR config (``configs/<method>_cifar.py``, CMI-framework
 settings) at batch 64 with ``g_steps`` inner steps per synthesis call. The synth and kd phases are
 compiled separately (as ``loop.time_phases`` does) and timed over interleaved rounds; a phase call
 is divided by its step count. The CMI memory bank is marked full, so every step contrasts against
-4,096 real negatives, as in the reference measurement. Timings on a shared machine drift: the
+4,096 real negatives, as in the reference measurement. Warm-up epochs are off (Fast, NAYER), so the
+kd phase runs. CuDFKD's synthesis call also samples the kd_steps fresh student batches of its
+generator (its ``finish``), which the per-inner-step figure includes. Timings on a shared machine drift: the
 load average is printed with the table.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ms per inner step / per student step of the CMI framework on this machine class (median).
-REFERENCE_MS = {'deepinv': (596, 288), 'cmi': (3456, 293)}
+REFERENCE_MS = {'deepinv': (596, 288), 'cmi': (3456, 293), 'fast': (871, 289)}
 
 
 def load_config(method: str):
@@ -44,6 +47,7 @@ def build(method: str, batch: int, g_steps: int, kd_steps: int, devices: int):
   config.batch_size = config.synthesis_batch_size = batch
   config.g_steps, config.kd_steps = g_steps, kd_steps
   config.pool.capacity = 1024
+  config.warmup_epochs = 0
   if method == 'cmi':
     config.cmi.bank_size, config.cmi.negatives = 40960, 4096
   mesh = parallel.make_mesh(devices)
@@ -67,7 +71,7 @@ def build(method: str, batch: int, g_steps: int, kd_steps: int, devices: int):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--methods', default='deepinv,cmi')
+  parser.add_argument('--methods', default='deepinv,cmi,fast,cudfkd,nayer')
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--g-steps', type=int, default=10)
   parser.add_argument('--kd-steps', type=int, default=10)
@@ -91,10 +95,10 @@ def main():
   rows = ['| method | inner step ms, dfkd_jax | inner step ms, CMI framework | speed-up | student step ms, dfkd_jax '
           '| student step ms, CMI framework | speed-up |', '|---|---|---|---|---|---|---|']
   for m in names:
-    (synth, kd), (ref_synth, ref_kd) = times[m], REFERENCE_MS[m]
+    (synth, kd), (ref_synth, ref_kd) = times[m], REFERENCE_MS.get(m, (None, None))
     fmt = lambda v: f'{statistics.median(v):.0f} [{min(v):.0f}–{max(v):.0f}]'
-    rows.append(f'| {m} | {fmt(synth)} | {ref_synth} | {ref_synth / statistics.median(synth):.2f}x | {fmt(kd)} '
-                f'| {ref_kd} | {ref_kd / statistics.median(kd):.2f}x |')
+    ref = lambda r, v: (f'{r} | {r / statistics.median(v):.2f}x' if r else '– | –')
+    rows.append(f'| {m} | {fmt(synth)} | {ref(ref_synth, synth)} | {fmt(kd)} | {ref(ref_kd, kd)} |')
   text = (f'WRN-40-2 -> WRN-16-1, CIFAR-10 shapes, batch {args.batch}, {args.g_steps} inner steps per synthesis '
           f'call, {args.kd_steps} student steps per call, {args.devices} CPU device(s); median [min–max] over '
           f'{args.rounds} interleaved rounds; load average during the run {load[0]:.1f} / {load[1]:.1f} / '

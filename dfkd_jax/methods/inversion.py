@@ -1,6 +1,8 @@
 """The inversion engine shared by DeepInversion, CMI, Fast and NAYER: every synthesis call optimises
 a new batch against the frozen teacher (its pixels, or a re-initialised or cloned generator and its
 latents), keeps the best iterate in an on-device replay pool, and the student distils from the pool.
+CuDFKD (no replay) runs on it too: its ``finish`` fills a pool of exactly ``kd_steps`` fresh
+batches (``make_job(pool_size=...)``) and its ``Synthesizer.kd_loss`` weights the student's loss.
 
 One outer iteration is one compiled program (the state donated, the teacher frozen):
 
@@ -56,6 +58,7 @@ class Context(NamedTuple):
   teacher: Any            # the frozen teacher's variables
   student: TrainState     # for adversarial terms (apply it in eval mode, as the references do)
   epoch: jax.Array        # int32 epoch of this outer iteration
+  call: Any = None        # int32 index of this synthesis call from 0 (the outer iteration)
 
 
 class Step(NamedTuple):
@@ -86,11 +89,14 @@ class Synthesizer(NamedTuple):
   stages: the inner optimisation, run in order.
   finish: (carry, method_state, best_candidate, ctx) -> (method_state, images (N, H, W, C) in
     [0, 1] for the pool).
+  kd_loss: optional (student_logits, teacher_logits, student_step) -> the student's loss, replacing
+    ``config.kd`` (CuDFKD's self-paced weight depends on the step).
   """
   init: Callable[[jax.Array], Any]
   begin: Callable[[Any, Context, jax.Array], Any]
   stages: Sequence[Stage]
   finish: Callable[[Any, Any, Any, Context], tuple[Any, jax.Array]]
+  kd_loss: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,6 +141,75 @@ def bn_loss(view: TeacherView, variables, *, first_multiplier: float = 1.0, mome
   (``moments`` replaces the view's own batch statistics, e.g. blended ones)."""
   return losses.bn_statistics_loss(bn_moments(view) if moments is None else moments,
                                    taps.running_stats(variables, view.bn), first_multiplier=first_multiplier)
+
+
+def bn_ema_init(view: TeacherView) -> dict:
+  """Fast/NAYER ``bn_mmt`` state before the first synthesis call: an EMA of every teacher BN
+  input's (μ, σ²) (zeros, shaped by ``view``, e.g. ``abstract_view``) and ``count`` = how many
+  calls have updated it (0: the reference hook's ``mmt is None``)."""
+  return {'mean': [jnp.zeros(t.mean.shape, jnp.float32) for t in view.bn],
+          'var': [jnp.zeros(t.var.shape, jnp.float32) for t in view.bn],
+          'count': jnp.zeros((), jnp.int32)}
+
+
+def bn_ema_moments(ema: dict) -> list:
+  return list(zip(ema['mean'], ema['var']))
+
+
+def bn_ema_blend(ema: dict, moments, momentum: float) -> list:
+  """The statistics the BN loss compares with the running ones under ``bn_mmt``:
+  (1 − mmt)·(μ, σ²) + mmt·EMA once the EMA exists, the batch's own (μ, σ²) before
+  (``losses.blend_batch_stats``)."""
+  blended = losses.blend_batch_stats(moments, bn_ema_moments(ema), momentum=momentum)
+  started = ema['count'] > 0
+  return [(jnp.where(started, bm, m), jnp.where(started, bv, v)) for (bm, bv), (m, v) in zip(blended, moments)]
+
+
+def bn_ema_update(ema: dict, moments, momentum: float) -> dict:
+  """The once-per-call update with the last inner iteration's ``moments``: EMA ← mmt·EMA +
+  (1 − mmt)·(μ, σ²), or (μ, σ²) itself on the first call (``losses.update_stats_ema``)."""
+  updated = losses.update_stats_ema(bn_ema_moments(ema), moments, momentum=momentum)
+  first = ema['count'] == 0
+  moments = jax.lax.stop_gradient(list(moments))
+  pick = [(jnp.where(first, m, um), jnp.where(first, v, uv)) for (um, uv), (m, v) in zip(updated, moments)]
+  return {'mean': [m for m, _ in pick], 'var': [v for _, v in pick], 'count': ema['count'] + 1}
+
+
+def crop_flip_view(key, images, dataset: str, *, padding: int, flip: bool) -> jax.Array:
+  """Fast's and NAYER's synthesis view of generator images in [0, 1]: kornia ``RandomCrop(size,
+  padding)`` (zero fill), ``RandomHorizontalFlip`` if ``flip``, each per image, then the
+  normaliser."""
+  crop_key, flip_key = jax.random.split(key)
+  view = augment.random_crop(crop_key, images, padding) if padding else images
+  if flip:
+    view = augment.random_flip(flip_key, view)
+  return data.normalize(view, dataset)
+
+
+def decision_adversarial_terms(t: TeacherView, ctx: Context, view, targets, *, moments=None,
+                               adversarial=True, teacher_as_student: bool = False) -> dict:
+  """The inversion loss terms of CMI, Fast and NAYER on one teacher view ``t`` of input ``view``:
+
+    bn  Σ_l ‖σ²_run,l − σ²_l‖₂ + ‖μ_run,l − μ_l‖₂ (``moments`` replaces (μ_l, σ²_l), e.g. blended);
+    oh  CE(T(view), targets)  (NAYER's soft CE against one-hot targets is the same number);
+    adv −(1/N) Σ_n [argmax S = argmax T]_n KL(p_T ‖ p_S)_n at T = 1, the student in eval mode,
+        times ``adversarial`` (a traced 0/1 gate: Fast/NAYER switch it on after warm-up).
+
+  ``teacher_as_student`` puts the teacher's logits in the student's place, as Fast-Datafree's
+  ``datafree_kd.py`` builds its synthesizers with ``student=teacher`` (zju-vipa/Fast-Datafree#11):
+  the adversarial term is then KL(p_T ‖ p_T) = 0.
+  """
+  def adv():
+    s_logits = t.logits if teacher_as_student else student_logits(ctx, view)
+    return losses.masked_adversarial_kl(s_logits, t.logits, 1.0)
+
+  zero = lambda: jnp.zeros((), jnp.float32)
+  if isinstance(adversarial, bool):
+    adv_term = adv() if adversarial else zero()
+  else:  # the student's forward runs only when the gate is on
+    adv_term = jax.lax.cond(adversarial, adv, zero)
+  return {'bn': bn_loss(t, ctx.teacher, moments=moments), 'oh': losses.cross_entropy(t.logits, targets),
+          'adv': adv_term}
 
 
 def student_logits(ctx: Context, x) -> jax.Array:
@@ -199,13 +274,15 @@ def pool_capacity(config) -> int:
   return capacity or config.synthesis_batch_size * config.num_epochs * config.iters_per_epoch
 
 
-def make_job(config, mesh, s: distill.Setup, synthesizer: Synthesizer) -> loop.Job:
-  """The loop job of an inversion method: the ``synth`` then ``kd`` phases above."""
+def make_job(config, mesh, s: distill.Setup, synthesizer: Synthesizer, *,
+             pool_size: int | None = None) -> loop.Job:
+  """The loop job of an inversion method: the ``synth`` then ``kd`` phases above. ``pool_size``
+  replaces ``config.pool.capacity`` for a method whose pool is not a replay history (CuDFKD)."""
   batch, kd_steps, iters_per_epoch = config.batch_size, config.kd_steps, config.iters_per_epoch
   parallel.check_batch(config.synthesis_batch_size, mesh, 'synthesis_batch_size')
   if config.pool.dtype not in _POOL_DTYPES:
     raise UserError(f"pool.dtype must be one of {', '.join(_POOL_DTYPES)}, not {config.pool.dtype!r}")
-  capacity = pool_capacity(config)
+  capacity = pool_capacity(config) if pool_size is None else pool_size
   warmup_epochs = config.get('warmup_epochs', 0)
   num_steps = config.num_epochs * iters_per_epoch
   tx_s, lr_s = distill.student_optimizer(config, iters_per_epoch * kd_steps)
@@ -221,7 +298,7 @@ def make_job(config, mesh, s: distill.Setup, synthesizer: Synthesizer) -> loop.J
             'pool': pool_lib.init(capacity, s.student_input_shape, _POOL_DTYPES[config.pool.dtype])}
 
   def synthesize(state, frozen, key, _):
-    ctx = Context(frozen['teacher'], state['student'], state['step'] // iters_per_epoch)
+    ctx = Context(frozen['teacher'], state['student'], state['step'] // iters_per_epoch, state['step'])
     begin_key, key = jax.random.split(key)
     carry = synthesizer.begin(state['method'], ctx, begin_key)
     method_state, best, metrics = state['method'], None, {}
@@ -254,6 +331,8 @@ def make_job(config, mesh, s: distill.Setup, synthesizer: Synthesizer) -> loop.J
       x = train_augment(jax.random.fold_in(augment_key, i), x, config.kd_augment)
       x = jax.lax.with_sharding_constraint(data.normalize(x, config.dataset), data_sharding)
       t_logits = teacher.apply(tvars, x, train=False)
+      if synthesizer.kd_loss is not None:
+        return distill.student_update(student, x, lambda logits: synthesizer.kd_loss(logits, t_logits, student.step))
       return distill.student_update(student, x, lambda logits: kd_loss(logits, t_logits))
 
     return jax.lax.scan(kd_step, student, jnp.arange(kd_steps))

@@ -1,0 +1,262 @@
+"""Fast (meta-learned generator), CuDFKD and NAYER on the inversion engine.
+
+- Hand values of the loss terms they use: CuDFKD's batch-mean entropy, the masked adversarial KL
+  at T = 3, the self-paced weight, NAYER's soft CE against one-hot targets; the ``bn_mmt`` EMA
+  (first call, blend, update).
+- Fast's meta step on a hand-built example (one scalar generator parameter, loss (θ − 3)², two
+  inner Adam steps written out by hand): FOMAML sums the inner gradients, Reptile takes
+  (θ − θ')·67, and one meta Adam step at lr_g × g_steps follows.
+- CuDFKD's adversarial-weight ramp and curriculum λ; NAYER's epoch/re-creation schedule, balanced
+  labels, label-embedding file loading and its one-line errors.
+- Each method runs 2 fused iterations of its MNIST ``runlocal`` config on 2 devices: finite
+  metrics, student, pool and generator change, the teacher does not, one compilation; Fast's
+  reference flag (teacher as student) makes the adversarial term exactly 0.
+- A Fast run stopped by SIGTERM and resumed ends bitwise equal to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dfkd_jax import losses, methods, parallel
+from dfkd_jax.errors import UserError
+from dfkd_jax.methods import cudfkd, fast, inversion, nayer
+from dfkd_jax.train import train_and_evaluate
+from test_inversion import compile_and_init, small_config
+from test_loop import assert_bitwise_equal, compile_once, restore_arrays, stop_at  # noqa: F401
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss terms and the bn_mmt EMA
+# ------------------------------------------------------------------------------------------------
+
+def test_batch_mean_entropy_hand_values():
+  ln3 = math.log(3.0)
+  logits = jnp.asarray([[0.0, ln3], [ln3, 0.0]])  # softmax rows (1/4, 3/4), (3/4, 1/4): mean (1/2, 1/2)
+  np.testing.assert_allclose(losses.batch_mean_entropy(logits), math.log(2.0), rtol=1e-6)
+  # At T = ln 3 the rows become softmax (0, 1) and (1, 0) -> (1/(1+e), e/(1+e)); the mean stays uniform.
+  np.testing.assert_allclose(losses.batch_mean_entropy(logits, temperature=ln3), math.log(2.0), rtol=1e-6)
+  one = jnp.asarray([[0.0, ln3]])  # a single row: H(1/4, 3/4)
+  expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+  np.testing.assert_allclose(losses.batch_mean_entropy(one), expected, rtol=1e-6)
+
+
+def test_masked_adversarial_kl_at_t3_hand_values():
+  teacher = np.asarray([[3.0, 0.0], [0.0, 3.0]])
+  student = np.asarray([[1.0, 0.5], [2.0, 0.0]])  # row 0 agrees with the teacher (argmax 0), row 1 not
+  p = np.exp([1.0, 0.0]) / np.exp([1.0, 0.0]).sum()  # softmax(t_0 / 3)
+  q = np.exp([1 / 3, 1 / 6]) / np.exp([1 / 3, 1 / 6]).sum()  # softmax(s_0 / 3)
+  kl0 = 9.0 * np.sum(p * (np.log(p) - np.log(q)))  # x T² = 9
+  got = losses.masked_adversarial_kl(jnp.asarray(student), jnp.asarray(teacher), 3.0)
+  np.testing.assert_allclose(got, -kl0 / 2, rtol=1e-5)  # the mean runs over both rows, the masked one included
+
+
+def test_curriculum_weight_hand_values():
+  for loss, lam in [(1.0, 2.0), (0.0, 1.0), (5.0, 2.0)]:
+    expected = (1 + math.exp(-lam)) / (1 + math.exp(loss - lam))
+    np.testing.assert_allclose(losses.curriculum_weight(jnp.asarray(loss), lam), expected, rtol=1e-6)
+  grad = jax.grad(lambda l: losses.curriculum_weight(l, 2.0) * l)(jnp.asarray(1.0))
+  np.testing.assert_allclose(grad, (1 + math.exp(-2)) / (1 + math.exp(-1)), rtol=1e-6)  # v is a constant
+
+
+def test_soft_cross_entropy_against_one_hot_is_cross_entropy():
+  logits = jnp.asarray([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+  labels = jnp.asarray([1, 0])
+  by_hand = -np.mean([2.0 - np.log(np.exp([1.0, 2.0, 0.5]).sum()), 0.0 - np.log(np.exp([0.0, -1.0, 3.0]).sum())])
+  np.testing.assert_allclose(losses.soft_cross_entropy(logits, jax.nn.one_hot(labels, 3)), by_hand, rtol=1e-6)
+  np.testing.assert_allclose(losses.cross_entropy(logits, labels), by_hand, rtol=1e-6)
+
+
+def test_bn_mmt_ema_first_call_blend_and_update():
+  view = inversion.TeacherView(None, [types.SimpleNamespace(mean=jnp.zeros(2), var=jnp.zeros(2))], [])
+  ema = inversion.bn_ema_init(view)
+  batch1 = [(jnp.asarray([1.0, 2.0]), jnp.asarray([4.0, 8.0]))]
+  # Before any update the batch statistics are compared as they are.
+  np.testing.assert_array_equal(inversion.bn_ema_blend(ema, batch1, 0.9)[0][0], [1.0, 2.0])
+  ema = inversion.bn_ema_update(ema, batch1, 0.9)  # the first call initialises the EMA
+  assert int(ema['count']) == 1
+  np.testing.assert_array_equal(ema['mean'][0], [1.0, 2.0])
+  np.testing.assert_array_equal(ema['var'][0], [4.0, 8.0])
+  batch2 = [(jnp.asarray([11.0, 2.0]), jnp.asarray([14.0, 18.0]))]
+  mean, var = inversion.bn_ema_blend(ema, batch2, 0.9)[0]
+  np.testing.assert_allclose(mean, [0.1 * 11 + 0.9 * 1, 2.0], rtol=1e-6)
+  np.testing.assert_allclose(var, [0.1 * 14 + 0.9 * 4, 0.1 * 18 + 0.9 * 8], rtol=1e-6)
+  ema = inversion.bn_ema_update(ema, batch2, 0.9)
+  np.testing.assert_allclose(ema['mean'][0], [0.9 * 1 + 0.1 * 11, 2.0], rtol=1e-6)
+  np.testing.assert_allclose(ema['var'][0], [0.9 * 4 + 0.1 * 14, 0.9 * 8 + 0.1 * 18], rtol=1e-6)
+  # The blend carries gradient to the batch statistics only (x 0.1), none to the EMA.
+  g = jax.grad(lambda m: inversion.bn_ema_blend(ema, [(m, batch2[0][1])], 0.9)[0][0].sum())(batch2[0][0])
+  np.testing.assert_allclose(g, [0.1, 0.1], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast's meta step on a hand-built example
+# ------------------------------------------------------------------------------------------------
+
+def _adam_by_hand(theta, grads, lr, b1=0.5, b2=0.999, eps=1e-8):
+  """torch Adam on a scalar, one step per gradient of ``grads(theta)``; returns the iterates and
+  the gradients seen."""
+  m = v = 0.0
+  seen = []
+  for t in (1, 2):
+    g = grads(theta)
+    seen.append(g)
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    theta = theta - lr * (m / (1 - b1**t)) / (math.sqrt(v / (1 - b2**t)) + eps)
+  return theta, seen
+
+
+@pytest.mark.parametrize('rule', ['fomaml', 'reptile'])
+def test_fast_meta_step_hand_example(rule):
+  lr_g, g_steps = 0.1, 2
+  tx_g, tx_z = inversion.adam(lr_g, (0.5, 0.999)), inversion.adam(0.01, (0.5, 0.999))
+  tx_meta = inversion.adam(lr_g * g_steps, (0.5, 0.999))
+  meta = {'w': jnp.asarray(0.0)}
+  variables = {'generator': meta, 'z': jnp.asarray(1.0)}
+  carry = {'variables': variables, 'opt_g': tx_g.init(meta), 'opt_z': tx_z.init(variables['z']),
+           'meta_grad': jax.tree.map(jnp.zeros_like, meta)}
+  objective = lambda v, key: ((v['generator']['w'] - 3.0) ** 2 + 0.0 * v['z'], ())
+  for k in range(g_steps):
+    carry, _, _ = fast.inner_step(objective, carry, jax.random.key(k), tx_g, tx_z, rule)
+  fast_w, seen = _adam_by_hand(0.0, lambda w: 2 * (w - 3.0), lr_g)
+  np.testing.assert_allclose(seen, [-6.0, 2 * (0.1 - 3.0)], rtol=1e-6)  # Adam's first step moves by lr·sign(g)
+  # float32 against the float64 hand computation: 1 − 0.999² rounds to 8e-6 relative in float32.
+  np.testing.assert_allclose(carry['variables']['generator']['w'], fast_w, rtol=5e-5)
+  grads = fast.meta_gradient(meta, carry, rule, 67.0)
+  expected = sum(seen) if rule == 'fomaml' else (0.0 - fast_w) * 67.0
+  np.testing.assert_allclose(grads['w'], expected, rtol=5e-5)
+  opt = tx_meta.init(meta)
+  new_meta, opt = inversion.apply_adam(tx_meta, meta, opt, grads)
+  # The meta Adam's first step: −lr_g·g_steps·sign(grad) (eps aside); its first moment holds (1 − b1)·grad.
+  np.testing.assert_allclose(new_meta['w'], -lr_g * g_steps * math.copysign(1, expected), rtol=1e-5)
+  np.testing.assert_allclose(opt[0].mu['w'], 0.5 * expected, rtol=5e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# CuDFKD schedules, NAYER schedule and inputs
+# ------------------------------------------------------------------------------------------------
+
+def test_cudfkd_adversarial_ramp_and_curriculum_lambda():
+  # 8 epochs, fractions 0.25-0.75: the weight grows after epochs 3, 4, 5 (2 < e < 6).
+  got = [float(cudfkd.adv_weight(e, initial=0.5, step=0.2, num_epochs=8, begin_fraction=0.25, end_fraction=0.75))
+         for e in range(9)]
+  np.testing.assert_allclose(got, [0.5, 0.5, 0.5, 0.5, 0.7, 0.9, 1.1, 1.1, 1.1], rtol=1e-6)
+  np.testing.assert_allclose(float(cudfkd.curriculum_lambda(100, lambda_0=2.0, alpha=1e-4)), 2.01, rtol=1e-6)
+  np.testing.assert_allclose(float(cudfkd.curriculum_lambda(0, lambda_0=1.0, alpha=2e-5)), 1.0)
+
+
+def test_nayer_schedule_epochs_and_generator_recreation():
+  s = nayer.Schedule(warmup_calls=200, warmup_loops=10, loops=2, g_life=10)  # 20 warm-up epochs x 10 batches
+  calls = np.asarray([0, 5, 9, 10, 100, 199, 200, 201, 210, 219, 220, 221, 240])
+  np.testing.assert_array_equal(s.epoch(calls), [0, 0, 0, 1, 10, 19, 20, 20, 25, 29, 30, 30, 40])
+  recreated = [int(c) for c in calls if bool(s.recreate(c))]
+  assert recreated == [0, 100, 200, 220, 240]
+  with pytest.raises(UserError, match='not a whole number'):
+    nayer.Schedule(warmup_calls=15, warmup_loops=10, loops=2, g_life=10)
+
+
+def test_nayer_balanced_targets():
+  t = nayer.balanced_targets(jax.random.key(0), 23, 10)
+  np.testing.assert_array_equal(t[:20], np.tile(np.arange(10), 2))
+  assert t.shape == (23,) and ((0 <= t[20:]) & (t[20:] < 10)).all()
+
+
+def test_nayer_label_embedding_file_and_fallback(tmp_path):
+  table = np.arange(12, dtype=np.float32).reshape(3, 4)
+  path = str(tmp_path / 'le.npy')
+  np.save(path, table)
+  np.testing.assert_array_equal(nayer.load_label_embedding(path, 3, 4, seed=0), table)
+  fallback = nayer.load_label_embedding('', 3, 4, seed=7)
+  np.testing.assert_allclose(fallback @ fallback.T, np.eye(3), atol=1e-6)  # orthonormal rows
+  np.testing.assert_array_equal(fallback, nayer.load_label_embedding('', 3, 4, seed=7))
+  assert not np.allclose(fallback, nayer.load_label_embedding('', 3, 4, seed=8))
+  np.save(str(tmp_path / 'wrong.npy'), table.T)
+  (tmp_path / 'text.npy').write_text('not an array')
+  cases = [(str(tmp_path / 'wrong.npy'), 'holds float32[4, 3]; expected a float array [num_classes, le_size] = [3, 4]'),
+           (str(tmp_path / 'missing.npy'), 'no such file'),
+           (str(tmp_path / 'text.npy'), 'is not a .npy array file')]
+  for bad, message in cases:
+    with pytest.raises(UserError) as e:
+      nayer.load_label_embedding(bad, 3, 4, seed=0)
+    assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
+  with pytest.raises(UserError, match='le_size >= num_classes'):
+    nayer.load_label_embedding('', 5, 4, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Each method: 2 fused iterations
+# ------------------------------------------------------------------------------------------------
+
+def _all_changed(a, b) -> bool:
+  return all(jax.tree.leaves(jax.tree.map(lambda x, y: not np.array_equal(x, y), a, b)))
+
+
+def _any_changed(a, b) -> bool:
+  return any(jax.tree.leaves(jax.tree.map(lambda x, y: not np.array_equal(x, y), a, b)))
+
+
+@pytest.mark.parametrize('name,overrides', [
+    ('fast_mnist', {}),
+    ('fast_mnist', {'fast.meta': 'reptile', 'fast.reference_teacher_as_student': True}),
+    ('cudfkd_mnist', {}),
+    ('nayer_mnist', {})], ids=['fast', 'fast_reptile_reference_bug', 'cudfkd', 'nayer'])
+def test_method_iterations(name, overrides, tmp_path):
+  overrides = dict({'warmup_epochs': 0}, **overrides)
+  if name == 'nayer_mnist':  # a file of label embeddings, as a user gives it
+    path = str(tmp_path / 'le.npy')
+    np.save(path, np.random.default_rng(0).normal(size=(10, 512)).astype(np.float32))
+    overrides['nayer.label_embedding'] = path
+  config = small_config(name, **overrides)
+  mesh = parallel.make_mesh(2)
+  job = methods.get(config.method).make_job(config, mesh)
+  state, iteration, frozen = compile_and_init(job, mesh)
+  before, teacher_before = jax.device_get(state), jax.device_get(frozen)
+  for _ in range(2):
+    state, metrics = iteration(state, frozen, jax.random.key(1), None)
+  assert iteration._cache_size() == 1, 'the iteration was compiled more than once'
+  metrics, after = jax.device_get(metrics), jax.device_get(state)
+  assert metrics and all(np.isfinite(v).all() for v in metrics.values()), metrics
+  for key in ('train/synthesis_loss', 'train/student_loss', 'train/loss_bn', 'train/loss_oh', 'train/loss_adv'):
+    assert key in metrics, key
+  assert int(after['step']) == 2
+  assert _all_changed(before['student'].params, after['student'].params), 'student parameters did not all change'
+  assert not np.array_equal(before['pool']['items'], after['pool']['items'])
+  assert _any_changed(before['method']['generator'], after['method']['generator'])
+  if name == 'cudfkd_mnist':  # the pool holds exactly the fresh samples of the last call
+    assert int(metrics['train/pool_size']) == config.kd_steps * config.batch_size
+    assert 'train/loss_ent' in metrics and float(metrics['train/adv_weight']) == config.loss.adv
+  else:
+    assert int(metrics['train/pool_size']) == 2 * config.synthesis_batch_size
+    assert int(after['method']['bn_ema']['count']) == 2
+  if name == 'fast_mnist':  # every meta parameter moves (FOMAML or Reptile)
+    assert _all_changed(before['method']['generator'], after['method']['generator'])
+    if overrides.get('fast.reference_teacher_as_student'):
+      assert float(metrics['train/loss_adv']) == 0.0
+  for a, b in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(jax.device_get(frozen))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_fast_resume_after_sigterm_is_bitwise(tmp_path, monkeypatch):
+  """runlocal: 4 calls, the first epoch (2 calls) synthesis only, reset_l0 at call 1."""
+  config = small_config('fast_mnist', **{'mesh.num_devices': 1, 'report.phase_timing_reps': 0,
+                                         'checkpoint.every_steps': 1})
+  full = str(tmp_path / 'full')
+  train_and_evaluate(config, full)
+  workdir = str(tmp_path / 'resumed')
+  stop_at(monkeypatch, 1)
+  summary = train_and_evaluate(config, workdir)
+  assert summary.stopped_by_signal == signal.SIGTERM and summary.values['steps'] == 2
+  monkeypatch.undo()
+  summary = train_and_evaluate(config, workdir)
+  assert summary.values['finished'] is True
+  final = restore_arrays(workdir, 4)
+  for part in ("['pool']", "['method']['generator']", "['method']['meta_opt']", "['method']['bn_ema']",
+               "['student']"):
+    assert any(k.startswith(part) for k in final), part
+  assert_bitwise_equal(final, restore_arrays(full, 4))
