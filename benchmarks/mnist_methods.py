@@ -4,6 +4,11 @@ evaluated on the real 10,000-image MNIST test set. Prints a table and writes a r
   python benchmarks/mnist_methods.py --mnist ../shared/data/mnist [--methods dafl,zskt] [--seeds 0,1,2]
       [--override key=value ...] [--out benchmarks/results/mnist_methods.json]
 
+Methods: dafl, zskt, dfad, dfq (LeNet-5 teacher) and deepinv, cmi, fast, cudfkd, nayer (the
+embedded BatchNorm teacher resnet8_mnist) -- any ``configs/{method}_mnist.py``. The results file
+keeps every method's latest runs: benchmarking one method replaces that method's rows only, and the
+table of all of them is printed and written beside it as ``.md``.
+
 Each run is a fresh ``python -m dfkd_jax.main`` process (so peak RSS is per run) in its own
 workdir under ``benchmarks/runs/``. Columns: teacher top-1, student best/final top-1 (mean ± std
 over seeds), wall time, the synthesis/KD split of training time, iterations per second, peak RSS.
@@ -66,14 +71,23 @@ def main():
   parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'mnist_methods.json'))
   parser.add_argument('--runs-dir', default=os.path.join(ROOT, 'benchmarks', 'runs'))
   args = parser.parse_args()
-  results = {}
+  results, argv = {}, {}
+  if os.path.exists(args.out):
+    with open(args.out) as f:
+      previous = json.load(f)
+    results, argv = previous['results'], previous.get('argv', {})
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
   for method in args.methods.split(','):
     results[method] = [run(method, int(s), args.mnist, args.override, args.runs_dir) for s in args.seeds.split(',')]
-  text = table(results)
+    argv[method] = sys.argv[1:]
+    text = table(results)
+    # Written after every method, so a long benchmark interrupted part-way keeps what it measured.
+    with open(args.out, 'w') as f:
+      json.dump({'results': results, 'table': text, 'argv': argv}, f, indent=2)
+    with open(os.path.splitext(args.out)[0] + '.md', 'w') as f:
+      f.write('Written by `python benchmarks/mnist_methods.py` (see its docstring); argv per method in the .json.\n\n'
+              + text + '\n')
   print(text)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump({'results': results, 'table': text, 'argv': sys.argv[1:]}, f, indent=2)
 
 
 if __name__ == '__main__':

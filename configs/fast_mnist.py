@@ -12,7 +12,7 @@ and digits need less) and MNIST-sized schedules: one synthesis-only warm-up epoc
 synthesis call of 256 digits is followed by 40 student steps on the pool (batch 128; crop-pad 2,
 no flips for digits); 48 calls in all, reset_l0 after 7 epochs (the reference's 120 of 200). ``--config.fast.meta=reptile`` for the Reptile variant;
 ``--config.fast.reference_teacher_as_student=True`` for the reference bug (adversarial term 0).
-See the README for the measured accuracy and time. ``:runlocal`` for a smoke test.
+See the README for what is measured. ``:runlocal`` for a smoke test.
 """
 from dfkd_jax import configlib
 

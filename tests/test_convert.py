@@ -371,6 +371,27 @@ def test_sizes_the_file_cannot_tell_are_named(tmp_path):
   assert [fit.arch for fit in api.identify(torch_pickle.load_state_dict(path), {'img_size': 64})] == ['cmi_generator']
 
 
+def test_depth_is_read_from_the_key_set(tmp_path):
+  """A VDSR of 3 or 25 blocks (default 18) converts with or without arch, its depth read from which
+  residual_layer keys the file holds, and evaluates like the model it was saved from."""
+  x = jax.random.normal(jax.random.key(1), (1, 12, 12, 1))
+  for blocks in (3, 25):
+    model = models.create('vdsr', num_blocks=blocks)
+    variables = model.init(jax.random.key(blocks), x)
+    path = tmp_path / f'vdsr{blocks}.pth'
+    api.save_pth(path, 'vdsr', variables, model_kwargs=dict(num_blocks=blocks))
+    for arch in ('vdsr', None):
+      converted, converted_variables, meta = api.convert_file(path, arch=arch)
+      assert meta['arch'] == 'vdsr' and meta['model_kwargs']['num_blocks'] == blocks, meta
+      np.testing.assert_array_equal(converted.apply(converted_variables, x), model.apply(variables, x))
+  # A file whose keys no single depth explains still fails, naming what differs.
+  sd = dict(torch_pickle.load_state_dict(tmp_path / 'vdsr3.pth'))
+  del sd['residual_layer.1.conv.weight']
+  torch_pickle.save_state_dict(tmp_path / 'holed.pth', sd)
+  with pytest.raises(UserError, match='residual_layer.1.conv.weight'):
+    api.convert_file(tmp_path / 'holed.pth', arch='vdsr')
+
+
 def test_bad_model_kwarg_value_is_a_user_error(store):
   with pytest.raises(UserError, match='cannot build cmi_generator with'):
     api.convert_file(store.file('cmi__generator', 'state_dict'), arch='cmi_generator', model_kwargs={'ngf': 'wide'})

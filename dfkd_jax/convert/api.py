@@ -18,7 +18,8 @@ one registered architecture. A *size argument* -- ``num_classes`` of a classifie
 keyword of the architecture's builder such as a generator's ``nz``, ``nc`` or ``ngf`` -- is read
 off the tensor shapes when it appears as a dimension: the builder is probed with the argument one
 larger, and the dimensions that grow by exactly one hold its value in the file. Sizes that never
-appear as a dimension (``img_size``, a depth) keep the builder's default unless given. The
+appear as a dimension keep the builder's default unless given (``img_size``), except a *count*,
+an argument that adds or removes keys (VDSR's ``num_blocks``): it is read off the file's key set. The
 converted model records every size it was built with. A file that does not fit gives one line
 listing the missing, unexpected and mis-shaped keys and, where some registered architecture fits
 the file, the arch and sizes to use instead.
@@ -132,6 +133,48 @@ def _file_shapes(state_dict: Mapping[str, np.ndarray], spec: models.ModelSpec) -
           if not key.endswith(naming.IGNORED_SUFFIXES)}
 
 
+@functools.lru_cache(maxsize=None)
+def _counted_keys(arch: str, frozen_kwargs: tuple, name: str) -> frozenset[str]:
+  """The keys that appear or vanish when size argument ``name`` goes from its value to 1 or to
+  twice its value, if that changes no other key's shape: nonempty for a count such as VDSR's
+  ``num_blocks``, empty for a width that also adds keys (a WRN's ``widen_factor`` adds shortcuts)."""
+  value = dict(frozen_kwargs)[name]
+  counted = set()
+  for probe in (1, 2 * value or 1):
+    base, other = _grown(arch, frozen_kwargs, name, probe)
+    if other is None:
+      continue
+    if any(base[k] != other[k] for k in set(base) & set(other)):
+      return frozenset()  # it also changes shapes (a width): not a count
+    counted |= set(base) ^ set(other)
+  return frozenset(counted)
+
+
+def _read_counts(arch: str, keys: set[str], given: Mapping[str, Any]) -> dict:
+  """The count arguments not in ``given`` (integer arguments that add or remove keys, such as a
+  depth) whose value gives exactly the key set ``keys``: {} when the keys already agree or differ
+  in a way no single count explains. Counts are probed upwards from 1 until the keys outnumber
+  the file's, which a count only makes grow."""
+  kwargs = {**size_defaults(arch), **given}
+  differ = set(expected_shapes(arch, kwargs)) ^ keys
+  if not differ:
+    return {}
+  frozen = tuple(sorted(kwargs.items()))
+  for name in size_defaults(arch):
+    if name in given or not differ <= _counted_keys(arch, frozen, name):
+      continue
+    for value in range(1, 4 * max(kwargs[name], 16)):
+      try:
+        probe = set(expected_shapes(arch, {**kwargs, name: value}))
+      except Exception:  # noqa: BLE001 - a builder may reject a probe value; try the next
+        continue
+      if probe == keys:
+        return {name: value}
+      if len(probe) > len(keys):
+        break
+  return {}
+
+
 def _read_sizes(arch: str, shapes: Shapes, given: Mapping[str, Any]) -> dict:
   """``given`` plus every other size argument that ``shapes`` determine."""
   kwargs = {**size_defaults(arch), **given}
@@ -169,10 +212,12 @@ def identify(state_dict: Mapping[str, np.ndarray], model_kwargs: Mapping[str, An
   fits = []
   for spec, given, kwargs in _candidates(dict(model_kwargs or {})):
     shapes = _file_shapes(state_dict, spec)
+    counts = _read_counts(spec.name, set(shapes), given)
+    kwargs = {**kwargs, **counts}
     if set(shapes) != set(expected_shapes(spec.name, kwargs)):
       continue
-    fitted = {**kwargs, **_read_sizes(spec.name, shapes, {k: v for k, v in given.items()
-                                                          if k not in size_defaults(spec.name)})}
+    fitted = {**kwargs, **_read_sizes(spec.name, shapes, {**counts, **{k: v for k, v in given.items()
+                                                                       if k not in size_defaults(spec.name)}})}
     if expected_shapes(spec.name, fitted) == shapes:
       fits.append(Fit(spec.name, fitted))
   return fits
@@ -261,7 +306,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str | None = 
     raise
   except Exception as e:  # noqa: BLE001 - the builder rejects a given value
     raise UserError(f'cannot build {spec.name} with {given}: {" ".join(str(e).split())[:200]}') from e
-  kwargs = {**size_defaults(spec.name), **_read_sizes(spec.name, _file_shapes(state_dict, spec), given)}
+  shapes = _file_shapes(state_dict, spec)
+  given = {**_read_counts(spec.name, set(shapes), given), **given}
+  kwargs = {**size_defaults(spec.name), **_read_sizes(spec.name, shapes, given)}
   num_classes = kwargs.get('num_classes')
   model_kwargs = {k: v for k, v in kwargs.items() if k != 'num_classes'}
   model, abstract = model_dir.abstract_variables(spec.name, num_classes, model_kwargs)
