@@ -446,19 +446,22 @@ def time_phases(job: Job, state, frozen, timing_key, mesh, config) -> dict[str, 
   """Fraction of an outer iteration's time spent in each named phase ('synth', 'kd', ...).
 
   Phases run fused in one program, so their share is measured once, before training, by timing
-  each phase compiled on its own over a few repetitions on a copy of the state (results are
-  discarded, so training is unaffected). The summary's ``synth_s``/``kd_s`` are these fractions
-  of the training wall time.
+  each phase compiled on its own over a few repetitions on a copy of the state with the step
+  counter set to the run's middle iteration (results are discarded, so training is unaffected).
+  The summary's ``synth_s``/``kd_s`` are these fractions of the training wall time.
   """
   reps = config.report.get('phase_timing_reps', 3)
   if reps <= 0 or len(job.phases) < 2:
     return {job.phases[0][0]: 1.0} if len(job.phases) == 1 else {}
   batch = _device_batch(job, 0, parallel.data_sharded(mesh))
+  # Timed at the run's middle iteration, not the first: a method may skip a phase during warm-up
+  # epochs (Fast's synthesis-only start) or grow it over the run (DFSR's depth).
+  state = dict(state, step=state['step'] * 0 + job.num_steps // 2)
   times = {}
   for i, (name, fn) in enumerate(_phases_on(job, mesh, config.mesh)):
-    compiled = jax.jit(lambda s, f, k, b, fn=fn: fn(s, f, k, b))
     key = jax.random.fold_in(timing_key, i)
-    jax.block_until_ready(compiled(state, frozen, key, batch))  # compile
+    # Compiled ahead of time, not by a first call: a synthesis phase can take a minute to run.
+    compiled = jax.jit(lambda s, f, k, b, fn=fn: fn(s, f, k, b)).lower(state, frozen, key, batch).compile()
     t0 = time.perf_counter()
     for _ in range(reps):
       jax.block_until_ready(compiled(state, frozen, key, batch))

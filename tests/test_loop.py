@@ -296,6 +296,27 @@ def test_results_of_on_finish_join_the_summary(tmp_path, monkeypatch):
   assert 'per_class' not in values and values['steps'] == 70
 
 
+def test_phases_are_timed_at_the_middle_iteration():
+  """A phase skipped during warm-up (Fast's synthesis-only epochs) must still be timed: the timing
+  copy of the state is at the run's middle iteration, whatever step training starts from."""
+  seen = []
+
+  def phase(name):
+    def fn(state, frozen, key, batch):
+      jax.debug.callback(lambda step: seen.append((name, int(step))), state['step'])
+      return state, {}
+    return fn
+
+  job = loop.Job(init=None, phases=[('synth', phase('synth')), ('kd', phase('kd'))], frozen={}, num_steps=9,
+                 student=None)
+  config = load_config('dafl_mnist', **{'report.phase_timing_reps': 2})
+  state = {'step': jnp.zeros((), jnp.int32)}
+  fractions = loop.time_phases(job, state, {}, jax.random.key(0), parallel.make_mesh(1), config)
+  assert seen == [('synth', 4), ('synth', 4), ('kd', 4), ('kd', 4)]  # compiled ahead, run `reps` times each
+  assert set(fractions) == {'synth', 'kd'} and sum(fractions.values()) == pytest.approx(1.0)
+  assert int(state['step']) == 0  # the caller's state is untouched
+
+
 # --- DAFL ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
