@@ -5,12 +5,13 @@ synthesis call clones and adapts for a few steps.
   python -m dfkd_jax.main --config configs/fast_mnist.py --workdir workdirs/fast_mnist \
       --config.eval.data=idx:PATH/TO/mnist --config.eval.split=test
 
-The Fast-5 recipe of the reference scripts (bn 10, oh 0.4, adv 1.1 as for WRN teachers; 5 inner
-steps, lr_g 3e-3, lr_z 0.01, FOMAML meta step at lr_g x g_steps, bn_mmt 0.9, reset_l0) with a
-1-channel CMI generator of half width (ngf 32: the generator's convolutions dominate the CPU time
-and digits need less) and MNIST-sized schedules: one synthesis-only warm-up epoch, then every
-synthesis call of 256 digits is followed by 40 student steps on the pool (batch 128; crop-pad 2,
-no flips for digits); 48 calls in all, reset_l0 after 7 epochs (the reference's 120 of 200). ``--config.fast.meta=reptile`` for the Reptile variant;
+The Fast-5 recipe of the reference scripts (bn 10, adv 1.1 as for WRN teachers; 5 inner steps,
+lr_z 0.01, FOMAML meta step at lr_g x g_steps, bn_mmt 0.9, reset_l0) with a 1-channel CMI
+generator of half width (ngf 32: digits need less) and MNIST-sized schedules: two synthesis-only
+warm-up epochs, then every synthesis call of 256 digits is followed by 80 student steps on the
+pool of the last 24 calls (batch 128; crop-pad 2, no flips for digits); 72 calls in all, reset_l0
+after 9 epochs (the reference's 120 of 200). Changed from the reference for this short schedule:
+lr_g 1e-2 (not 3e-3) and oh 1.0 (not 0.4). ``--config.fast.meta=reptile`` for the Reptile variant;
 ``--config.fast.reference_teacher_as_student=True`` for the reference bug (adversarial term 0).
 See the README for what is measured. ``:runlocal`` for a smoke test.
 """
@@ -28,13 +29,16 @@ def get_config(arg=None):
   c.batch_size = 128
   c.synthesis_batch_size = 256
   c.g_steps = 5
-  c.kd_steps = 40
-  c.optimizer_g = dict(lr=3e-3, betas=(0.5, 0.999))
-  c.loss = dict(bn=10.0, oh=0.4, adv=1.1)
-  c.fast = dict(meta='fomaml', reptile_scale=67.0, lr_z=0.01, bn_mmt=0.9, reset_l0=True, reset_l0_epoch=7,
+  c.kd_steps = 80
+  # lr_g and oh above the reference's (3e-3, 0.4): in this short schedule the meta-generator must
+  # make class-confident digits within a few calls (measured: 55% -> 82% -> 88% top-1, see README).
+  c.optimizer_g = dict(lr=1e-2, betas=(0.5, 0.999))
+  c.loss = dict(bn=10.0, oh=1.0, adv=1.1)
+  c.fast = dict(meta='fomaml', reptile_scale=67.0, lr_z=0.01, bn_mmt=0.9, reset_l0=True, reset_l0_epoch=9,
                 crop_padding=2, flip=False, reference_teacher_as_student=False)
-  configlib.set_schedule(c, num_epochs=12, iters_per_epoch=4)
-  c.warmup_epochs = 1
+  configlib.set_schedule(c, num_epochs=18, iters_per_epoch=4)
+  c.warmup_epochs = 2
+  c.pool.capacity = 24 * c.synthesis_batch_size  # the last 24 calls: the blobs of the first calls age out
   c.report.phase_timing_reps = 1
   if arg.runlocal:
     configlib.runlocal(c)

@@ -15,7 +15,8 @@ def _xla_conv(x, w, stride, padding):
 @pytest.mark.parametrize('shape', [
     # (batch, size, c_in, c_out, kernel, stride, padding)
     (2, 8, 3, 16, 3, 1, 1), (2, 9, 4, 8, 3, 2, 1), (2, 12, 6, 16, 5, 1, 0), (2, 8, 5, 3, 3, 1, 1),
-    (3, 7, 8, 12, 1, 2, 0), (2, 9, 6, 1, 3, 1, 2), (2, 7, 4, 2, 5, 1, 1), (2, 8, 4, 1, 3, 2, 1)])
+    (3, 7, 8, 12, 1, 2, 0), (2, 9, 6, 1, 3, 1, 2), (2, 7, 4, 2, 5, 1, 1), (2, 8, 4, 1, 3, 2, 1),
+    (2, 8, 8, 3, 3, 1, 1), (2, 9, 10, 1, 3, 1, 2), (2, 7, 12, 2, 5, 1, 0)])  # the last three: C_in >= 8
 def test_conv2d_gradients_match_xla(shape):
   n, size, c_in, c_out, k, stride, padding = shape
   kx, kw, kd = jax.random.split(jax.random.key(0), 3)

@@ -97,9 +97,11 @@ def _kernel_grad_by_shifted_products(x, dy, kernel_shape, padding: Padding):
 # XLA:CPU computes convolution kernel gradients very slowly for most shapes (e.g. 9x slower than
 # the GEMM formulation for a 3x3 128->64 conv on 32x32 maps, 6x for ResNet's 64->64 layers; see
 # benchmarks/conv_cpu.py). Below this many output channels the GEMMs become matrix-vector
-# products, slower than XLA's own gradient; there, at stride 1 (a generator's output layer), a
-# multiply-reduce per offset and channel is faster still (4x for 64->1 on 32x32 maps).
+# products, slower than XLA's own gradient; there, at stride 1 and with a wide input (a
+# generator's output layer), a multiply-reduce per offset and channel is faster still (14x for
+# 64->1 on 32x32 maps), but from a narrow input it is 5x slower than XLA (LeNet-5's 1->3 5x5 conv).
 _GEMM_KERNEL_GRAD_MIN_OUT_CHANNELS = 8
+_SHIFTED_KERNEL_GRAD_MIN_IN_CHANNELS = 8
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -134,7 +136,7 @@ def _conv2d_bwd(stride, padding, residuals, dy):
   dx = _input_grad(dy, kernel, x.shape, stride, padding)
   if kernel.shape[-1] >= _GEMM_KERNEL_GRAD_MIN_OUT_CHANNELS:
     dkernel = _kernel_grad_by_gemm(x, dy, kernel.shape, stride, padding)
-  elif stride == 1:
+  elif stride == 1 and kernel.shape[-2] >= _SHIFTED_KERNEL_GRAD_MIN_IN_CHANNELS:
     dkernel = _kernel_grad_by_shifted_products(x, dy, kernel.shape, padding)
   else:
     dkernel = jax.vjp(lambda k_: _xla_conv(x, k_, stride, padding), kernel)[1](dy)[0]
