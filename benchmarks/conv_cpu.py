@@ -1,5 +1,6 @@
-r"""Benchmark: convolution kernel gradients on CPU, XLA's own versus the per-offset GEMMs that
-``dfkd_jax.models.layers.conv2d`` uses, and nearest-x2 upsampling + 3x3 conv versus the fused
+r"""Benchmark: convolution kernel gradients on CPU, XLA's own versus the per-offset GEMMs and
+versus what ``dfkd_jax.models.layers.conv2d`` picks for the shape (GEMMs, shifted products for
+narrow outputs from wide inputs, or XLA's own), and nearest-x2 upsampling + 3x3 conv versus the fused
 ``upsample2_conv3x3``, for the layer shapes of the zoo. Prints milliseconds and ratios.
 
   python benchmarks/conv_cpu.py [--rounds 3]
@@ -23,7 +24,8 @@ from dfkd_jax.models import layers  # noqa: E402
 KERNEL_GRAD_SHAPES = [
     (64, 32, 3, 64, 3, 1, 1), (64, 32, 64, 64, 3, 1, 1), (64, 32, 64, 128, 3, 2, 1), (64, 16, 128, 128, 3, 1, 1),
     (64, 8, 256, 256, 3, 1, 1), (64, 4, 512, 512, 3, 1, 1), (64, 32, 16, 16, 3, 1, 1), (64, 16, 32, 32, 3, 1, 1),
-    (256, 14, 6, 16, 5, 1, 0), (64, 32, 128, 64, 3, 1, 1), (64, 32, 64, 1, 3, 1, 1)]
+    (256, 14, 6, 16, 5, 1, 0), (64, 32, 128, 64, 3, 1, 1), (64, 32, 64, 1, 3, 1, 1), (64, 32, 16, 3, 3, 1, 1),
+    (256, 32, 1, 6, 5, 1, 0), (128, 32, 1, 3, 5, 1, 0)]
 UPSAMPLE_SHAPES = [(64, 8, 128, 128), (64, 16, 128, 64)]
 
 
@@ -40,7 +42,8 @@ def main():
   parser.add_argument('--rounds', type=int, default=3)
   args = parser.parse_args()
   key = jax.random.key(0)
-  print('kernel gradient\n| shape (N, HxW, Cin->Cout, k, stride) | XLA ms | GEMM ms | XLA / GEMM |\n|---|---|---|---|')
+  print('kernel gradient\n| shape (N, HxW, Cin->Cout, k, stride) | XLA ms | GEMM ms | conv2d ms | XLA / conv2d |\n'
+        '|---|---|---|---|---|')
   for n, size, c_in, c_out, k, s, p in KERNEL_GRAD_SHAPES:
     x = jax.random.normal(key, (n, size, size, c_in))
     out = (size + 2 * p - k) // s + 1
@@ -48,9 +51,9 @@ def main():
     shape = (k, k, c_in, c_out)
     xla = jax.jit(lambda x, dy: jax.vjp(lambda w: layers._xla_conv(x, w, s, p), jnp.zeros(shape))[1](dy)[0])
     gemm = jax.jit(lambda x, dy: layers._kernel_grad_by_gemm(x, dy, shape, s, p))
-    a = statistics.median(timed_ms(xla, x, dy) for _ in range(args.rounds))
-    b = statistics.median(timed_ms(gemm, x, dy) for _ in range(args.rounds))
-    print(f'| {n}, {size}x{size}, {c_in}->{c_out}, {k}, {s} | {a:.1f} | {b:.1f} | {a / b:.2f} |', flush=True)
+    ours = jax.jit(lambda x, dy: jax.vjp(lambda w: layers.conv2d(x, w, s, p), jnp.zeros(shape))[1](dy)[0])
+    a, b, c = (statistics.median(timed_ms(f, x, dy) for _ in range(args.rounds)) for f in (xla, gemm, ours))
+    print(f'| {n}, {size}x{size}, {c_in}->{c_out}, {k}, {s} | {a:.1f} | {b:.1f} | {c:.1f} | {a / c:.2f} |', flush=True)
   print('\nupsample x2 + conv3x3, forward + backward\n| shape (N, HxW, Cin->Cout) | upsample then conv ms | fused ms | ratio |\n|---|---|---|---|')
   for n, size, c_in, c_out in UPSAMPLE_SHAPES:
     x = jax.random.normal(key, (n, size, size, c_in))
