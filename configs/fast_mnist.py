@@ -31,7 +31,8 @@ def get_config(arg=None):
   c.g_steps = 5
   c.kd_steps = 80
   # lr_g and oh above the reference's (3e-3, 0.4): in this short schedule the meta-generator must
-  # make class-confident digits within a few calls (measured: 55% with the reference values, 89.9% with these; see the README).
+  # make class-confident digits within a few calls (55% top-1 with the reference's, 89.9% with
+  # these; see the README).
   c.optimizer_g = dict(lr=1e-2, betas=(0.5, 0.999))
   c.loss = dict(bn=10.0, oh=1.0, adv=1.1)
   c.fast = dict(meta='fomaml', reptile_scale=67.0, lr_z=0.01, bn_mmt=0.9, reset_l0=True, reset_l0_epoch=9,
