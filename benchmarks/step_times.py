@@ -1,21 +1,24 @@
-r"""Benchmark: the inversion methods' synthesis inner step and student (KD) step on the reference
-timing setting (WRN-40-2 teacher -> WRN-16-1 student, CIFAR-10 shapes, batch 64, random weights),
-beside the CMI framework's PyTorch figures measured on this machine class
-(``shared/notes/reference_cpu_timings.md``: DeepInversion 596 ms, CMI 3,456 ms per inner step with
-4,096 bank negatives, Fast (Fast-Datafree, meta) 871 ms; student step 288 / 293 / 289 ms; no
-reference figure for CuDFKD and NAYER).
+r"""Benchmark: each method's synthesis step (a generator step, or an inversion method's inner
+step) and student (KD) step on the reference timing setting (WRN-40-2 teacher -> WRN-16-1 student,
+CIFAR-10 shapes, batch 64, random weights), beside the CMI framework's PyTorch figures measured on
+this machine class (``shared/notes/reference_cpu_timings.md``, medians, ms per synthesis step /
+per student step): DAFL 737 / 350, ZSKT 767 / 338, DFAD 763 / 333, DFQ 725 / 321, DeepInversion
+596 / 288, CMI 3,456 (4,096 bank negatives) / 293, Fast (Fast-Datafree, meta) 871 / 289; no
+reference figure for CuDFKD and NAYER.
 
-  python benchmarks/inversion_steps.py [--methods deepinv,cmi,fast,cudfkd,nayer] [--rounds 3] [--g-steps 10] [--kd-steps 10]
-      [--devices 1] [--out benchmarks/results/inversion_steps.md]
+  python benchmarks/step_times.py [--methods dafl,zskt,dfad,dfq,deepinv,cmi,fast,cudfkd,nayer] [--rounds 3]
+      [--g-steps 10] [--kd-steps 10] [--devices 1] [--out benchmarks/results/step_times.md]
 
 Each configuration is the method's CIFAR config (``configs/<method>_cifar.py``, CMI-framework
-settings) at batch 64 with ``g_steps`` inner steps per synthesis call. The synth and kd phases are
-compiled separately (as ``loop.time_phases`` does) and timed over interleaved rounds; a phase call
-is divided by its step count. The CMI memory bank is marked full, so every step contrasts against
-4,096 real negatives, as in the reference measurement. Warm-up epochs are off (Fast, NAYER), so the
-kd phase runs. CuDFKD's synthesis call also samples the kd_steps fresh student batches of its
-generator (its ``finish``), which the per-inner-step figure includes. Timings on a shared machine drift: the
-load average is printed with the table.
+settings) at batch 64 with ``g_steps`` synthesis steps per call and ``kd_steps`` student steps.
+The synth and kd phases are compiled separately (as ``loop.time_phases`` does) and timed over
+interleaved rounds; a phase call is divided by its step count. The CMI memory bank is marked full,
+so every step contrasts against 4,096 real negatives, as in the reference measurement. Warm-up
+epochs are off (Fast, NAYER), so the kd phase runs. CuDFKD's synthesis call also samples the
+kd_steps fresh student batches of its generator (its ``finish``), which the per-step figure
+includes; likewise the student step of DFAD and DFQ (fresh samples) includes a generator forward
+pass, as in the reference. Timings on a shared machine drift: the load average is printed with
+the table.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ms per inner step / per student step of the CMI framework on this machine class (median).
-REFERENCE_MS = {'deepinv': (596, 288), 'cmi': (3456, 293), 'fast': (871, 289)}
+REFERENCE_MS = {'dafl': (737, 350), 'zskt': (767, 338), 'dfad': (763, 333), 'dfq': (725, 321),
+                'deepinv': (596, 288), 'cmi': (3456, 293), 'fast': (871, 289)}
 
 
 def load_config(method: str):
@@ -46,8 +50,10 @@ def build(method: str, batch: int, g_steps: int, kd_steps: int, devices: int):
   config = load_config(method)
   config.batch_size = config.synthesis_batch_size = batch
   config.g_steps, config.kd_steps = g_steps, kd_steps
-  config.pool.capacity = 1024
-  config.warmup_epochs = 0
+  if 'pool' in config:  # the inversion methods' replay pool
+    config.pool.capacity = 1024
+  if 'warmup_epochs' in config:
+    config.warmup_epochs = 0
   if method == 'cmi':
     config.cmi.bank_size, config.cmi.negatives = 40960, 4096
   mesh = parallel.make_mesh(devices)
@@ -56,7 +62,8 @@ def build(method: str, batch: int, g_steps: int, kd_steps: int, devices: int):
   state = jax.jit(job.init, out_shardings=jax.tree.map(lambda _: repl, jax.eval_shape(job.init, jax.random.key(0))))(
       jax.random.key(0))
   mark_full = lambda ring: dict(ring, filled=jnp.full_like(ring['filled'], ring['items'].shape[0]))
-  state['pool'] = mark_full(state['pool'])
+  if 'pool' in state:
+    state['pool'] = mark_full(state['pool'])
   if method == 'cmi':
     state['method'] = dict(state['method'], bank=mark_full(state['method']['bank']))
   frozen = jax.device_put(job.frozen, repl)
@@ -71,19 +78,29 @@ def build(method: str, batch: int, g_steps: int, kd_steps: int, devices: int):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--methods', default='deepinv,cmi,fast,cudfkd,nayer')
+  parser.add_argument('--methods', default='dafl,zskt,dfad,dfq,deepinv,cmi,fast,cudfkd,nayer')
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--g-steps', type=int, default=10)
   parser.add_argument('--kd-steps', type=int, default=10)
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--devices', type=int, default=1, help='fake CPU devices (data parallel)')
-  parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'inversion_steps.md'))
+  parser.add_argument('--torch', action='store_true',
+                      help="also time torch_dafl_wrn.py's PyTorch DAFL steps in the same rounds (needs torch)")
+  parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'step_times.md'))
   args = parser.parse_args()
   flags = os.environ.get('XLA_FLAGS', '')
   os.environ['XLA_FLAGS'] = f'{flags} --xla_cpu_ftz=true --xla_force_host_platform_device_count={args.devices}'
   sys.path.insert(0, ROOT)
   names = args.methods.split(',')
   phases = {m: build(m, args.batch, args.g_steps, args.kd_steps, args.devices) for m in names}
+  if args.torch:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_dafl_wrn
+    generator_step, student_step = torch_dafl_wrn.dafl_steps(args.batch)
+    repeat = lambda f, n: (lambda: [f() for _ in range(n)])
+    phases['PyTorch dafl'] = [repeat(generator_step, args.g_steps), repeat(student_step, args.kd_steps)]
+    generator_step(), student_step()  # warm-up
+    names.append('PyTorch dafl')
   times = {m: ([], []) for m in names}
   for _ in range(args.rounds):
     for m in names:
@@ -92,18 +109,26 @@ def main():
         call()
         times[m][i].append(1000 * (time.perf_counter() - t0) / steps)
   load = os.getloadavg()
-  rows = ['| method | inner step ms, dfkd_jax | inner step ms, CMI framework | speed-up | student step ms, dfkd_jax '
+  median = statistics.median
+  fmt = lambda v: f'{median(v):.0f} [{min(v):.0f}–{max(v):.0f}]'
+  ref = lambda r, v: (f'{r} | {r / median(v):.2f}x' if r else '– | –')
+  rows = ['| method | synthesis step ms, dfkd_jax | synthesis step ms, CMI framework | speed-up | student step ms, dfkd_jax '
           '| student step ms, CMI framework | speed-up |', '|---|---|---|---|---|---|---|']
   for m in names:
-    (synth, kd), (ref_synth, ref_kd) = times[m], REFERENCE_MS.get(m, (None, None))
-    fmt = lambda v: f'{statistics.median(v):.0f} [{min(v):.0f}–{max(v):.0f}]'
-    ref = lambda r, v: (f'{r} | {r / statistics.median(v):.2f}x' if r else '– | –')
-    rows.append(f'| {m} | {fmt(synth)} | {ref(ref_synth, synth)} | {fmt(kd)} | {ref(ref_kd, kd)} |')
-  text = (f'WRN-40-2 -> WRN-16-1, CIFAR-10 shapes, batch {args.batch}, {args.g_steps} inner steps per synthesis '
+    if m != 'PyTorch dafl':
+      (synth, kd), (ref_synth, ref_kd) = times[m], REFERENCE_MS.get(m, (None, None))
+      rows.append(f'| {m} | {fmt(synth)} | {ref(ref_synth, synth)} | {fmt(kd)} | {ref(ref_kd, kd)} |')
+  if args.torch and 'dafl' in times:
+    (synth, kd), (jax_synth, jax_kd) = times['PyTorch dafl'], times['dafl']
+    rows.append(f'\nPyTorch on this machine in the same rounds (`benchmarks/torch_dafl_wrn.py`, DAFL): generator '
+                f'step {fmt(synth)} ms, {median(synth) / median(jax_synth):.2f}x the time of dfkd_jax\'s; student '
+                f'step {fmt(kd)} ms, {median(kd) / median(jax_kd):.2f}x the time of dfkd_jax\'s.')
+  text = (f'WRN-40-2 -> WRN-16-1, CIFAR-10 shapes, batch {args.batch}, {args.g_steps} synthesis steps per '
           f'call, {args.kd_steps} student steps per call, {args.devices} CPU device(s); median [min–max] over '
           f'{args.rounds} interleaved rounds; load average during the run {load[0]:.1f} / {load[1]:.1f} / '
-          f'{load[2]:.1f} on {os.cpu_count()} cores.\n`python benchmarks/inversion_steps.py '
-          f'{" ".join(sys.argv[1:])}`\n\n' + '\n'.join(rows) + '\n')
+          f'{load[2]:.1f} on {os.cpu_count()} cores. The CMI framework columns are ../shared/notes/'
+          f'reference_cpu_timings.md, measured on another (AVX-512) machine: compare with `--torch`\'s same-run '
+          f'PyTorch figure.\n`python benchmarks/step_times.py {" ".join(sys.argv[1:])}`\n\n' + '\n'.join(rows) + '\n')
   print(text)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w') as f:
