@@ -1,13 +1,14 @@
 r"""Benchmark: each method's synthesis step (a generator step, or an inversion method's inner
 step) and student (KD) step on the reference timing setting (WRN-40-2 teacher -> WRN-16-1 student,
-CIFAR-10 shapes, batch 64, random weights), beside the CMI framework's PyTorch figures measured on
-this machine class (``shared/notes/reference_cpu_timings.md``, medians, ms per synthesis step /
+CIFAR-10 shapes, batch 64, random weights), beside the CMI framework's PyTorch figures of
+``shared/notes/reference_cpu_timings.md`` (measured on an AVX-512 machine, not this one; medians, ms per synthesis step /
 per student step): DAFL 737 / 350, ZSKT 767 / 338, DFAD 763 / 333, DFQ 725 / 321, DeepInversion
 596 / 288, CMI 3,456 (4,096 bank negatives) / 293, Fast (Fast-Datafree, meta) 871 / 289; no
-reference figure for CuDFKD and NAYER.
+reference figure for CuDFKD and NAYER). ``--torch`` adds a like-for-like figure: PyTorch DAFL
+steps (``torch_dafl_wrn.py``) timed in the same rounds.
 
   python benchmarks/step_times.py [--methods dafl,zskt,dfad,dfq,deepinv,cmi,fast,cudfkd,nayer] [--rounds 3]
-      [--g-steps 10] [--kd-steps 10] [--devices 1] [--out benchmarks/results/step_times.md]
+      [--g-steps 10] [--kd-steps 10] [--devices 1] [--torch] [--out benchmarks/results/step_times.md]
 
 Each configuration is the method's CIFAR config (``configs/<method>_cifar.py``, CMI-framework
 settings) at batch 64 with ``g_steps`` synthesis steps per call and ``kd_steps`` student steps.
@@ -30,7 +31,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# ms per inner step / per student step of the CMI framework on this machine class (median).
+# ms per synthesis step / per student step of the CMI framework (reference_cpu_timings.md, median).
 REFERENCE_MS = {'dafl': (737, 350), 'zskt': (767, 338), 'dfad': (763, 333), 'dfq': (725, 321),
                 'deepinv': (596, 288), 'cmi': (3456, 293), 'fast': (871, 289)}
 
