@@ -147,7 +147,7 @@ def inversion_settings(c: ml_collections.ConfigDict, *, crop_padding: int = 4, f
   distils at T=20 from a replay pool of every synthesised image (uint8: the references' 8-bit PNG
   round trip) read with the standard train augmentation (RandomCrop(padding) + horizontal flip),
   SGD(0.1, momentum 0.9, wd 1e-4) with a per-epoch cosine; no synthesis-only warm-up."""
-  c.pool = ml_collections.ConfigDict({'capacity': 0, 'dtype': 'uint8'})
+  c.pool = ml_collections.ConfigDict({'capacity': 0, 'dtype': 'uint8', 'insert_views': 0, 'teacher_logits': False})
   c.kd_augment = ml_collections.ConfigDict({'crop_padding': crop_padding, 'flip': flip})
   c.warmup_epochs = 0
   c.kd = ml_collections.ConfigDict({'loss': 'kl', 'temperature': 20.0})

@@ -447,8 +447,10 @@ def time_phases(job: Job, state, frozen, timing_key, mesh, config) -> dict[str, 
 
   Phases run fused in one program, so their share is measured once, before training, by timing
   each phase compiled on its own over a few repetitions on a copy of the state with the step
-  counter set to the run's middle iteration (results are discarded, so training is unaffected).
-  The summary's ``synth_s``/``kd_s`` are these fractions of the training wall time.
+  counter set to the run's middle iteration, each phase on the state the phase before it returned
+  (as in an iteration: a student phase times reads of a pool the synthesis phase has filled, not
+  of an empty one). Results are discarded, so training is unaffected. The summary's
+  ``synth_s``/``kd_s`` are these fractions of the training wall time.
   """
   reps = config.report.get('phase_timing_reps', 3)
   if reps <= 0 or len(job.phases) < 2:
@@ -463,8 +465,8 @@ def time_phases(job: Job, state, frozen, timing_key, mesh, config) -> dict[str, 
     # Compiled ahead of time, not by a first call: a synthesis phase can take a minute to run.
     compiled = jax.jit(lambda s, f, k, b, fn=fn: fn(s, f, k, b)).lower(state, frozen, key, batch).compile()
     t0 = time.perf_counter()
-    for _ in range(reps):
-      jax.block_until_ready(compiled(state, frozen, key, batch))
+    outputs = [jax.block_until_ready(compiled(state, frozen, key, batch)) for _ in range(reps)]
     times[name] = times.get(name, 0.0) + (time.perf_counter() - t0)
+    state = outputs[0][0]
   total = sum(times.values()) or 1.0
   return {name: t / total for name, t in times.items()}

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import losses, loop, parallel, methods, taps
+from dfkd_jax import data, losses, loop, parallel, methods, taps
+from dfkd_jax.errors import UserError
 from dfkd_jax.methods import cmi, deepinv, distill, inversion
 from dfkd_jax.synth import pool
 from dfkd_jax.train import train_and_evaluate
@@ -253,3 +254,51 @@ def test_projection_head_rows_are_unit_vectors():
   params = head.init(jax.random.key(1), f)['params']
   assert sorted(params) == ['head.0', 'head.2'] and params['head.0']['kernel'].shape == (6, 6)
   np.testing.assert_allclose(np.linalg.norm(head.apply({'params': params}, f), axis=1), 1.0, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Teacher logits cached in the pool
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('views', [0, 2])
+def test_cached_teacher_logits_are_the_teacher_on_the_stored_images(views):
+  """``pool.teacher_logits``: each pool entry's logits are the teacher's on that entry as the
+  student reads it, and the student trains as with a teacher forward per step; with
+  ``pool.insert_views`` K the pool holds K augmented views of each image."""
+  overrides = {'pool.insert_views': views} if views else {'kd_augment.crop_padding': 0, 'kd_augment.flip': False}
+  runs = {}
+  for cached in (False, True):
+    config = small_config(**overrides, **{'pool.teacher_logits': cached})
+    mesh = parallel.make_mesh(1)
+    job = deepinv.make_job(config, mesh)
+    state, iteration, frozen = compile_and_init(job, mesh)
+    for _ in range(2):
+      state, _ = iteration(state, frozen, jax.random.key(1), None)
+    runs[cached] = jax.device_get(state)
+  cached = runs[True]
+  filled = int(pool.size(cached['pool']))
+  assert filled == 2 * max(views, 1) * config.synthesis_batch_size and int(pool.size(cached['pool_logits'])) == filled
+  entries = pool.read(cached['pool'], jnp.arange(filled))
+  teacher = distill.setup(config, mesh).teacher
+  expected = teacher.model.apply(frozen['teacher'], data.normalize(entries, config.dataset), train=False)
+  np.testing.assert_allclose(pool.read(cached['pool_logits'], jnp.arange(filled)), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(cached['pool']['items'], runs[False]['pool']['items'])
+  if views:  # two views of one image: the same pixels shifted by at most 2 x crop_padding, away from the borders
+    batch, pad = config.synthesis_batch_size, config.kd_augment.crop_padding
+    first, second = np.asarray(entries[:batch]), np.asarray(entries[batch:2 * batch])
+    assert not np.array_equal(first, second)
+    inner = slice(2 * pad, 32 - 2 * pad)
+    for a, b in zip(first, second):
+      assert any(np.array_equal(a[inner, inner], np.roll(b, (dy, dx), (0, 1))[inner, inner])
+                 for dy in range(-2 * pad, 2 * pad + 1) for dx in range(-2 * pad, 2 * pad + 1))
+  # The same targets up to float rounding (the teacher ran on other batch sizes): the same student.
+  for a, b in zip(jax.tree.leaves(cached['student'].params), jax.tree.leaves(runs[False]['student'].params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_cached_teacher_logits_need_unaugmented_reads():
+  config = small_config(**{'pool.teacher_logits': True})  # crop-pad 2 read augmentation on
+  with pytest.raises(UserError, match='kd_augment'):
+    deepinv.make_job(config, parallel.make_mesh(1))
+  with pytest.raises(UserError, match='insert_views'):
+    deepinv.make_job(small_config(**{'pool.insert_views': -1}), parallel.make_mesh(1))

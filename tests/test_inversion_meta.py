@@ -232,7 +232,7 @@ def test_method_iterations(name, overrides, tmp_path):
     assert int(metrics['train/pool_size']) == config.kd_steps * config.batch_size
     assert 'train/loss_ent' in metrics and float(metrics['train/adv_weight']) == config.loss.adv
   else:
-    assert int(metrics['train/pool_size']) == 2 * config.synthesis_batch_size
+    assert int(metrics['train/pool_size']) == 2 * max(config.pool.insert_views, 1) * config.synthesis_batch_size
     assert int(after['method']['bn_ema']['count']) == 2
   if name == 'fast_mnist':  # every meta parameter moves (FOMAML or Reptile)
     assert _all_changed(before['method']['generator'], after['method']['generator'])

@@ -298,23 +298,26 @@ def test_results_of_on_finish_join_the_summary(tmp_path, monkeypatch):
 
 def test_phases_are_timed_at_the_middle_iteration():
   """A phase skipped during warm-up (Fast's synthesis-only epochs) must still be timed: the timing
-  copy of the state is at the run's middle iteration, whatever step training starts from."""
+  copy of the state is at the run's middle iteration, whatever step training starts from; each
+  phase is timed on the state the one before it returned (the student reads a filled pool)."""
   seen = []
 
   def phase(name):
     def fn(state, frozen, key, batch):
-      jax.debug.callback(lambda step: seen.append((name, int(step))), state['step'])
-      return state, {}
+      jax.debug.callback(lambda step, filled: seen.append((name, int(step), int(filled))), state['step'],
+                         state['filled'])
+      return dict(state, filled=state['filled'] + 1), {}
     return fn
 
   job = loop.Job(init=None, phases=[('synth', phase('synth')), ('kd', phase('kd'))], frozen={}, num_steps=9,
                  student=None)
   config = load_config('dafl_mnist', **{'report.phase_timing_reps': 2})
-  state = {'step': jnp.zeros((), jnp.int32)}
+  state = {'step': jnp.zeros((), jnp.int32), 'filled': jnp.zeros((), jnp.int32)}
   fractions = loop.time_phases(job, state, {}, jax.random.key(0), parallel.make_mesh(1), config)
-  assert seen == [('synth', 4), ('synth', 4), ('kd', 4), ('kd', 4)]  # compiled ahead, run `reps` times each
+  # Compiled ahead, run `reps` times each; kd runs on what synth returned (e.g. a filled pool).
+  assert seen == [('synth', 4, 0), ('synth', 4, 0), ('kd', 4, 1), ('kd', 4, 1)]
   assert set(fractions) == {'synth', 'kd'} and sum(fractions.values()) == pytest.approx(1.0)
-  assert int(state['step']) == 0  # the caller's state is untouched
+  assert int(state['step']) == 0 and int(state['filled']) == 0  # the caller's state is untouched
 
 
 # --- DAFL ---------------------------------------------------------------------------------------

@@ -115,17 +115,28 @@ def test_random_order_puts_a_permutation_of_the_filled_slots_first():
 
 def test_pool_epochs_visit_every_item_once_in_a_fresh_order():
   p = pool.add(pool.init(8, (1,)), _rows([10, 11, 12, 13, 14]))
-  stream = np.asarray(pool.sample_epoch(p, jax.random.key(3), 0, 15))[:, 0]
+  sample_epoch = lambda p, key, start, batch: pool.read(p, pool.epoch_indices(p, key, start, batch))
+  stream = np.asarray(sample_epoch(p, jax.random.key(3), 0, 15))[:, 0]
   epochs = stream.reshape(3, 5)
   for epoch in epochs:
     assert sorted(epoch) == [10, 11, 12, 13, 14]
   assert len({tuple(e) for e in epochs}) > 1
   # Batch by batch (batches crossing epoch boundaries) reads the same stream.
-  draw = jax.jit(pool.sample_epoch, static_argnums=3)
+  draw = jax.jit(sample_epoch, static_argnums=3)
   batches = [np.asarray(draw(p, jax.random.key(3), start, 3))[:, 0] for start in range(0, 15, 3)]
   np.testing.assert_array_equal(np.concatenate(batches), stream)
   # A batch larger than the pool spans several epochs.
   np.testing.assert_array_equal(draw(p, jax.random.key(3), 2, 11)[:, 0], stream[2:13])
+
+
+def test_round_trip_is_what_a_read_gives_back():
+  items = jnp.asarray([[0.0], [0.5], [1.2], [0.999]], jnp.float32)
+  for dtype in (jnp.uint8, jnp.float32):
+    p = pool.add(pool.init(4, (1,), dtype), items)
+    np.testing.assert_array_equal(pool.round_trip(p, items), pool.read(p, jnp.arange(4)))
+  # uint8: trunc(clip(x)·255)/255
+  np.testing.assert_array_equal(pool.round_trip(pool.init(1, (1,), jnp.uint8), items)[:, 0],
+                                np.float32([0, 127, 255, 254]) / np.float32(255))
 
 
 def test_pool_rejects_bad_capacity_and_shapes():

@@ -34,6 +34,15 @@ references' pool grows without bound: synthesis batch × outer iterations; e.g. 
 ``dtype`` 'uint8' reproduces the references' 8-bit PNG round trip, 'float32' keeps images as they
 are (clipped to [0, 1], as the PNG writer clamps).
 
+Two options trade the references' read-time augmentation for a student step without a teacher
+forward (for a small student, most of its cost). ``insert_views`` K > 0 augments when an image is
+added instead of when it is read: the pool holds K views of each image, each drawn once through
+``kd_augment``, and reads take them as they are (``capacity`` still counts images; the pool holds
+K times as many entries). ``teacher_logits`` True stores beside each entry the teacher's logits on
+it as the student reads it (after the round trip), computed once when it is added; it needs
+unaugmented reads (``insert_views`` > 0, or ``kd_augment`` off). The student's targets are then
+the very numbers a teacher forward per student step would give.
+
 A method module builds a ``Synthesizer`` from the pieces below and calls ``make_job``.
 """
 from __future__ import annotations
@@ -283,6 +292,15 @@ def make_job(config, mesh, s: distill.Setup, synthesizer: Synthesizer, *,
   if config.pool.dtype not in _POOL_DTYPES:
     raise UserError(f"pool.dtype must be one of {', '.join(_POOL_DTYPES)}, not {config.pool.dtype!r}")
   capacity = pool_capacity(config) if pool_size is None else pool_size
+  views, cache_logits = config.pool.insert_views, config.pool.teacher_logits
+  if views < 0:
+    raise UserError(f'pool.insert_views must be >= 0 (0: augment when read), got {views}')
+  read_augment = None if views else config.kd_augment
+  if cache_logits and read_augment is not None and (read_augment.crop_padding or read_augment.flip):
+    raise UserError('pool.teacher_logits caches the teacher on the pool entries as stored, which the student '
+                    'only sees without read-time augmentation: set pool.insert_views > 0 (augment when '
+                    'added), or kd_augment.crop_padding=0 and kd_augment.flip=False, or pool.teacher_logits=False')
+  capacity *= max(views, 1)
   warmup_epochs = config.get('warmup_epochs', 0)
   num_steps = config.num_epochs * iters_per_epoch
   tx_s, lr_s = distill.student_optimizer(config, iters_per_epoch * kd_steps)
@@ -292,10 +310,13 @@ def make_job(config, mesh, s: distill.Setup, synthesizer: Synthesizer, *,
 
   def init(key):
     method_key, student_key = jax.random.split(key)
-    return {'step': jnp.zeros((), jnp.int32),
-            'student': distill.create_state(s.student, tx_s, student_key, s.student_input_shape),
-            'method': synthesizer.init(method_key),
-            'pool': pool_lib.init(capacity, s.student_input_shape, _POOL_DTYPES[config.pool.dtype])}
+    state = {'step': jnp.zeros((), jnp.int32),
+             'student': distill.create_state(s.student, tx_s, student_key, s.student_input_shape),
+             'method': synthesizer.init(method_key),
+             'pool': pool_lib.init(capacity, s.student_input_shape, _POOL_DTYPES[config.pool.dtype])}
+    if cache_logits:  # a ring written in step with 'pool': slot i holds the logits of image i
+      state['pool_logits'] = pool_lib.init(capacity, (config.num_classes,), jnp.float32)
+    return state
 
   def synthesize(state, frozen, key, _):
     ctx = Context(frozen['teacher'], state['student'], state['step'] // iters_per_epoch, state['step'])
@@ -319,18 +340,30 @@ def make_job(config, mesh, s: distill.Setup, synthesizer: Synthesizer, *,
           inner, (carry, method_state, best), jax.random.split(jax.random.fold_in(key, i), stage.steps))
       metrics = jax.tree.map(lambda m: m[-1], stage_metrics)
     method_state, images = synthesizer.finish(carry, method_state, best[1], ctx)
-    pool = pool_lib.add(state['pool'], jnp.clip(jax.lax.stop_gradient(images), 0.0, 1.0))
-    metrics.update({'train/best_synthesis_loss': best[0], 'train/pool_size': pool_lib.size(pool)})
-    return dict(state, method=method_state, pool=pool), metrics
+    images = jnp.clip(jax.lax.stop_gradient(images), 0.0, 1.0)
+    if views:  # an index no stage's key uses
+      view_keys = jax.random.split(jax.random.fold_in(key, len(synthesizer.stages)), views)
+      images = jnp.concatenate([train_augment(k, images, config.kd_augment) for k in view_keys])
+    new = dict(state, method=method_state, pool=pool_lib.add(state['pool'], images))
+    if cache_logits:
+      stored = data.normalize(pool_lib.round_trip(state['pool'], images), config.dataset)
+      new['pool_logits'] = pool_lib.add(state['pool_logits'], teacher.apply(frozen['teacher'], stored, train=False))
+    metrics.update({'train/best_synthesis_loss': best[0], 'train/pool_size': pool_lib.size(new['pool'])})
+    return new, metrics
 
-  def distil(student, pool, tvars, key):
+  def distil(student, state, tvars, key):
     order_key, augment_key = jax.random.split(key)
 
     def kd_step(student, i):
-      x = pool_lib.sample_epoch(pool, order_key, i * batch, batch)
-      x = train_augment(jax.random.fold_in(augment_key, i), x, config.kd_augment)
+      indices = pool_lib.epoch_indices(state['pool'], order_key, i * batch, batch)
+      x = pool_lib.read(state['pool'], indices)
+      if read_augment is not None:
+        x = train_augment(jax.random.fold_in(augment_key, i), x, read_augment)
       x = jax.lax.with_sharding_constraint(data.normalize(x, config.dataset), data_sharding)
-      t_logits = teacher.apply(tvars, x, train=False)
+      if cache_logits:
+        t_logits = jax.lax.with_sharding_constraint(pool_lib.read(state['pool_logits'], indices), data_sharding)
+      else:
+        t_logits = teacher.apply(tvars, x, train=False)
       if synthesizer.kd_loss is not None:
         return distill.student_update(student, x, lambda logits: synthesizer.kd_loss(logits, t_logits, student.step))
       return distill.student_update(student, x, lambda logits: kd_loss(logits, t_logits))
@@ -338,7 +371,7 @@ def make_job(config, mesh, s: distill.Setup, synthesizer: Synthesizer, *,
     return jax.lax.scan(kd_step, student, jnp.arange(kd_steps))
 
   def kd(state, frozen, key, _):
-    run = lambda student: distil(student, state['pool'], frozen['teacher'], key)
+    run = lambda student: distil(student, state, frozen['teacher'], key)
     if warmup_epochs:  # synthesis-only epochs: the student and its optimiser stay as they are
       skip = lambda student: (student, jnp.zeros((kd_steps,)))
       student, step_losses = jax.lax.cond(state['step'] // iters_per_epoch >= warmup_epochs, run, skip,

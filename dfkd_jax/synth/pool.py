@@ -63,7 +63,7 @@ def add(pool: dict, items: jax.Array) -> dict:
   capacity, count = stored.shape[0], items.shape[0]
   if items.shape[1:] != stored.shape[1:]:
     raise ValueError(f'items of shape {items.shape[1:]} do not fit a pool of {stored.shape[1:]}')
-  encoded = quantize(items) if stored.dtype == jnp.uint8 else items.astype(stored.dtype)
+  encoded = _encode(items, stored.dtype)
   first = pool['next']
   if count > capacity:
     encoded, first = encoded[count - capacity:], (first + count - capacity) % capacity
@@ -73,23 +73,36 @@ def add(pool: dict, items: jax.Array) -> dict:
           'filled': jnp.minimum(pool['filled'] + count, capacity)}
 
 
-def _read(pool: dict, indices: jax.Array) -> jax.Array:
-  items = pool['items'][indices]
-  return dequantize(items) if items.dtype == jnp.uint8 else items
+def _encode(items: jax.Array, dtype) -> jax.Array:
+  return quantize(items) if dtype == jnp.uint8 else items.astype(dtype)
+
+
+def _decode(stored: jax.Array) -> jax.Array:
+  return dequantize(stored) if stored.dtype == jnp.uint8 else stored
+
+
+def round_trip(pool: dict, items: jax.Array) -> jax.Array:
+  """What reading ``items`` back from ``pool`` gives once added (e.g. the uint8 round trip)."""
+  return _decode(_encode(items, pool['items'].dtype))
+
+
+def read(pool: dict, indices: jax.Array) -> jax.Array:
+  """The items in slots ``indices`` (float32 in [0, 1] for a uint8 pool)."""
+  return _decode(pool['items'][indices])
 
 
 def sample(pool: dict, key: jax.Array, batch: int) -> jax.Array:
   """``batch`` items drawn uniformly **with replacement** from the filled part (float32 in [0, 1]
   for a uint8 pool). An empty pool returns its initial zeros."""
   indices = jax.random.randint(key, (batch,), 0, jnp.maximum(size(pool), 1))
-  return _read(pool, indices)
+  return read(pool, indices)
 
 
 def latest(pool: dict, num: int) -> jax.Array:
   """The ``num`` most recently added items, oldest first (float32 in [0, 1] for a uint8 pool), for
   sample grids; slots never written read as their initial zeros."""
   capacity = pool['items'].shape[0]
-  return _read(pool, (pool['next'] - num + jnp.arange(num)) % capacity)
+  return read(pool, (pool['next'] - num + jnp.arange(num)) % capacity)
 
 
 def random_order(key: jax.Array, filled: jax.Array, capacity: int) -> jax.Array:
@@ -102,10 +115,10 @@ def random_order(key: jax.Array, filled: jax.Array, capacity: int) -> jax.Array:
   return jnp.argsort(keys, stable=True).astype(jnp.int32)
 
 
-def sample_epoch(pool: dict, key: jax.Array, start: jax.Array, batch: int) -> jax.Array:
-  """Positions ``start .. start + batch - 1`` of a stream that visits the filled items in a fresh
-  random order every epoch (epoch e = position // filled, its order ``random_order(fold_in(key,
-  e), ...)``): sampling **without replacement** within an epoch, like the references'
+def epoch_indices(pool: dict, key: jax.Array, start: jax.Array, batch: int) -> jax.Array:
+  """Slots of positions ``start .. start + batch - 1`` of a stream that visits the filled items
+  in a fresh random order every epoch (epoch e = position // filled, its order
+  ``random_order(fold_in(key, e), ...)``): sampling **without replacement** within an epoch, like the references'
   ``DataLoader(shuffle=True)`` re-created after each synthesis call (pass a new ``key`` per call
   and ``start`` = items drawn since). Unlike that loader (no ``drop_last``), a batch that crosses
   an epoch boundary continues into the next epoch instead of being short."""
@@ -119,5 +132,4 @@ def sample_epoch(pool: dict, key: jax.Array, start: jax.Array, batch: int) -> ja
     return jnp.where(epoch == e, order[offset], indices)
 
   # One pass per epoch the batch touches: one or two unless the pool is smaller than a batch.
-  indices = jax.lax.fori_loop(epoch[0], epoch[-1] + 1, take_epoch, jnp.zeros((batch,), jnp.int32))
-  return _read(pool, indices)
+  return jax.lax.fori_loop(epoch[0], epoch[-1] + 1, take_epoch, jnp.zeros((batch,), jnp.int32))

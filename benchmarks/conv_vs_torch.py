@@ -1,0 +1,139 @@
+r"""Benchmark: one convolution layer, dfkd_jax (``layers.conv2d`` under ``jax.jit``, XLA:CPU) versus
+PyTorch (NCHW and channels_last), for every distinct 3x3 conv shape of WRN-40-2 (teacher) and
+WRN-16-1 (student) at batch 64: forward, input gradient (what the teacher's backward pass does in
+a generator step), and input + kernel gradient (what a student step's backward does). Prints
+milliseconds (median over interleaved rounds) and the ratio dfkd_jax / best PyTorch, and a
+FLOP-weighted total over the layers of each network. Needs torch (``pip install -e '.[torch]'``).
+
+  python benchmarks/conv_vs_torch.py [--rounds 5] [--out benchmarks/results/conv_vs_torch.md]
+
+Why it exists: at WRN-40-2 -> WRN-16-1, batch 64, the step times (``step_times.py --torch``) are
+almost all convolution time, so this table says how much of the gap to PyTorch the convolution
+kernels themselves account for.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dfkd_jax.models import layers  # noqa: E402
+
+# (size, c_in, c_out, stride): the 3x3 convs, padding 1, with how many times each network has them
+# (the 1x1 shortcut convs, 2-3% of the FLOPs, are left out).
+WRN40_2 = {(32, 3, 16, 1): 1, (32, 16, 32, 1): 1, (32, 32, 32, 1): 11, (32, 32, 64, 2): 1, (16, 64, 64, 1): 11,
+           (16, 64, 128, 2): 1, (8, 128, 128, 1): 11}
+WRN16_1 = {(32, 3, 16, 1): 1, (32, 16, 16, 1): 4, (32, 16, 32, 2): 1, (16, 32, 32, 1): 3, (16, 32, 64, 2): 1,
+           (8, 64, 64, 1): 3}
+BATCH = 64
+
+
+def _median_ms(fn, reps):
+  fn()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return 1000 * statistics.median(times)
+
+
+def _jax_fns(x, k, stride):
+  fwd = jax.jit(lambda x, k: layers.conv2d(x, k, stride, 1))
+  dy = jax.numpy.ones_like(fwd(x, k))
+  dx = jax.jit(lambda x, k, dy: jax.vjp(lambda x_: layers.conv2d(x_, k, stride, 1), x)[1](dy)[0])
+  both = jax.jit(lambda x, k, dy: jax.vjp(lambda x_, k_: layers.conv2d(x_, k_, stride, 1), x, k)[1](dy))
+  return {'forward': lambda: jax.block_until_ready(fwd(x, k)),
+          'input grad': lambda: jax.block_until_ready(dx(x, k, dy)),
+          'input+kernel grad': lambda: jax.block_until_ready(both(x, k, dy))}
+
+
+def _torch_fns(x, k, stride, channels_last):
+  fmt = torch.channels_last if channels_last else torch.contiguous_format
+  x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=fmt)
+  k = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous(memory_format=fmt)
+  conv = lambda x_, k_: torch.nn.functional.conv2d(x_, k_, stride=stride, padding=1)
+  with torch.no_grad():
+    dy = torch.ones_like(conv(x, k))
+
+  def forward():
+    with torch.no_grad():
+      conv(x, k)
+
+  def input_grad():
+    xg = x.detach().requires_grad_(True)
+    torch.autograd.grad(conv(xg, k), (xg,), dy)
+
+  def both_grads():
+    xg, kg = x.detach().requires_grad_(True), k.detach().requires_grad_(True)
+    torch.autograd.grad(conv(xg, kg), (xg, kg), dy)
+
+  return {'forward': forward, 'input grad': input_grad, 'input+kernel grad': both_grads}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--reps', type=int, default=5, help='timed calls per round')
+  parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'conv_vs_torch.md'))
+  args = parser.parse_args()
+  torch.set_num_threads(os.cpu_count() or 1)
+  shapes = sorted(set(WRN40_2) | set(WRN16_1), key=lambda s: (-s[0], s[1], s[2]))
+  ops = ('forward', 'input grad', 'input+kernel grad')
+  impls = ('dfkd_jax', 'torch NCHW', 'torch channels_last')
+  rng = np.random.default_rng(0)
+  fns = {}
+  for shape in shapes:
+    size, c_in, c_out, stride = shape
+    x = rng.standard_normal((BATCH, size, size, c_in), np.float32)
+    k = (rng.standard_normal((3, 3, c_in, c_out)) / np.sqrt(9 * c_in)).astype(np.float32)
+    fns[shape] = {'dfkd_jax': _jax_fns(jax.numpy.asarray(x), jax.numpy.asarray(k), stride),
+                  'torch NCHW': _torch_fns(x, k, stride, False), 'torch channels_last': _torch_fns(x, k, stride, True)}
+  samples = {(s, i, o): [] for s in shapes for i in impls for o in ops}
+  for r in range(args.rounds):  # interleaved: machine drift hits every implementation alike
+    for shape in shapes:
+      for impl in impls:
+        for op in ops:
+          samples[shape, impl, op].append(_median_ms(fns[shape][impl][op], args.reps))
+    print(f'round {r + 1}/{args.rounds} done', flush=True)
+  ms = {key: statistics.median(v) for key, v in samples.items()}
+
+  lines = [f'One 3x3 convolution (padding 1) at batch {BATCH}, float32, {platform.machine()} CPU with '
+           f'{os.cpu_count()} cores; torch {torch.__version__} with {torch.get_num_threads()} threads, jax '
+           f'{jax.__version__}; median ms over {args.rounds} interleaved rounds of {args.reps} calls. Ratio: '
+           'dfkd_jax / the faster PyTorch layout (> 1: dfkd_jax slower).',
+           f'`python benchmarks/conv_vs_torch.py --rounds {args.rounds}`', '',
+           '| HxW, C_in -> C_out, stride | op | dfkd_jax | torch NCHW | torch channels_last | ratio |',
+           '|---|---|---|---|---|---|']
+  for shape in shapes:
+    size, c_in, c_out, stride = shape
+    for op in ops:
+      j, t, tc = (ms[shape, i, op] for i in impls)
+      lines.append(f'| {size}x{size}, {c_in} -> {c_out}, {stride} | {op} | {j:.1f} | {t:.1f} | {tc:.1f} | '
+                   f'{j / min(t, tc):.2f} |')
+  lines += ['', 'Summed over the layers of each network (each shape times its count):', '',
+            '| network | op | dfkd_jax ms | best PyTorch layout ms | ratio |', '|---|---|---|---|---|']
+  for name, counts in (('WRN-40-2', WRN40_2), ('WRN-16-1', WRN16_1)):
+    for op in ops:
+      j = sum(n * ms[s, 'dfkd_jax', op] for s, n in counts.items())
+      best = min(sum(n * ms[s, impl, op] for s, n in counts.items()) for impl in impls[1:])
+      lines.append(f'| {name} | {op} | {j:.0f} | {best:.0f} | {j / best:.2f} |')
+  text = '\n'.join(lines) + '\n'
+  print(text)
+  if args.out:
+    with open(args.out, 'w') as f:
+      f.write(text)
+
+
+if __name__ == '__main__':
+  main()
