@@ -3,8 +3,10 @@ PyTorch (NCHW and channels_last), for every distinct 3x3 conv shape of WRN-40-2 
 WRN-16-1 (student) at batch 64: the forward pass, and the backward pass alone for the input
 gradient (what the teacher's backward does in a generator step) and for the input and kernel
 gradients (what a student step's backward does). Prints
-milliseconds (median over interleaved rounds) and the ratio dfkd_jax / best PyTorch, and a
-FLOP-weighted total over the layers of each network. Needs torch (``pip install -e '.[torch]'``).
+milliseconds (median over interleaved rounds) and the ratio dfkd_jax / best PyTorch, the sum over
+the layers of each network, and the same passes through the whole networks (the teacher in eval
+mode: forward, and forward + input gradient; the student in train mode: forward + parameter
+gradients), which add BatchNorm, ReLU and the rest. Needs torch (``pip install -e '.[torch]'``).
 
   python benchmarks/conv_vs_torch.py [--rounds 5] [--out benchmarks/results/conv_vs_torch.md]
 
@@ -28,7 +30,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dfkd_jax.models import layers  # noqa: E402
+from dfkd_jax.models import layers, registry  # noqa: E402
+
+sys.path[:0] = [os.path.join(ROOT, 'tests'), os.path.join(ROOT, 'tests', 'fixtures')]
+from torch_classifiers import WideResNet  # noqa: E402  (the tests' PyTorch WRN, as step_times --torch)
 
 # (size, c_in, c_out, stride): the 3x3 convs, padding 1, with how many times each network has them
 # (the 1x1 shortcut convs, 2-3% of the FLOPs, are left out).
@@ -81,6 +86,41 @@ def _torch_fns(x, k, stride, channels_last):
   return {'forward': forward, 'input grad': input_grad, 'input+kernel grad': both_grads}
 
 
+def _network_fns(rng):
+  """Whole-network passes at batch 64 on CIFAR shapes: {row name: {implementation: callable}}."""
+  x = rng.standard_normal((BATCH, 32, 32, 3), np.float32)
+  xj = jax.numpy.asarray(x)
+  teacher, student = registry.create('wrn40_2', num_classes=10), registry.create('wrn16_1', num_classes=10)
+  tv, sv = teacher.init(jax.random.key(0), xj), student.init(jax.random.key(0), xj)
+  t_fwd = jax.jit(lambda x: teacher.apply(tv, x, train=False))
+  t_grad = jax.jit(jax.grad(lambda x: teacher.apply(tv, x, train=False).sum()))
+  s_grad = jax.jit(jax.grad(lambda p: student.apply({**sv, 'params': p}, xj, train=True,
+                                                    mutable=['batch_stats'])[0].sum()))
+  torch.manual_seed(0)
+  t_torch, s_torch = WideResNet(40, 2, 10).eval(), WideResNet(16, 1, 10).train()
+  for p in t_torch.parameters():
+    p.requires_grad_(False)
+  xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+  def torch_teacher_forward():
+    with torch.no_grad():
+      t_torch(xt)
+
+  def torch_teacher_input_grad():
+    xg = xt.detach().requires_grad_(True)
+    torch.autograd.grad(t_torch(xg)[0].sum(), (xg,))
+
+  def torch_student_grads():
+    torch.autograd.grad(s_torch(xt)[0].sum(), list(s_torch.parameters()))
+
+  return {'WRN-40-2 teacher, eval forward': {'dfkd_jax': lambda: jax.block_until_ready(t_fwd(xj)),
+                                             'torch': torch_teacher_forward},
+          'WRN-40-2 teacher, forward + input gradient': {'dfkd_jax': lambda: jax.block_until_ready(t_grad(xj)),
+                                                         'torch': torch_teacher_input_grad},
+          'WRN-16-1 student, train forward + parameter gradients': {
+              'dfkd_jax': lambda: jax.block_until_ready(s_grad(sv['params'])), 'torch': torch_student_grads}}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--rounds', type=int, default=5)
@@ -99,14 +139,20 @@ def main():
     k = (rng.standard_normal((3, 3, c_in, c_out)) / np.sqrt(9 * c_in)).astype(np.float32)
     fns[shape] = {'dfkd_jax': _jax_fns(jax.numpy.asarray(x), jax.numpy.asarray(k), stride),
                   'torch NCHW': _torch_fns(x, k, stride, False), 'torch channels_last': _torch_fns(x, k, stride, True)}
+  networks = _network_fns(rng)
   samples = {(s, i, o): [] for s in shapes for i in impls for o in ops}
+  net_samples = {(row, impl): [] for row, by_impl in networks.items() for impl in by_impl}
   for r in range(args.rounds):  # interleaved: machine drift hits every implementation alike
     for shape in shapes:
       for impl in impls:
         for op in ops:
           samples[shape, impl, op].append(_median_ms(fns[shape][impl][op], args.reps))
+    for row, by_impl in networks.items():
+      for impl, fn in by_impl.items():
+        net_samples[row, impl].append(_median_ms(fn, args.reps))
     print(f'round {r + 1}/{args.rounds} done', flush=True)
   ms = {key: statistics.median(v) for key, v in samples.items()}
+  net_ms = {key: statistics.median(v) for key, v in net_samples.items()}
 
   lines = [f'One 3x3 convolution (padding 1) at batch {BATCH}, float32, {platform.machine()} CPU with '
            f'{os.cpu_count()} cores; torch {torch.__version__} with {torch.get_num_threads()} threads, jax '
@@ -128,6 +174,11 @@ def main():
       j = sum(n * ms[s, 'dfkd_jax', op] for s, n in counts.items())
       best = min(sum(n * ms[s, impl, op] for s, n in counts.items()) for impl in impls[1:])
       lines.append(f'| {name} | {op} | {j:.0f} | {best:.0f} | {j / best:.2f} |')
+  lines += ['', 'Whole networks (PyTorch NCHW, the layout of the reference code):', '',
+            '| pass | dfkd_jax ms | PyTorch ms | ratio |', '|---|---|---|---|']
+  for row in networks:
+    j, t = net_ms[row, 'dfkd_jax'], net_ms[row, 'torch']
+    lines.append(f'| {row} | {j:.0f} | {t:.0f} | {j / t:.2f} |')
   text = '\n'.join(lines) + '\n'
   print(text)
   if args.out:
