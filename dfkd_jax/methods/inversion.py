@@ -38,10 +38,11 @@ Two options trade the references' read-time augmentation for a student step with
 forward (for a small student, most of its cost). ``insert_views`` K > 0 augments when an image is
 added instead of when it is read: the pool holds K views of each image, each drawn once through
 ``kd_augment``, and reads take them as they are (``capacity`` still counts images; the pool holds
-K times as many entries). ``teacher_logits`` True stores beside each entry the teacher's logits on
-it as the student reads it (after the round trip), computed once when it is added; it needs
-unaugmented reads (``insert_views`` > 0, or ``kd_augment`` off). The student's targets are then
-the very numbers a teacher forward per student step would give.
+K times as many entries, which ``train/pool_size`` counts). ``teacher_logits`` True stores beside
+each entry the teacher's logits on it as the student reads it (after the round trip), computed
+once when it is added; it needs unaugmented reads (``insert_views`` > 0, or ``kd_augment`` off).
+The student's targets are then the very numbers a teacher forward per student step would give.
+With it the state also holds 'pool_logits', a ring written in step with 'pool'.
 
 A method module builds a ``Synthesizer`` from the pieces below and calls ``make_job``.
 """
