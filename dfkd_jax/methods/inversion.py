@@ -315,7 +315,7 @@ def make_job(config, mesh, s: distill.Setup, synthesizer: Synthesizer, *,
              'student': distill.create_state(s.student, tx_s, student_key, s.student_input_shape),
              'method': synthesizer.init(method_key),
              'pool': pool_lib.init(capacity, s.student_input_shape, _POOL_DTYPES[config.pool.dtype])}
-    if cache_logits:  # a ring written in step with 'pool': slot i holds the logits of image i
+    if cache_logits:  # a ring written in step with 'pool': slot i holds the logits of entry i
       state['pool_logits'] = pool_lib.init(capacity, (config.num_classes,), jnp.float32)
     return state
 
