@@ -118,9 +118,9 @@ def random_order(key: jax.Array, filled: jax.Array, capacity: int) -> jax.Array:
 def epoch_indices(pool: dict, key: jax.Array, start: jax.Array, batch: int) -> jax.Array:
   """Slots of positions ``start .. start + batch - 1`` of a stream that visits the filled items
   in a fresh random order every epoch (epoch e = position // filled, its order
-  ``random_order(fold_in(key, e), ...)``): sampling **without replacement** within an epoch, like the references'
-  ``DataLoader(shuffle=True)`` re-created after each synthesis call (pass a new ``key`` per call
-  and ``start`` = items drawn since). Unlike that loader (no ``drop_last``), a batch that crosses
+  ``random_order(fold_in(key, e), ...)``): sampling **without replacement** within an epoch,
+  like the references' ``DataLoader(shuffle=True)`` re-created after each synthesis call (pass a
+  new ``key`` per call and ``start`` = items drawn since). Unlike that loader (no ``drop_last``), a batch that crosses
   an epoch boundary continues into the next epoch instead of being short."""
   capacity = pool['items'].shape[0]
   filled = jnp.maximum(size(pool), 1)
