@@ -1,11 +1,13 @@
 r"""Benchmark: each method's synthesis step (a generator step, or an inversion method's inner
 step) and student (KD) step on the reference timing setting (WRN-40-2 teacher -> WRN-16-1 student,
 CIFAR-10 shapes, batch 64, random weights), beside the CMI framework's PyTorch figures of
-``shared/notes/reference_cpu_timings.md`` (measured on an AVX-512 machine, not this one; medians, ms per synthesis step /
-per student step): DAFL 737 / 350, ZSKT 767 / 338, DFAD 763 / 333, DFQ 725 / 321, DeepInversion
-596 / 288, CMI 3,456 (4,096 bank negatives) / 293, Fast (Fast-Datafree, meta) 871 / 289; no
-reference figure for CuDFKD and NAYER). ``--torch`` adds a like-for-like figure: PyTorch DAFL
-steps (``torch_dafl_wrn.py``) timed in the same rounds.
+``shared/notes/reference_cpu_timings.md`` (measured on an AVX-512 machine, not this one; medians,
+ms per synthesis step / per student step): DAFL 737 / 350, ZSKT 767 / 338, DFAD 763 / 333, DFQ
+725 / 321, DeepInversion 596 / 288, CMI 3,456 (4,096 bank negatives) / 293, Fast (Fast-Datafree,
+meta) 871 / 289; no reference figure for CuDFKD and NAYER). ``--torch`` adds a like-for-like
+figure: PyTorch implementations of the reference steps timed on this machine in the same
+interleaved rounds, for the selected methods that have one: DAFL (``torch_dafl_wrn.py``),
+DeepInversion, CMI and Fast (``torch_inversion_wrn.py``).
 
   python benchmarks/step_times.py [--methods dafl,zskt,dfad,dfq,deepinv,cmi,fast,cudfkd,nayer] [--rounds 3]
       [--g-steps 10] [--kd-steps 10] [--devices 1] [--torch] [--out benchmarks/results/step_times.md]
@@ -86,7 +88,8 @@ def main():
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--devices', type=int, default=1, help='fake CPU devices (data parallel)')
   parser.add_argument('--torch', action='store_true',
-                      help="also time torch_dafl_wrn.py's PyTorch DAFL steps in the same rounds (needs torch)")
+                      help='also time the PyTorch steps of torch_dafl_wrn.py (dafl) and torch_inversion_wrn.py '
+                      '(deepinv, cmi, fast) in the same rounds (needs torch)')
   parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'step_times.md'))
   args = parser.parse_args()
   flags = os.environ.get('XLA_FLAGS', '')
@@ -96,16 +99,20 @@ def main():
   phases = {m: build(m, args.batch, args.g_steps, args.kd_steps, args.devices) for m in names}
   if args.torch:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch
     import torch_dafl_wrn
-    generator_step, student_step = torch_dafl_wrn.dafl_steps(args.batch)
+    import torch_inversion_wrn
+    torch_steps = {'dafl': torch_dafl_wrn.dafl_steps, 'deepinv': torch_inversion_wrn.deepinv_steps,
+                   'cmi': torch_inversion_wrn.cmi_steps, 'fast': torch_inversion_wrn.fast_steps}
     repeat = lambda f, n: (lambda: [f() for _ in range(n)])
-    phases['PyTorch dafl'] = [repeat(generator_step, args.g_steps), repeat(student_step, args.kd_steps)]
-    generator_step(), student_step()  # warm-up
-    names.append('PyTorch dafl')
-  times = {m: ([], []) for m in names}
+    for m in [m for m in names if m in torch_steps]:
+      synthesis_step, student_step = torch_steps[m](args.batch)
+      synthesis_step(), student_step()  # warm-up
+      phases[f'PyTorch {m}'] = [repeat(synthesis_step, args.g_steps), repeat(student_step, args.kd_steps)]
+  times = {m: ([], []) for m in phases}
   for _ in range(args.rounds):
-    for m in names:
-      for i, (call, steps) in enumerate(zip(phases[m], (args.g_steps, args.kd_steps))):
+    for m, calls in phases.items():
+      for i, (call, steps) in enumerate(zip(calls, (args.g_steps, args.kd_steps))):
         t0 = time.perf_counter()
         call()
         times[m][i].append(1000 * (time.perf_counter() - t0) / steps)
@@ -113,23 +120,30 @@ def main():
   median = statistics.median
   fmt = lambda v: f'{median(v):.0f} [{min(v):.0f}–{max(v):.0f}]'
   ref = lambda r, v: (f'{r} | {r / median(v):.2f}x' if r else '– | –')
-  rows = ['| method | synthesis step ms, dfkd_jax | synthesis step ms, CMI framework | speed-up | student step ms, dfkd_jax '
-          '| student step ms, CMI framework | speed-up |', '|---|---|---|---|---|---|---|']
+  same_run = lambda t, v: (f'{fmt(t)} | {median(t) / median(v):.2f}x' if t else '– | –')
+  columns = ['synthesis step ms, dfkd_jax', 'synthesis step ms, CMI framework', 'speed-up',
+             'student step ms, dfkd_jax', 'student step ms, CMI framework', 'speed-up']
+  if args.torch:
+    columns[3:3] = ['synthesis step ms, PyTorch (this run)', 'speed-up']
+    columns += ['student step ms, PyTorch (this run)', 'speed-up']
+  rows = ['| method | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
   for m in names:
-    if m != 'PyTorch dafl':
-      (synth, kd), (ref_synth, ref_kd) = times[m], REFERENCE_MS.get(m, (None, None))
-      rows.append(f'| {m} | {fmt(synth)} | {ref(ref_synth, synth)} | {fmt(kd)} | {ref(ref_kd, kd)} |')
-  if args.torch and 'dafl' in times:
-    (synth, kd), (jax_synth, jax_kd) = times['PyTorch dafl'], times['dafl']
-    rows.append(f'\nPyTorch on this machine in the same rounds (`benchmarks/torch_dafl_wrn.py`, DAFL): generator '
-                f'step {fmt(synth)} ms, {median(synth) / median(jax_synth):.2f}x the time of dfkd_jax\'s; student '
-                f'step {fmt(kd)} ms, {median(kd) / median(jax_kd):.2f}x the time of dfkd_jax\'s.')
+    cells = []
+    for v, reference, torch_v in zip(times[m], REFERENCE_MS.get(m, (None, None)),
+                                     times.get(f'PyTorch {m}', (None, None))):
+      cells += [fmt(v), ref(reference, v)] + ([same_run(torch_v, v)] if args.torch else [])
+    rows.append(f'| {m} | ' + ' | '.join(cells) + ' |')
+  torch_note = (f' The PyTorch columns time `benchmarks/torch_dafl_wrn.py` (DAFL) and `benchmarks/'
+                f'torch_inversion_wrn.py` (DeepInversion, CMI, Fast), PyTorch implementations of the reference '
+                f'steps, on this machine in the same interleaved rounds ({torch.get_num_threads()} torch threads).'
+                if args.torch else '')
   text = (f'WRN-40-2 -> WRN-16-1, CIFAR-10 shapes, batch {args.batch}, {args.g_steps} synthesis steps per '
           f'call, {args.kd_steps} student steps per call, {args.devices} CPU device(s); median [min–max] over '
           f'{args.rounds} interleaved rounds; load average during the run {load[0]:.1f} / {load[1]:.1f} / '
-          f'{load[2]:.1f} on {os.cpu_count()} cores. The CMI framework columns are ../shared/notes/'
-          f'reference_cpu_timings.md, measured on another (AVX-512) machine: compare with `--torch`\'s same-run '
-          f'PyTorch figure.\n`python benchmarks/step_times.py {" ".join(sys.argv[1:])}`\n\n' + '\n'.join(rows) + '\n')
+          f'{load[2]:.1f} on {os.cpu_count()} cores; speed-up = the preceding column\'s time / dfkd_jax\'s. The '
+          f'CMI framework columns are ../shared/notes/reference_cpu_timings.md, measured on another (AVX-512) '
+          f'machine: compare with `--torch`\'s same-run PyTorch figures.{torch_note}\n'
+          f'`python benchmarks/step_times.py {" ".join(sys.argv[1:])}`\n\n' + '\n'.join(rows) + '\n')
   print(text)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w') as f:
