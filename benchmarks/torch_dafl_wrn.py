@@ -20,6 +20,10 @@ sys.path[:0] = [_TESTS, os.path.join(_TESTS, 'fixtures')]  # torch_generators im
 from torch_classifiers import WideResNet  # noqa: E402
 from torch_generators import _View, _torch_cmi_stack  # noqa: E402
 
+# CIFAR-10 normalisation, as the CMI framework's.
+CIFAR10_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+CIFAR10_STD = torch.tensor([0.2023, 0.1994, 0.2010]).view(1, 3, 1, 1)
+
 
 def large_generator(nz: int = 512, ngf: int = 64, nc: int = 3) -> torch.nn.Module:
   """The CMI framework's ``LargeGenerator``: Linear(nz, 4ngf·8·8), then the CMI stack."""
@@ -37,8 +41,7 @@ def dafl_steps(batch: int, nz: int = 512, threads: int | None = None):
     p.requires_grad_(False)
   opt_g = torch.optim.Adam(generator.parameters(), lr=1e-3, betas=(0.5, 0.999))
   opt_s = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-  mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
-  std = torch.tensor([0.2023, 0.1994, 0.2010]).view(1, 3, 1, 1)
+  mean, std = CIFAR10_MEAN, CIFAR10_STD
 
   def generator_step():
     generator.train()

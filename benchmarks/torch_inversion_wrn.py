@@ -19,22 +19,15 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The tests' PyTorch models, written from the reference structures (reference_semantics.md).
-_TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests')
-sys.path[:0] = [_TESTS, os.path.join(_TESTS, 'fixtures')]  # torch_generators imports fixtures/weights_rule
-from torch_classifiers import WideResNet  # noqa: E402
-from torch_generators import _View, _torch_cmi_stack  # noqa: E402
+# torch_dafl_wrn puts the tests' PyTorch models (written from the reference structures) on the path.
+from torch_dafl_wrn import CIFAR10_MEAN as _MEAN, CIFAR10_STD as _STD, WideResNet, _View, _torch_cmi_stack
 
 NUM_CLASSES = 10
-_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
-_STD = torch.tensor([0.2023, 0.1994, 0.2010]).view(1, 3, 1, 1)
 
 
 def cmi_generator(nz: int = 256, ngf: int = 64, nc: int = 3) -> nn.Module:

@@ -120,8 +120,9 @@ def epoch_indices(pool: dict, key: jax.Array, start: jax.Array, batch: int) -> j
   in a fresh random order every epoch (epoch e = position // filled, its order
   ``random_order(fold_in(key, e), ...)``): sampling **without replacement** within an epoch,
   like the references' ``DataLoader(shuffle=True)`` re-created after each synthesis call (pass a
-  new ``key`` per call and ``start`` = items drawn since). Unlike that loader (no ``drop_last``), a batch that crosses
-  an epoch boundary continues into the next epoch instead of being short."""
+  new ``key`` per call and ``start`` = items drawn since). Unlike that loader (no
+  ``drop_last``), a batch that crosses an epoch boundary continues into the next epoch instead of
+  being short."""
   capacity = pool['items'].shape[0]
   filled = jnp.maximum(size(pool), 1)
   position = start + jnp.arange(batch)
