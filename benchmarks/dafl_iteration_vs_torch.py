@@ -21,7 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def jax_iteration(batch: int, devices: int):
   import jax
-  from dfkd_jax import loop, methods, parallel
+  from dfkd_jax import methods
+  from dfkd_jax.run import loop
+  from dfkd_jax.run import parallel
   spec = importlib.util.spec_from_file_location('dafl_mnist', os.path.join(ROOT, 'configs', 'dafl_mnist.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

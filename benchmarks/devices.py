@@ -31,7 +31,9 @@ def measure(batch: int, iters: int) -> float:
   """Milliseconds per DAFL iteration on a mesh of every device of this process."""
   sys.path.insert(0, ROOT)
   import jax
-  from dfkd_jax import loop, methods, parallel
+  from dfkd_jax import methods
+  from dfkd_jax.run import loop
+  from dfkd_jax.run import parallel
   spec = importlib.util.spec_from_file_location('dafl_mnist', os.path.join(ROOT, 'configs', 'dafl_mnist.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -49,7 +49,8 @@ def build(method: str, batch: int, g_steps: int, kd_steps: int, devices: int):
   """(synth phase, kd phase), each a no-argument callable running one compiled call."""
   import jax
   import jax.numpy as jnp
-  from dfkd_jax import methods, parallel
+  from dfkd_jax import methods
+  from dfkd_jax.run import parallel
   config = load_config(method)
   config.batch_size = config.synthesis_batch_size = batch
   config.g_steps, config.kd_steps = g_steps, kd_steps

@@ -52,7 +52,7 @@ def base(*, method: str, dataset: str, num_classes: int, image_size: int, in_cha
   c.in_channels = in_channels
   c.data_dir = ''                  # tfds data_dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
   # Devices (-1: all), BatchNorm statistics over the 'global' batch or 'per_device' (as PyTorch
-  # DDP), arrays of at least fsdp_min_mb MiB split over the devices (0: none): dfkd_jax.parallel.
+  # DDP), arrays of at least fsdp_min_mb MiB split over the devices (0: none): dfkd_jax.run.parallel.
   c.mesh = ml_collections.ConfigDict({'num_devices': -1, 'batch_norm': 'global', 'fsdp_min_mb': 0.0})
   c.log_every_steps = 50
   c.eval = ml_collections.ConfigDict({

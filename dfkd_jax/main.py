@@ -19,7 +19,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dfkd_jax import workdir_lock
+from dfkd_jax.run import lock
 from dfkd_jax.errors import StopRequested, UserError
 
 FLAGS = flags.FLAGS
@@ -80,7 +80,7 @@ def main(argv) -> None:
   _flush_denormals_on_cpu()
   try:
     # Refuse a busy workdir before the slow start-up (multi-host: process 0 locks it in the loop).
-    with contextlib.nullcontext() if FLAGS.jax_distributed else workdir_lock.claim(FLAGS.workdir):
+    with contextlib.nullcontext() if FLAGS.jax_distributed else lock.claim(FLAGS.workdir):
       import jax
       if FLAGS.jax_distributed:
         kw = {k: getattr(FLAGS, k) for k in ('coordinator_address', 'num_processes', 'process_id')

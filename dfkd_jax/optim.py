@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules with the reference (PyTorch) semantics.
+"""Optimisers, learning-rate schedules and train states, with the reference (PyTorch) semantics.
 
 The references step their learning rates once per epoch; ``per_epoch`` turns a schedule of the
 epoch index into a schedule of the optimiser step, so optax reproduces those staircases exactly.
@@ -6,10 +6,11 @@ epoch index into a schedule of the optimiser step, so optax reproduces those sta
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
 import optax
+from flax.training import train_state
 
 from dfkd_jax.errors import UserError
 
@@ -83,3 +84,15 @@ def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformatio
   if cfg.get('clip_norm', None):
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
   return tx
+
+
+class TrainState(train_state.TrainState):
+  """``params``, ``opt_state``, ``step`` and the model's ``batch_stats`` (may be empty)."""
+  batch_stats: Any = None
+
+  @property
+  def variables(self) -> dict:
+    """The ``{'params', 'batch_stats'}`` dict that ``apply_fn`` takes."""
+    if self.batch_stats:
+      return {'params': self.params, 'batch_stats': self.batch_stats}
+    return {'params': self.params}

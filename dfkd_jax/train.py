@@ -9,7 +9,9 @@ import logging
 
 import jax
 
-from dfkd_jax import loop, methods, parallel
+from dfkd_jax import methods
+from dfkd_jax.run import loop
+from dfkd_jax.run import parallel
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""dfkd_jax.augment: hand-built examples (pixel moves, zero borders, mirrors, bilinear values),
+"""dfkd_jax.synth.augment: hand-built examples (pixel moves, zero borders, mirrors, bilinear values),
 per-sample vs batch-wide parameters, determinism, jit and gradients, and (when torch is installed)
 bilinear resampling against ``torch.nn.functional.interpolate``."""
 import itertools
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import augment
+from dfkd_jax.synth import augment
 from dfkd_jax.errors import UserError
 
 

@@ -8,7 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import loop, methods, models, parallel, sr_eval, sr_ops
+from dfkd_jax import methods, models
+from dfkd_jax.run import loop
+from dfkd_jax.run import parallel
+from dfkd_jax.sr import evaluation as sr_eval
+from dfkd_jax.sr import ops as sr_ops
 from dfkd_jax.convert import model_dir
 from dfkd_jax.errors import UserError
 from dfkd_jax.methods import dfsr

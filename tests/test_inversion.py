@@ -23,9 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import data, losses, loop, parallel, methods, taps
+from dfkd_jax import data, losses, methods
+from dfkd_jax.run import loop
+from dfkd_jax.run import parallel
+from dfkd_jax.models import hooks
 from dfkd_jax.errors import UserError
-from dfkd_jax.methods import cmi, deepinv, distill, inversion
+from dfkd_jax.methods import cmi, deepinv
+from dfkd_jax.engines import common
+from dfkd_jax.engines import inversion
 from dfkd_jax.synth import pool
 from dfkd_jax.train import train_and_evaluate
 from test_loop import assert_bitwise_equal, compile_once, load_config, restore_arrays, stop_at  # noqa: F401
@@ -71,7 +76,7 @@ def toy_synthesizer(config, traces, stage_steps):
 def toy_job(stage_steps, traces, **overrides):
   config = small_config(**{'pool.dtype': 'float32', **overrides})
   mesh = parallel.make_mesh(1)
-  s = distill.setup(config, mesh)
+  s = common.setup(config, mesh)
   return inversion.make_job(config, mesh, s, toy_synthesizer(config, traces, stage_steps)), mesh, config
 
 
@@ -232,9 +237,9 @@ def test_bn_and_input_taps_from_one_forward():
   model = models.create('resnet8', num_classes=10, in_channels=1)
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 1))
   variables = model.init(jax.random.key(1), x, train=False)
-  logits, bn, named = taps.apply_with_bn_and_input_taps(model, variables, x, ['layer1', 'layer3', 'layer2.0.bn1'])
-  logits_bn, bn_alone = taps.apply_with_bn_taps(model, variables, x, train=False)
-  _, named_alone = taps.apply_with_input_taps(model, variables, x, ['layer1', 'layer3', 'layer2.0.bn1'])
+  logits, bn, named = hooks.apply_with_bn_and_input_taps(model, variables, x, ['layer1', 'layer3', 'layer2.0.bn1'])
+  logits_bn, bn_alone = hooks.apply_with_bn_taps(model, variables, x, train=False)
+  _, named_alone = hooks.apply_with_input_taps(model, variables, x, ['layer1', 'layer3', 'layer2.0.bn1'])
   np.testing.assert_array_equal(logits, logits_bn)
   assert [t.name for t in bn] == [t.name for t in bn_alone] and [t.name for t in named] == [t.name for t in named_alone]
   for a, b in zip(jax.tree.leaves((bn, named)), jax.tree.leaves((bn_alone, named_alone))):
@@ -279,7 +284,7 @@ def test_cached_teacher_logits_are_the_teacher_on_the_stored_images(views):
   filled = int(pool.size(cached['pool']))
   assert filled == 2 * max(views, 1) * config.synthesis_batch_size and int(pool.size(cached['pool_logits'])) == filled
   entries = pool.read(cached['pool'], jnp.arange(filled))
-  teacher = distill.setup(config, mesh).teacher
+  teacher = common.setup(config, mesh).teacher
   expected = teacher.model.apply(frozen['teacher'], data.normalize(entries, config.dataset), train=False)
   np.testing.assert_allclose(pool.read(cached['pool_logits'], jnp.arange(filled)), expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(cached['pool']['items'], runs[False]['pool']['items'])

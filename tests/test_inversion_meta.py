@@ -24,9 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import losses, methods, parallel
+from dfkd_jax import losses, methods
+from dfkd_jax.run import parallel
 from dfkd_jax.errors import UserError
-from dfkd_jax.methods import cudfkd, fast, inversion, nayer
+from dfkd_jax.methods import cudfkd, fast, nayer
+from dfkd_jax.engines import inversion
 from dfkd_jax.train import train_and_evaluate
 from test_inversion import compile_and_init, small_config
 from test_loop import assert_bitwise_equal, compile_once, restore_arrays, stop_at  # noqa: F401

@@ -10,10 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import loop, losses_little_data as L, methods, parallel
+from dfkd_jax import losses, methods
+from dfkd_jax.run import loop
+from dfkd_jax.run import parallel
 from dfkd_jax.data import unlabelled
 from dfkd_jax.errors import UserError
-from dfkd_jax.methods import dfnd, pu, selected_kd
+from dfkd_jax.methods import dfnd, pu
+from dfkd_jax.engines import selected_kd
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 

@@ -7,7 +7,7 @@
   re-run to completion, ends with exactly the arrays of an uninterrupted run, and its
   ``metrics.jsonl`` reads as one run (no duplicate steps, equal values). Same after losing the last
   checkpoint (metrics logged after the resumed step are dropped).
-- ``evaluate.top1`` counts every example exactly once with padding, on meshes of 1 and 2 devices.
+- ``evaluation.top1`` counts every example exactly once with padding, on meshes of 1 and 2 devices.
 
 Compiles are shared between the runs of this module through a persistent compilation cache in a
 temporary directory (every run builds new closures, so jit's in-memory cache cannot help).
@@ -29,7 +29,9 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
-from dfkd_jax import evaluate, loop, parallel
+from dfkd_jax.run import evaluation
+from dfkd_jax.run import loop
+from dfkd_jax.run import parallel
 from dfkd_jax.train import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,21 +147,21 @@ def test_top1_counts_every_example_once(num_devices):
   labels = np.array([0, 3, 1, 4, 1, 5, 9, 2, 6, 5], np.int32)
   correct = np.zeros(n, bool)
   correct[[0, 2, 7]] = True  # padded rows read as example 0 (label 0): counting them would inflate
-  eval_set = evaluate.EvalSet.build(np.arange(n, dtype=np.float32)[:, None], labels, batch)
+  eval_set = evaluation.EvalSet.build(np.arange(n, dtype=np.float32)[:, None], labels, batch)
   assert eval_set.size == n and len(eval_set.images) == 12 and eval_set.mask.sum() == n
   np.testing.assert_array_equal(eval_set.mask, [1] * 10 + [0] * 2)
   mesh = parallel.make_mesh(num_devices)
   variables = {'labels': jnp.asarray(labels), 'correct': jnp.asarray(correct)}
-  assert evaluate.top1(_label_encoding_apply, variables, eval_set, mesh, batch) == 0.3
+  assert evaluation.top1(_label_encoding_apply, variables, eval_set, mesh, batch) == 0.3
   correct[:] = True
-  assert evaluate.top1(_label_encoding_apply, {'labels': jnp.asarray(labels), 'correct': jnp.asarray(correct)},
+  assert evaluation.top1(_label_encoding_apply, {'labels': jnp.asarray(labels), 'correct': jnp.asarray(correct)},
                        eval_set, mesh, batch) == 1.0
   # A batch that divides the split: no padding, same count.
-  exact = evaluate.EvalSet.build(np.arange(n, dtype=np.float32)[:, None], labels, 2)
+  exact = evaluation.EvalSet.build(np.arange(n, dtype=np.float32)[:, None], labels, 2)
   assert len(exact.images) == n
   correct[:] = False
   correct[[1, 9]] = True
-  assert evaluate.top1(_label_encoding_apply, {'labels': jnp.asarray(labels), 'correct': jnp.asarray(correct)},
+  assert evaluation.top1(_label_encoding_apply, {'labels': jnp.asarray(labels), 'correct': jnp.asarray(correct)},
                        exact, mesh, 2) == 0.2
 
 

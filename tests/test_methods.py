@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from dfkd_jax import loop, parallel
+from dfkd_jax.run import loop
+from dfkd_jax.run import parallel
 from dfkd_jax import methods
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import reference_fixtures as rf
-from dfkd_jax import models, taps
+from dfkd_jax import models
+from dfkd_jax.models import hooks
 from dfkd_jax.convert import naming
 from dfkd_jax.errors import UserError
 from dfkd_jax.models import layers, resnet_blocks, vgg, wrn
@@ -49,14 +50,14 @@ def test_classifier_matches_fixture(fixture):
     errs[name] = rf.assert_close(actual, ref[name], f'{fixture} {name}')
 
   # Eval forward with the BN taps, in the reference's named_modules order.
-  (logits, features), bn = taps.apply_with_bn_taps(model, variables, x, train=False, return_features=True)
+  (logits, features), bn = hooks.apply_with_bn_taps(model, variables, x, train=False, return_features=True)
   check(logits, 'logits_eval')
   check(features, 'features_eval')
   assert [t.name for t in bn] == doc['bn_modules']
   for t in bn:
     check(t.mean, f'bn_in_mean/{t.name}')
     check(t.var, f'bn_in_var/{t.name}')
-  terms = _bn_terms(taps.running_stats(variables, bn), bn)
+  terms = _bn_terms(hooks.running_stats(variables, bn), bn)
   check(terms, 'bn_r_feature_eval')
   check(terms.sum(), 'bn_loss_eval')
 
@@ -65,14 +66,14 @@ def test_classifier_matches_fixture(fixture):
   if instance_modules == doc['bn_modules']:
     instance = bn
   else:
-    _, instance = taps.apply_with_input_taps(model, variables, x, instance_modules, train=False)
+    _, instance = hooks.apply_with_input_taps(model, variables, x, instance_modules, train=False)
     assert [t.name for t in instance] == instance_modules
-  check(taps.concat_spatial_means(instance), 'instance_mean_features')
+  check(hooks.concat_spatial_means(instance), 'instance_mean_features')
 
   # One train forward: batch-statistics logits, then the updated running stats.
-  (logits, state), bn = taps.apply_with_bn_taps(model, variables, x, train=True, mutable=['batch_stats'])
+  (logits, state), bn = hooks.apply_with_bn_taps(model, variables, x, train=True, mutable=['batch_stats'])
   check(logits, 'logits_train')
-  for t, (mean, var) in zip(bn, taps.running_stats(state, bn)):
+  for t, (mean, var) in zip(bn, hooks.running_stats(state, bn)):
     check(mean, f'bn_train_running_mean/{t.name}')
     check(var, f'bn_train_running_var/{t.name}')
 

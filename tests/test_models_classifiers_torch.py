@@ -21,7 +21,8 @@ import pytest
 
 import reference_fixtures as rf
 import weights_rule
-from dfkd_jax import models, taps
+from dfkd_jax import models
+from dfkd_jax.models import hooks
 from dfkd_jax.convert import naming
 
 torch = pytest.importorskip('torch')
@@ -100,8 +101,8 @@ def _check_forward(arch, model, variables, x, reference):
     errs[name] = rf.assert_close(actual, reference.numpy(), f'{arch} {name}')
 
   # jit compiles each pass once, faster on CPU than the eager per-op compilation.
-  eval_pass = jax.jit(lambda v, x: taps.apply_with_bn_taps(model, v, x, train=False, return_features=True))
-  train_pass = jax.jit(lambda v, x: taps.apply_with_bn_taps(model, v, x, train=True, mutable=['batch_stats']))
+  eval_pass = jax.jit(lambda v, x: hooks.apply_with_bn_taps(model, v, x, train=False, return_features=True))
+  train_pass = jax.jit(lambda v, x: hooks.apply_with_bn_taps(model, v, x, train=True, mutable=['batch_stats']))
   (logits, feats), bn = eval_pass(variables, x)
   check(logits, logits_eval, 'logits_eval')
   check(feats, features, 'features_eval')
@@ -111,7 +112,7 @@ def _check_forward(arch, model, variables, x, reference):
     check(t.var, bn_inputs[t.name][1], f'bn_in_var/{t.name}')
   (logits, state), bn = train_pass(variables, x)
   check(logits, logits_train, 'logits_train')
-  for t, (mean, var) in zip(bn, taps.running_stats(state, bn)):
+  for t, (mean, var) in zip(bn, hooks.running_stats(state, bn)):
     check(mean, running[t.name][0], f'running_mean/{t.name}')
     check(var, running[t.name][1], f'running_var/{t.name}')
   worst = max(errs, key=errs.get)

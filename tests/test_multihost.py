@@ -28,7 +28,8 @@ from etils import epath
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
-from dfkd_jax import loop, report
+from dfkd_jax.run import loop
+from dfkd_jax.run import outputs
 from dfkd_jax.convert import model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +74,7 @@ def test_two_processes_train_evaluate_checkpoint_and_resume(tmp_path):
   # The held-out digits are split between the processes; the teacher gets 492 of the 500 right
   # only if every digit is counted exactly once.
   assert 'teacher top-1 on embedded_mnist[heldout]: 98.40%' in first[0].stdout
-  records = report.read_metrics(workdir)
+  records = outputs.read_metrics(workdir)
   assert [r['step'] for r in records] == [0, 1, 2]  # written once, by process 0
   assert records[0] == {'step': 0, 'eval/teacher_top1': 0.984}
   assert 'eval/student_top1' in records[2]
@@ -83,7 +84,7 @@ def test_two_processes_train_evaluate_checkpoint_and_resume(tmp_path):
   second = run_two_processes(workdir, cache)
   for i, r in enumerate(second):
     assert f'resuming from the checkpoint at step 2 in {workdir}' in r.stdout, f'process {i}: {r.stdout}'
-  records = report.read_metrics(workdir)
+  records = outputs.read_metrics(workdir)
   assert [r['step'] for r in records] == [0, 1, 2, 3, 4]
   assert all(np.isfinite(r['train/student_loss']) for r in records[1:])
   student_top1 = [r['eval/student_top1'] for r in records if 'eval/student_top1' in r]
@@ -129,25 +130,25 @@ def object_store(monkeypatch):
 
 def test_outputs_on_an_object_store_workdir(object_store):
   workdir = object_store
-  report.write_json(f'{workdir}/config.json', {'method': 'dafl', 'batch_size': np.int64(64)})
-  assert report.read_json(f'{workdir}/config.json') == {'method': 'dafl', 'batch_size': 64}
+  outputs.write_json(f'{workdir}/config.json', {'method': 'dafl', 'batch_size': np.int64(64)})
+  assert outputs.read_json(f'{workdir}/config.json') == {'method': 'dafl', 'batch_size': 64}
 
-  writer = report.MetricWriter(workdir)
+  writer = outputs.MetricWriter(workdir)
   writer.write(0, {'eval/teacher_top1': 0.984})
   writer.write(2, {'train/student_loss': np.float32(1.5), 'eval/student_top1': 0.25, 'time/elapsed_s': 3.0})
   writer.close()
   # A resumed run appends to what is there; a run that died after step 2's checkpoint had logged step 3.
-  report.MetricWriter(workdir).write(3, {'eval/student_top1': 0.5})
-  assert [r['step'] for r in report.read_metrics(workdir)] == [0, 2, 3]
-  report.truncate_metrics(workdir, 2)
-  assert report.read_metrics(workdir) == [
+  outputs.MetricWriter(workdir).write(3, {'eval/student_top1': 0.5})
+  assert [r['step'] for r in outputs.read_metrics(workdir)] == [0, 2, 3]
+  outputs.truncate_metrics(workdir, 2)
+  assert outputs.read_metrics(workdir) == [
       {'step': 0, 'eval/teacher_top1': 0.984},
       {'step': 2, 'train/student_loss': 1.5, 'eval/student_top1': 0.25, 'time/elapsed_s': 3.0}]
   history = loop._history(workdir)
   assert history['teacher_top1'] == 0.984 and history['student_top1'] == [0.25] and history['elapsed_s'] == 3.0
 
   images = np.linspace(0, 1, 4 * 5 * 5).reshape(4, 5, 5, 1)
-  report.save_image_grid(f'{workdir}/samples/step_0000002.png', images)
+  outputs.save_image_grid(f'{workdir}/samples/step_0000002.png', images)
   with epath.Path(f'{workdir}/samples/step_0000002.png').open('rb') as f, Image.open(f) as grid:
     assert grid.mode == 'L' and grid.size == (4 * 7 + 2, 7 + 2)
     assert np.asarray(grid)[2, 2] == 0 and np.asarray(grid)[2 + 4, 3 * 7 + 2 + 4] == 255
@@ -157,8 +158,8 @@ def test_outputs_on_an_object_store_workdir(object_store):
 
 def test_only_process_zero_writes(tmp_path, monkeypatch):
   monkeypatch.setattr('jax.process_index', lambda: 1)
-  assert not report.is_writer()
-  writer = report.MetricWriter(tmp_path)
+  assert not outputs.is_writer()
+  writer = outputs.MetricWriter(tmp_path)
   writer.write(1, {'train/loss': 1.0})
-  report.truncate_metrics(tmp_path, 0)
+  outputs.truncate_metrics(tmp_path, 0)
   assert not os.listdir(tmp_path)

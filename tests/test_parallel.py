@@ -46,10 +46,12 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import PartitionSpec as P
 
-from dfkd_jax import checkpoint as ckpt_lib
-from dfkd_jax import loop, methods, parallel
+from dfkd_jax.run import checkpoint as ckpt_lib
+from dfkd_jax import methods
+from dfkd_jax.run import loop
+from dfkd_jax.run import parallel
 from dfkd_jax.errors import UserError
-from dfkd_jax.methods import distill
+from dfkd_jax.engines import common
 from dfkd_jax.models import layers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,7 +279,7 @@ def test_checkpoint_from_8_devices_restores_on_fewer(tmp_path, fsdp_min_mb, rest
 
 def test_latent_noise_is_drawn_sharded_and_equal_to_unsharded():
   mesh = parallel.make_mesh(8)
-  draw = jax.jit(lambda key: distill.latent(key, (16, 100), mesh))
+  draw = jax.jit(lambda key: common.latent(key, (16, 100), mesh))
   z = draw(jax.random.key(3))
   assert z.sharding.spec == P(parallel.DATA_AXIS) and z.addressable_shards[0].data.shape == (2, 100)
   np.testing.assert_array_equal(np.asarray(z), np.asarray(jax.random.normal(jax.random.key(3), (16, 100))))
@@ -325,7 +327,7 @@ def test_bad_mesh_config_is_a_one_line_error():
 
 
 def test_default_eval_batch_is_rounded_up_to_the_device_count():
-  from dfkd_jax import evaluate
+  from dfkd_jax.run import evaluation
   mesh = parallel.make_mesh(8)
-  assert parallel.round_up_batch(500, mesh) == 504 and evaluate.local_batch_size(500, mesh) == 504
+  assert parallel.round_up_batch(500, mesh) == 504 and evaluation.local_batch_size(500, mesh) == 504
   assert parallel.round_up_batch(64, mesh) == 64

@@ -37,7 +37,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dfkd_jax import checkpoint, configlib, loop, parallel, teachers, workdir_lock
+from dfkd_jax import configlib
+from dfkd_jax.run import checkpoint
+from dfkd_jax.run import loop
+from dfkd_jax.run import parallel
+from dfkd_jax.convert import teachers
+from dfkd_jax.run import lock
 from dfkd_jax.convert import api, model_dir
 from dfkd_jax.errors import StopRequested, UserError
 
@@ -104,7 +109,7 @@ def snapshot(workdir) -> dict[str, str]:
   for root, _, files in os.walk(workdir):
     for name in files:
       path = os.path.join(root, name)
-      if name != workdir_lock.LOCK_NAME:
+      if name != lock.LOCK_NAME:
         with open(path, 'rb') as f:
           out[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
   return out
@@ -112,7 +117,7 @@ def snapshot(workdir) -> dict[str, str]:
 
 def copy_run(reference, workdir, at_step: int = STEPS):
   """A copy of the reference workdir as it was after the checkpoint at ``at_step``."""
-  shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns(workdir_lock.LOCK_NAME))
+  shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns(lock.LOCK_NAME))
   if at_step < STEPS:
     for step in range(at_step + 1, STEPS + 1):
       shutil.rmtree(workdir / 'checkpoints' / str(step), ignore_errors=True)
@@ -321,7 +326,7 @@ def test_sigterm_during_start_up_exits_0_and_changes_nothing(reference, env, tmp
   workdir = copy_run(reference, tmp_path / 'run', at_step=4)
   before = snapshot(workdir)
   proc = start(workdir, env)
-  lock = workdir / workdir_lock.LOCK_NAME
+  lock = workdir / lock.LOCK_NAME
   # The lock is taken before the slow start-up (jax import, teacher, compilation) begins.
   wait_for(lambda: lock.exists() and f'"pid": {proc.pid}' in lock.read_text(), proc, 'the workdir lock')
   proc.send_signal(signal.SIGTERM)
@@ -539,29 +544,29 @@ def test_sigterm_while_reading_a_checkpoint_stops_without_touching_it(tmp_path, 
   with pytest.raises(StopRequested):
     tiny_run(tmp_path, tiny_job(num_steps=6))
   assert snapshot(tmp_path) == before and not (tmp_path / 'checkpoints' / 'corrupt').exists()
-  with workdir_lock.claim(str(tmp_path)):
+  with lock.claim(str(tmp_path)):
     pass
 
 
 def test_workdir_lock_names_the_owner_and_dies_with_it(tmp_path):
   holder = subprocess.Popen(
       [sys.executable, '-c', 'import sys, time\nfrom dfkd_jax import workdir_lock\n'
-                             f'with workdir_lock.claim({str(tmp_path)!r}):\n  print("held", flush=True)\n'
+                             f'with lock.claim({str(tmp_path)!r}):\n  print("held", flush=True)\n'
                              '  time.sleep(600)\n'],
       cwd=REPO, stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline() == 'held\n'
     with pytest.raises(UserError) as error:
-      with workdir_lock.claim(str(tmp_path)):
+      with lock.claim(str(tmp_path)):
         pass
     assert str(error.value).startswith(f'the workdir {tmp_path} is in use by process {holder.pid} on host {HOST} '
                                        '(started ')
   finally:
     kill_9(holder)
-  with workdir_lock.claim(str(tmp_path)):  # kill -9 released it
-    with workdir_lock.claim(str(tmp_path)):  # re-entrant within a process (the CLI, then the loop)
+  with lock.claim(str(tmp_path)):  # kill -9 released it
+    with lock.claim(str(tmp_path)):  # re-entrant within a process (the CLI, then the loop)
       pass
-    assert f'"pid": {os.getpid()}' in (tmp_path / workdir_lock.LOCK_NAME).read_text()
+    assert f'"pid": {os.getpid()}' in (tmp_path / lock.LOCK_NAME).read_text()
 
 
 # --- checkpoint damage and mismatches, on the Checkpointer alone ------------------------------

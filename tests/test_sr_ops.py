@@ -1,4 +1,4 @@
-"""dfkd_jax.sr_ops: closed-form Keys weights, polynomial reproduction, an independent per-pixel loop
+"""dfkd_jax.sr.ops: closed-form Keys weights, polynomial reproduction, an independent per-pixel loop
 implementation of MATLAB's bicubic imresize, PIL / torch on interior pixels, and hand-computed,
 loop-computed and (when scikit-image is installed) scikit-image PSNR/SSIM/Y values.
 
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import sr_ops
+from dfkd_jax.sr import ops as sr_ops
 
 # Keys a = -1/2 sampled at distances 1.75, 1.25, 0.75, 0.25, 0.25, 0.75, 1.25, 1.75, times 128.
 KEYS_QUARTER_TAPS = np.array([-3, -9, 29, 111, 111, 29, -9, -3]) / 128

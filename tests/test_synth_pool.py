@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import checkpoint
+from dfkd_jax.run import checkpoint
 from dfkd_jax.errors import UserError
 from dfkd_jax.synth import bank, init_best, keep_best, pool
 

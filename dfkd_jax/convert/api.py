@@ -380,7 +380,7 @@ def load_teacher(path, arch: str | None = None, num_classes: int | None = None, 
   For a directory the architecture and class count come from its metadata (``arch`` and
   ``num_classes``, if given, must agree with it); for a file see ``convert_state_dict``.
   """
-  from dfkd_jax import teachers  # teachers imports this package
+  from dfkd_jax.convert import teachers
   path = teachers.resolve_path(os.fspath(path))
   if not os.path.isdir(path):
     model, variables, _ = convert_file(path, arch, num_classes, model_kwargs=model_kwargs)

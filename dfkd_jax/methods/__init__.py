@@ -1,4 +1,4 @@
-"""One module per method. Each exposes ``make_job(config, mesh) -> dfkd_jax.loop.Job``."""
+"""One module per method. Each exposes ``make_job(config, mesh) -> dfkd_jax.run.loop.Job``."""
 from __future__ import annotations
 
 import importlib

@@ -33,11 +33,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dfkd_jax import augment, data, losses, models, taps
-from dfkd_jax.methods import distill, inversion
+from dfkd_jax import data, losses, models
+from dfkd_jax.synth import augment
+from dfkd_jax.models import hooks
+from dfkd_jax.engines import common
+from dfkd_jax.engines import inversion
 from dfkd_jax.models.generators import reset_params
 from dfkd_jax.models.layers import Linear
-from dfkd_jax.state import TrainState
+from dfkd_jax.optim import TrainState
 from dfkd_jax.synth import bank as bank_lib
 
 
@@ -54,7 +57,7 @@ class ProjectionHead(nn.Module):
 
 
 def make_job(config, mesh):
-  s = distill.setup(config, mesh)
+  s = common.setup(config, mesh)
   w, cfg = config.loss, config.cmi
   batch, teacher = config.synthesis_batch_size, s.teacher.model
   generator = models.create(config.generator.arch, **config.generator.kwargs)
@@ -75,12 +78,12 @@ def make_job(config, mesh):
   def begin(method_state, ctx, key):
     params_key, z_key, target_key = jax.random.split(key, 3)
     variables = {'generator': reset_params(params_template, params_key),
-                 'z': distill.latent(z_key, (batch,) + nz_shape, mesh)}
+                 'z': common.latent(z_key, (batch,) + nz_shape, mesh)}
     return {'variables': variables, 'opt': tx_g.init(variables),
             'targets': inversion.random_targets(target_key, batch, config.num_classes, sort=True)}
 
   def features(view: inversion.TeacherView):
-    return taps.concat_spatial_means(view.features)
+    return hooks.concat_spatial_means(view.features)
 
   def objective(variables, head_params, targets, cached, valid, ctx, key):
     global_key, local_key = jax.random.split(key)

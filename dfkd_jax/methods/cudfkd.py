@@ -41,7 +41,8 @@ import jax.numpy as jnp
 
 from dfkd_jax import data, losses, models
 from dfkd_jax.errors import UserError
-from dfkd_jax.methods import distill, inversion
+from dfkd_jax.engines import common
+from dfkd_jax.engines import inversion
 from dfkd_jax.models.generators import reset_params
 
 _CURRICULA = ('log', 'none')
@@ -64,7 +65,7 @@ def curriculum_lambda(student_step, *, lambda_0: float, alpha: float):
 
 
 def make_job(config, mesh):
-  s = distill.setup(config, mesh)
+  s = common.setup(config, mesh)
   inversion.abstract_view(s)
   w, cfg = config.loss, config.cudfkd
   if cfg.curriculum not in _CURRICULA:
@@ -75,7 +76,7 @@ def make_job(config, mesh):
   generator = models.create(config.generator.arch, **config.generator.kwargs)
   nz_shape = models.input_shape(config.generator.arch, **config.generator.kwargs)
   tx_g = inversion.adam(config.optimizer_g.lr, config.optimizer_g.betas)
-  kd_loss = distill.kd_loss_fn(config.kd)
+  kd_loss = common.kd_loss_fn(config.kd)
   curriculum = cfg.curriculum != 'none'
   ramp = dict(initial=w.adv, step=cfg.grad_adv if curriculum else 0.0, num_epochs=config.num_epochs,
               begin_fraction=cfg.begin_fraction, end_fraction=cfg.end_fraction)
@@ -92,7 +93,7 @@ def make_job(config, mesh):
 
   def objective(params, batch_stats, ctx, key, adv):
     x, batch_stats = inversion.generate(generator, params, batch_stats,
-                                        distill.latent(key, (batch,) + nz_shape, mesh))
+                                        common.latent(key, (batch,) + nz_shape, mesh))
     view = data.normalize(x, config.dataset)
     t = inversion.teacher_view(teacher, ctx.teacher, view)
     terms = {'ent': losses.batch_mean_entropy(t.logits, temperature=cfg.entropy_temperature),
@@ -119,7 +120,7 @@ def make_job(config, mesh):
     variables = {'params': method_state['generator'], 'batch_stats': method_state['batch_stats']}
 
     def sample(key):  # eval-mode BN, as the reference's ``sample()``
-      return generator.apply(variables, distill.latent(key, (kd_batch,) + nz_shape, mesh), train=False)
+      return generator.apply(variables, common.latent(key, (kd_batch,) + nz_shape, mesh), train=False)
 
     images = jax.lax.map(sample, jax.random.split(carry['sample_key'], kd_steps))
     return method_state, images.reshape((kd_steps * kd_batch,) + images.shape[2:])

@@ -23,7 +23,7 @@ import math
 
 from dfkd_jax import losses
 from dfkd_jax.errors import UserError
-from dfkd_jax.methods import generative
+from dfkd_jax.engines import generative
 
 
 def make_job(config, mesh):

@@ -42,9 +42,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dfkd_jax import augment, data, losses
+from dfkd_jax import data, losses
+from dfkd_jax.synth import augment
 from dfkd_jax.errors import UserError
-from dfkd_jax.methods import distill, inversion
+from dfkd_jax.engines import common
+from dfkd_jax.engines import inversion
 from dfkd_jax.models.layers import avg_pool
 
 _BEST = ('lowest_loss', 'post_step', 'last')
@@ -69,7 +71,7 @@ def _targets(key, cfg, num: int, num_classes: int):
 
 
 def make_job(config, mesh):
-  s = distill.setup(config, mesh)
+  s = common.setup(config, mesh)
   inversion.abstract_view(s)
   w, cfg = config.loss, config.deepinv
   if cfg.best not in _BEST:
@@ -127,7 +129,7 @@ def make_job(config, mesh):
 
   def begin(method_state, ctx, key):
     x_key, t_key = jax.random.split(key)
-    return {'x': distill.latent(x_key, (batch,) + shape, mesh),
+    return {'x': common.latent(x_key, (batch,) + shape, mesh),
             'targets': _targets(t_key, cfg, batch, config.num_classes)}
 
   def finish(carry, method_state, best, ctx):

@@ -11,7 +11,7 @@ with ``kd_steps`` (5) student steps on fresh samples per generator step. The CMI
 from __future__ import annotations
 
 from dfkd_jax import losses
-from dfkd_jax.methods import generative
+from dfkd_jax.engines import generative
 
 
 def make_job(config, mesh):

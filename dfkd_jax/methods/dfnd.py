@@ -10,7 +10,7 @@ No training data, but a large unlabelled pool from the wild (ImageNet for a CIFA
      L = T² · KL(softmax(t/T) ‖ softmax(s/T))  +  λ · (−(1/N) Σ_n log (softmax(s_n) · N)[ŷ_n]),
 
    T = 4, ŷ = argmax t the teacher's (noisy) label, and N the noise-adaptation matrix:
-   N_ii = a, N_ij = (1 − a) softmax_{j≠i}(θ_i)_j (``losses_little_data.noise_transition``), θ learned jointly
+   N_ii = a, N_ij = (1 − a) softmax_{j≠i}(θ_i)_j (``losses.noise_transition``), θ learned jointly
    with the student by its own optimiser (Adam 1e-3), initialised to 0 (uniform confusion).
 
 a is the teacher's accuracy: ``dfnd.teacher_accuracy`` when > 0, otherwise estimated
@@ -33,10 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfkd_jax import data, losses, losses_little_data, optim
+from dfkd_jax import data, losses, optim
 from dfkd_jax.data import unlabelled
 from dfkd_jax.errors import UserError
-from dfkd_jax.methods import distill, selected_kd
+from dfkd_jax.engines import common
+from dfkd_jax.engines import selected_kd
 
 
 def select_confident(logits: np.ndarray, num_select: int) -> np.ndarray:
@@ -49,7 +50,7 @@ def select_confident(logits: np.ndarray, num_select: int) -> np.ndarray:
   return mask
 
 
-def teacher_accuracy(config, mesh, s: distill.Setup, selected_logits: np.ndarray) -> tuple[float, str]:
+def teacher_accuracy(config, mesh, s: common.Setup, selected_logits: np.ndarray) -> tuple[float, str]:
   """a for the noise-adaptation matrix and how it was obtained."""
   cfg = config.dfnd
   if cfg.teacher_accuracy > 0:
@@ -68,7 +69,7 @@ def teacher_accuracy(config, mesh, s: distill.Setup, selected_logits: np.ndarray
 
 
 def make_job(config, mesh):
-  s = distill.setup(config, mesh)
+  s = common.setup(config, mesh)
   pool = unlabelled.load_pool(config.unlabelled, config.seed, config.get('data_dir'))
   images = selected_kd.to_model_resolution(pool.images, config)
   logits = selected_kd.teacher_logits(s, images, config, mesh)
@@ -82,8 +83,8 @@ def make_job(config, mesh):
 
   def loss_fn(student_logits, teacher_logits, aux):
     kd = losses.kd_kl(student_logits, teacher_logits, temperature)
-    nll = losses_little_data.noise_adaptation_nll(student_logits, jnp.argmax(teacher_logits, -1),
-                                      losses_little_data.noise_transition(aux['theta'], accuracy))
+    nll = losses.noise_adaptation_nll(student_logits, jnp.argmax(teacher_logits, -1),
+                                      losses.noise_transition(aux['theta'], accuracy))
     return kd + weight * nll, {'train/loss_kd': kd, 'train/loss_noise': nll}
 
   tx_noise = optim.make_optimizer(config.dfnd.optimizer_noise, optim.constant(config.dfnd.optimizer_noise.lr))

@@ -49,10 +49,14 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from dfkd_jax import loop, models, optim, report, sr_ops
+from dfkd_jax import models, optim
+from dfkd_jax.run import loop
+from dfkd_jax.run import outputs
+from dfkd_jax.sr import ops as sr_ops
 from dfkd_jax.errors import UserError
-from dfkd_jax.methods import distill, sr_supervised
-from dfkd_jax.state import TrainState
+from dfkd_jax.methods import sr_supervised
+from dfkd_jax.engines import common
+from dfkd_jax.optim import TrainState
 
 
 def sum_squares(a, b):
@@ -90,10 +94,10 @@ def make_job(config, mesh) -> loop.Job:
       raise UserError(f'image_size={size} must be a multiple of 4*{scale} for the x{scale} generator '
                       f'(48 serves scales 2, 3 and 4)')
     generators[f'x{scale}'] = models.create('dfsr_generator', nz=cfg.latent, img_size=lr_size, nc=1)
-  s = distill.setup(config, mesh)
+  s = common.setup(config, mesh)
   num_blocks = config.student.get('kwargs', {}).get('num_blocks', 18)
   progressive = cfg.inc_num > 1
-  tx_s, lr_s = distill.student_optimizer(config, config.iters_per_epoch * config.kd_steps)
+  tx_s, lr_s = common.student_optimizer(config, config.iters_per_epoch * config.kd_steps)
   lr_g = optim.make_schedule(config.optimizer_g, config.iters_per_epoch, config.num_epochs)
   tx_g = optim.make_optimizer(config.optimizer_g, lr_g)
   teacher = s.teacher
@@ -104,7 +108,7 @@ def make_job(config, mesh) -> loop.Job:
 
   def generate(g_params, key, scale):
     """(G_s(z), clamp(bicubic↑s(G_s(z)), 0, 1)) for a batch of z."""
-    z = distill.latent(key, (batch, cfg.latent), mesh)
+    z = common.latent(key, (batch, cfg.latent), mesh)
     low = generators[f'x{scale}'].apply({'params': g_params[f'x{scale}']}, z)
     return low, jnp.clip(resize(low, scale), 0.0, 1.0)
 
@@ -112,7 +116,7 @@ def make_job(config, mesh) -> loop.Job:
     ks, *kg = jax.random.split(key, 1 + len(scales))
     g_params = {name: g.init(k, jnp.zeros((2, cfg.latent)))['params'] for (name, g), k in zip(generators.items(), kg)}
     return {'step': jnp.zeros((), jnp.int32),
-            'student': distill.create_state(s.student, tx_s, ks, s.student_input_shape, train_init=False),
+            'student': common.create_state(s.student, tx_s, ks, s.student_input_shape, train_init=False),
             'generators': TrainState.create(apply_fn=None, params=g_params, tx=tx_g)}
 
   def depth_of(state):
@@ -163,14 +167,14 @@ def make_job(config, mesh) -> loop.Job:
   def sample_images(state, key):
     return generate(state['generators'].params, key, scales[0])[1][:64]
 
-  export = distill.export_student(config)
+  export = common.export_student(config)
 
   def on_finish(state, workdir):
     export(state, workdir)
     results = evaluate(config, teacher, s.student, frozen_teacher=teacher.variables,
                        student_variables=state['student'].variables)
-    if report.is_writer():
-      report.write_json(os.path.join(workdir, 'sr_eval.json'), results)
+    if outputs.is_writer():
+      outputs.write_json(os.path.join(workdir, 'sr_eval.json'), results)
     print('dfsr: ' + ', '.join(f'{k}={v:.3f}' for k, v in results.items() if '/' not in k), flush=True)
     return results
 

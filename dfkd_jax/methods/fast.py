@@ -44,7 +44,8 @@ import jax.numpy as jnp
 
 from dfkd_jax import models
 from dfkd_jax.errors import UserError
-from dfkd_jax.methods import distill, inversion
+from dfkd_jax.engines import common
+from dfkd_jax.engines import inversion
 from dfkd_jax.models.generators import reset_l0
 
 _META_RULES = ('fomaml', 'reptile')
@@ -73,7 +74,7 @@ def meta_gradient(meta_params, carry, rule: str, reptile_scale: float):
 
 
 def make_job(config, mesh):
-  s = distill.setup(config, mesh)
+  s = common.setup(config, mesh)
   view_shapes = inversion.abstract_view(s)
   w, cfg = config.loss, config.fast
   if cfg.meta not in _META_RULES:
@@ -98,7 +99,7 @@ def make_job(config, mesh):
     meta = method_state['generator']
     if cfg.reset_l0:
       meta = jax.lax.cond(ctx.call == reset_call, lambda p: reset_l0(p, reset_key), lambda p: p, meta)
-    variables = {'generator': meta, 'z': distill.latent(z_key, (batch,) + nz_shape, mesh)}
+    variables = {'generator': meta, 'z': common.latent(z_key, (batch,) + nz_shape, mesh)}
     carry = {'meta': meta, 'variables': variables, 'opt_g': tx_g.init(meta), 'opt_z': tx_z.init(variables['z']),
              'targets': inversion.random_targets(target_key, batch, config.num_classes, sort=False),
              'moments': inversion.bn_ema_moments(method_state['bn_ema'])}

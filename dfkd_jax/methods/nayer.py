@@ -48,7 +48,8 @@ import numpy as np
 
 from dfkd_jax import models
 from dfkd_jax.errors import UserError
-from dfkd_jax.methods import distill, inversion
+from dfkd_jax.engines import common
+from dfkd_jax.engines import inversion
 from dfkd_jax.models.generators import redraw_noisy_layers
 
 
@@ -108,7 +109,7 @@ class Schedule:
 
 
 def make_job(config, mesh):
-  s = distill.setup(config, mesh)
+  s = common.setup(config, mesh)
   view_shapes = inversion.abstract_view(s)
   w, cfg = config.loss, config.nayer
   batch, teacher, num_classes = config.synthesis_batch_size, s.teacher.model, config.num_classes

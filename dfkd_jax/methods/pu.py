@@ -7,15 +7,15 @@ Stage 1, selection. A PU classifier g is the teacher's trunk with a new head on 
 features: f(x) = [GAP(relu(o_1(x))), ..., GAP(relu(o_K(x)))], the global average pools of the
 outputs of ``pu.feature_modules`` (ResNet-34: layer1..layer4, 64+128+256+512 = 960 features),
 then a squeeze-and-excitation layer  f ⊙ σ(W₂ relu(W₁ f))  (no biases, reduction 16) and a linear
-score g(x) = w·(…) + b. g is trained with the non-negative PU risk (``losses_little_data.nnpu_risk``,
+score g(x) = w·(…) + b. g is trained with the non-negative PU risk (``losses.nnpu_risk``,
 sigmoid loss, class prior π, β = 0, γ = 1); the images of U with g(x) > 0 are selected
 (``pu.selection='positive'``), or the π·|U| best-scored ones (``'prior'``), or those per class of
 the teacher's prediction (``'balanced'``), see ``select``. π is ``pu.prior`` when > 0, otherwise
 estimated (``estimate_prior``).
 
 Stage 2, robust distillation on the selected images: class weight sets w_k (inverse teacher class
-mass, plus ``perturb_num`` perturbed copies, ``losses_little_data.robust_kd_class_weights``) and the
-student loss  max_k (1/N) Σ_n w_k[ŷ_n] · KL(p_t ‖ p_s) · T  at T = 1 (``losses_little_data.robust_kd``).
+mass, plus ``perturb_num`` perturbed copies, ``losses.robust_kd_class_weights``) and the
+student loss  max_k (1/N) Σ_n w_k[ŷ_n] · KL(p_t ‖ p_s) · T  at T = 1 (``losses.robust_kd``).
 
 Reference (huawei ``DEMC/pu_compress``, reference_semantics §2.11) and what differs here:
 - each selector step draws a batch of P and a batch of U; the reference draws mixed batches from
@@ -42,10 +42,13 @@ import numpy as np
 import optax
 from etils import epath
 
-from dfkd_jax import losses_little_data, optim, report, taps
+from dfkd_jax import losses, optim
+from dfkd_jax.run import outputs
+from dfkd_jax.models import hooks
 from dfkd_jax.data import unlabelled
 from dfkd_jax.errors import UserError
-from dfkd_jax.methods import distill, selected_kd
+from dfkd_jax.engines import common
+from dfkd_jax.engines import selected_kd
 from dfkd_jax.models.layers import Linear
 
 
@@ -65,10 +68,10 @@ class SEHead(nn.Module):
 def multiscale_features(model, variables, x, modules, train: bool):
   """(f(x), new batch_stats): GAP(relu(output)) of each module in ``modules``, concatenated."""
   if train and 'batch_stats' in variables:
-    (_, maps), updates = taps.apply_with_output_taps(model, variables, x, modules, train=True,
+    (_, maps), updates = hooks.apply_with_output_taps(model, variables, x, modules, train=True,
                                                      mutable=['batch_stats'])
   else:
-    (_, maps), updates = taps.apply_with_output_taps(model, variables, x, modules, train=train), {}
+    (_, maps), updates = hooks.apply_with_output_taps(model, variables, x, modules, train=train), {}
   pooled = [jnp.mean(nn.relu(m), axis=tuple(range(1, m.ndim - 1))) for m in maps]
   return jnp.concatenate(pooled, axis=-1), updates.get('batch_stats', variables.get('batch_stats'))
 
@@ -117,7 +120,7 @@ def estimate_prior(features_p: np.ndarray, features_u: np.ndarray, seed: int, st
   return float(np.clip(np.mean(estimates), 1e-3, 1 - 1e-3))
 
 
-def train_selector(config, mesh, s: distill.Setup, positives: np.ndarray, pool: np.ndarray, prior: float):
+def train_selector(config, mesh, s: common.Setup, positives: np.ndarray, pool: np.ndarray, prior: float):
   """Stage 1: nnPU training of trunk + SE head; returns (scores g(x) on the pool, last risk)."""
   cfg = config.pu
   modules = tuple(cfg.feature_modules)
@@ -141,7 +144,7 @@ def train_selector(config, mesh, s: distill.Setup, positives: np.ndarray, pool: 
   def step(params, batch_stats, opt_state, xp, xu):
     def objective(params):
       g, new_stats = score(params, batch_stats, jnp.concatenate([xp, xu]), cfg.train_backbone)
-      objective, risk = losses_little_data.nnpu_risk(g[:len(xp)], g[len(xp):], prior, beta=cfg.beta, gamma=cfg.gamma)
+      objective, risk = losses.nnpu_risk(g[:len(xp)], g[len(xp):], prior, beta=cfg.beta, gamma=cfg.gamma)
       return objective, (new_stats, risk)
 
     grads, (batch_stats, risk) = jax.grad(objective, has_aux=True)(params)
@@ -185,7 +188,7 @@ def select(scores: np.ndarray, prior: float, rule: str, teacher_logits: np.ndarr
   raise UserError(f"pu.selection must be 'positive', 'prior' or 'balanced', not {rule!r}")
 
 
-def class_prior(config, mesh, s: distill.Setup, positives: np.ndarray, pool: np.ndarray) -> tuple[float, str]:
+def class_prior(config, mesh, s: common.Setup, positives: np.ndarray, pool: np.ndarray) -> tuple[float, str]:
   """π from ``pu.prior`` (> 0) or ``estimate_prior`` on the teacher's multi-scale features."""
   if config.pu.prior > 0:
     if not config.pu.prior < 1:
@@ -210,7 +213,7 @@ def _stage1_key(config, pool_size: int) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
-def stage1(config, mesh, s: distill.Setup, positives: np.ndarray, images: np.ndarray,
+def stage1(config, mesh, s: common.Setup, positives: np.ndarray, images: np.ndarray,
            workdir: str | None) -> tuple[float, str, np.ndarray, float]:
   """(π, where π came from, scores g(x) on the pool, the selector's last risk), read from
   ``WORKDIR/pu_stage1.npz`` when an earlier run of the same stage 1 wrote it."""
@@ -226,7 +229,7 @@ def stage1(config, mesh, s: distill.Setup, positives: np.ndarray, images: np.nda
   prior, prior_source = class_prior(config, mesh, s, positives, images)
   print(f'pu: class prior {prior:.4f} ({prior_source}); {len(positives)} labelled positives', flush=True)
   scores, risk = train_selector(config, mesh, s, positives, images, prior)
-  if path is not None and report.is_writer():
+  if path is not None and outputs.is_writer():
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(STAGE1_FILE + '.partial')
     with partial.open('wb') as f:
@@ -237,7 +240,7 @@ def stage1(config, mesh, s: distill.Setup, positives: np.ndarray, images: np.nda
 
 def make_job(config, mesh, workdir: str | None = None):
   """The PU job; ``workdir`` keeps stage 1's result (see the module docstring)."""
-  s = distill.setup(config, mesh)
+  s = common.setup(config, mesh)
   cfg = config.pu
   labelled = unlabelled.labelled_subset(cfg.labelled_data, cfg.labelled_split, cfg.labelled_per_class,
                                         config.num_classes, config.seed, config.get('data_dir'))
@@ -255,13 +258,13 @@ def make_job(config, mesh, workdir: str | None = None):
 
   chosen = images[selected]
   t_probs = jax.nn.softmax(selected_kd.teacher_logits(s, chosen, config, mesh) / config.kd.temperature, axis=-1)
-  weights = losses_little_data.robust_kd_class_weights(
+  weights = losses.robust_kd_class_weights(
       jnp.asarray(t_probs), num_perturbations=cfg.perturb_num, epsilon=cfg.perturb_eps,
       key=jax.random.fold_in(jax.random.key(config.seed), 5), power=cfg.class_weight_power)
   rep['class_weights'] = np.asarray(weights).round(4).tolist()
   temperature = config.kd.temperature
 
   def loss_fn(student_logits, teacher_logits, _):
-    return losses_little_data.robust_kd(student_logits, teacher_logits, weights, temperature), {}
+    return losses.robust_kd(student_logits, teacher_logits, weights, temperature), {}
 
   return selected_kd.make_job(config, mesh, s, chosen, loss_fn, report_values=rep)

@@ -17,9 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfkd_jax import loop, models, optim, parallel, report, sr_eval
+from dfkd_jax import models, optim
+from dfkd_jax.run import loop
+from dfkd_jax.run import parallel
+from dfkd_jax.run import outputs
+from dfkd_jax.sr import evaluation as sr_eval
 from dfkd_jax.convert import model_dir
-from dfkd_jax.methods import distill
+from dfkd_jax.engines import common
 
 
 def scale_switch(key, scales, fn):
@@ -48,7 +52,7 @@ def make_job(config, mesh) -> loop.Job:
 
   def init(key):
     return {'step': jnp.zeros((), jnp.int32),
-            'model': distill.create_state(model, tx, key, (size, size, 1), train_init=False)}
+            'model': common.create_state(model, tx, key, (size, size, 1), train_init=False)}
 
   def train_phase(state, frozen, key, batch):
     hr = batch['hr']
@@ -70,8 +74,8 @@ def make_job(config, mesh) -> loop.Job:
     model_dir.save_trained(workdir, 'model', config.model.arch, variables, config, config.model.get('kwargs', {}),
                            {'trained_by': 'dfkd_jax.methods.sr_supervised', 'seed': config.seed})
     results = evaluate_scales(model.apply, variables, config)
-    if report.is_writer():
-      report.write_json(os.path.join(workdir, 'sr_eval.json'), results)
+    if outputs.is_writer():
+      outputs.write_json(os.path.join(workdir, 'sr_eval.json'), results)
     print('sr eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in results.items()), flush=True)
     return results
 

@@ -13,9 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dfkd_jax import augment, data, loop, models, optim, parallel
+from dfkd_jax import data, models, optim
+from dfkd_jax.synth import augment
+from dfkd_jax.run import loop
+from dfkd_jax.run import parallel
 from dfkd_jax.convert import model_dir
-from dfkd_jax.state import TrainState
+from dfkd_jax.optim import TrainState
 
 
 def init_train_state(model, tx, key, input_shape) -> TrainState:

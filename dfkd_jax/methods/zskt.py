@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dfkd_jax import losses
 from dfkd_jax.errors import UserError
-from dfkd_jax.methods import generative
+from dfkd_jax.engines import generative
 
 
 def make_job(config, mesh):

@@ -234,7 +234,7 @@ _STAT_GROUPS = contextvars.ContextVar('batch_stat_groups', default=1)
 def batch_stat_groups(groups: int) -> Iterator[None]:
   """Train-mode ``BatchNorm`` layers traced inside this context (and not setting ``stat_groups``)
   compute their statistics over ``groups`` equal slices of the batch: with the batch split over
-  ``groups`` devices, that is per-device BatchNorm (``dfkd_jax.parallel.with_batch_norm``)."""
+  ``groups`` devices, that is per-device BatchNorm (``dfkd_jax.run.parallel.with_batch_norm``)."""
   token = _STAT_GROUPS.set(groups)
   try:
     yield
@@ -291,7 +291,7 @@ class BatchNorm(nn.Module):
   DataParallel keeps device 0's replica's). ``None`` takes the count from the enclosing
   ``batch_stat_groups`` context (1, the whole batch, outside any).
 
-  The taps of ``dfkd_jax.taps`` intercept this module's ``__call__`` to read its *input*.
+  The taps of ``dfkd_jax.models.hooks`` intercept this module's ``__call__`` to read its *input*.
   """
   use_running_average: bool | None = None
   momentum: float = 0.9

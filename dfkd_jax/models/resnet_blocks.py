@@ -68,7 +68,7 @@ class ResNetStage(nn.Module):
   """torch ``_make_layer``: ``num_blocks`` blocks named ``0, 1, ...``; the first one has ``stride``.
 
   A module of its own (named ``layerN`` by ``ResNet``) so that its input can be tapped, as CMI does
-  for its ResNet-34 features (``dfkd_jax.taps.apply_with_input_taps``).
+  for its ResNet-34 features (``dfkd_jax.models.hooks.apply_with_input_taps``).
   """
   block: type[nn.Module]
   planes: int

@@ -19,10 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dfkd_jax import augment, data, loop, parallel, report
+from dfkd_jax import data
+from dfkd_jax.synth import augment
+from dfkd_jax.run import loop
+from dfkd_jax.run import parallel
+from dfkd_jax.run import outputs
 from dfkd_jax.data import preprocess, unlabelled
-from dfkd_jax.methods import distill
-from dfkd_jax.state import TrainState
+from dfkd_jax.engines import common
+from dfkd_jax.optim import TrainState
 
 LossFn = Callable[[jax.Array, jax.Array, object], tuple[jax.Array, dict]]
 
@@ -64,7 +68,7 @@ def map_batches(fn: Callable[[jax.Array], jax.Array], images_u8: np.ndarray, con
   return np.concatenate(outputs)
 
 
-def teacher_logits(s: distill.Setup, images_u8: np.ndarray, config, mesh) -> np.ndarray:
+def teacher_logits(s: common.Setup, images_u8: np.ndarray, config, mesh) -> np.ndarray:
   """The frozen teacher's logits (eval mode) on every image."""
   return map_batches(lambda x: s.teacher.model.apply(s.teacher.variables, x, train=False), images_u8, config, mesh)
 
@@ -92,7 +96,7 @@ def print_selection(method: str, rep: dict) -> None:
   print(line, flush=True)
 
 
-def make_job(config, mesh, s: distill.Setup, images_u8: np.ndarray, loss_fn: LossFn, *,
+def make_job(config, mesh, s: common.Setup, images_u8: np.ndarray, loss_fn: LossFn, *,
              aux: Aux | None = None, report_values: dict | None = None) -> loop.Job:
   """The loop job distilling the student on ``images_u8`` (uint8 NHWC at model resolution).
 
@@ -102,12 +106,12 @@ def make_job(config, mesh, s: distill.Setup, images_u8: np.ndarray, loss_fn: Los
   parallel.check_batch(config.batch_size, mesh, 'batch_size')
   local_batch = config.batch_size // jax.process_count()
   steps_per_epoch = max(1, len(images_u8) // config.batch_size)
-  tx_s, lr_s = distill.student_optimizer(config, steps_per_epoch)
+  tx_s, lr_s = common.student_optimizer(config, steps_per_epoch)
   teacher = s.teacher
 
   def init(key):
     state = {'step': jnp.zeros((), jnp.int32),
-             'student': distill.create_state(s.student, tx_s, key, s.student_input_shape)}
+             'student': common.create_state(s.student, tx_s, key, s.student_input_shape)}
     if aux is not None:
       state['aux'] = TrainState.create(apply_fn=None, params=aux.params, tx=aux.tx)
     return state
@@ -125,7 +129,7 @@ def make_job(config, mesh, s: distill.Setup, images_u8: np.ndarray, loss_fn: Los
     aux_params = state['aux'].params if aux is not None else None
 
     def objective(params, aux_params):
-      logits, batch_stats = distill.apply_train(student, params, x)
+      logits, batch_stats = common.apply_train(student, params, x)
       loss, metrics = loss_fn(logits, t_logits, aux_params)
       return loss, (batch_stats, metrics)
 
@@ -142,16 +146,16 @@ def make_job(config, mesh, s: distill.Setup, images_u8: np.ndarray, loss_fn: Los
     start = i * config.batch_size + jax.process_index() * local_batch
     return {'images': images_u8[order[start:start + local_batch]]}
 
-  export = distill.export_student(config)
+  export = common.export_student(config)
 
   def on_finish(state, workdir):
     export(state, workdir)
-    if report_values is not None and report.is_writer():
-      report.write_json(os.path.join(workdir, 'selection.json'), report_values)
+    if report_values is not None and outputs.is_writer():
+      outputs.write_json(os.path.join(workdir, 'selection.json'), report_values)
     return dict(report_values or {})
 
   return loop.Job(
       init=init, phases=[('kd', kd)], frozen={'teacher': teacher.variables},
-      num_steps=steps_per_epoch * config.num_epochs, student=distill.evaluated_student(s),
-      teacher=distill.evaluated_teacher(s), next_batch=next_batch, steps_per_epoch=steps_per_epoch,
+      num_steps=steps_per_epoch * config.num_epochs, student=common.evaluated_student(s),
+      teacher=common.evaluated_teacher(s), next_batch=next_batch, steps_per_epoch=steps_per_epoch,
       on_finish=on_finish)

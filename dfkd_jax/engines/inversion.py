@@ -54,10 +54,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfkd_jax import augment, data, loop, losses, parallel, synth, taps
+from dfkd_jax import data, losses, synth
+from dfkd_jax.synth import augment
+from dfkd_jax.run import loop
+from dfkd_jax.run import parallel
+from dfkd_jax.models import hooks
 from dfkd_jax.errors import UserError
-from dfkd_jax.methods import distill
-from dfkd_jax.state import TrainState
+from dfkd_jax.engines import common
+from dfkd_jax.optim import TrainState
 from dfkd_jax.synth import pool as pool_lib
 
 _POOL_DTYPES = {'uint8': jnp.uint8, 'float32': jnp.float32}
@@ -116,7 +120,7 @@ class Synthesizer(NamedTuple):
 class TeacherView(NamedTuple):
   """The teacher (eval mode) on one view: logits and the inputs of its BatchNorm layers."""
   logits: jax.Array
-  bn: list                # taps.LayerInput of every BatchNorm, in call order
+  bn: list                # hooks.LayerInput of every BatchNorm, in call order
   features: list          # the taps CMI reads features from: ``bn``, or the named modules' inputs
 
 
@@ -124,13 +128,13 @@ def teacher_view(model, variables, x, feature_layers: Sequence[str] = ()) -> Tea
   """One eval-mode forward of the teacher ``model`` on ``x`` (its normalised input space) with
   BatchNorm-input taps and, if ``feature_layers`` are named, taps on those modules' inputs."""
   if feature_layers:
-    logits, bn, named = taps.apply_with_bn_and_input_taps(model, variables, x, feature_layers, train=False)
+    logits, bn, named = hooks.apply_with_bn_and_input_taps(model, variables, x, feature_layers, train=False)
     return TeacherView(logits, bn, named)
-  logits, bn = taps.apply_with_bn_taps(model, variables, x, train=False)
+  logits, bn = hooks.apply_with_bn_taps(model, variables, x, train=False)
   return TeacherView(logits, bn, bn)
 
 
-def abstract_view(s: distill.Setup, feature_layers: Sequence[str] = ()) -> TeacherView:
+def abstract_view(s: common.Setup, feature_layers: Sequence[str] = ()) -> TeacherView:
   """The shapes of ``teacher_view`` on this job's inputs; a teacher without BatchNorm layers is a
   ``UserError`` (every inversion method matches BN statistics, as the references assert)."""
   view = jax.eval_shape(lambda x: teacher_view(s.teacher.model, s.teacher.variables, x, feature_layers),
@@ -150,7 +154,7 @@ def bn_loss(view: TeacherView, variables, *, first_multiplier: float = 1.0, mome
   """DeepInversion's Σ_l m_l (‖σ²_run,l − σ²_l‖₂ + ‖μ_run,l − μ_l‖₂) over every BN of the teacher
   (``moments`` replaces the view's own batch statistics, e.g. blended ones)."""
   return losses.bn_statistics_loss(bn_moments(view) if moments is None else moments,
-                                   taps.running_stats(variables, view.bn), first_multiplier=first_multiplier)
+                                   hooks.running_stats(variables, view.bn), first_multiplier=first_multiplier)
 
 
 def bn_ema_init(view: TeacherView) -> dict:
@@ -284,7 +288,7 @@ def pool_capacity(config) -> int:
   return capacity or config.synthesis_batch_size * config.num_epochs * config.iters_per_epoch
 
 
-def make_job(config, mesh, s: distill.Setup, synthesizer: Synthesizer, *,
+def make_job(config, mesh, s: common.Setup, synthesizer: Synthesizer, *,
              pool_size: int | None = None) -> loop.Job:
   """The loop job of an inversion method: the ``synth`` then ``kd`` phases above. ``pool_size``
   replaces ``config.pool.capacity`` for a method whose pool is not a replay history (CuDFKD)."""
@@ -304,15 +308,15 @@ def make_job(config, mesh, s: distill.Setup, synthesizer: Synthesizer, *,
   capacity *= max(views, 1)
   warmup_epochs = config.get('warmup_epochs', 0)
   num_steps = config.num_epochs * iters_per_epoch
-  tx_s, lr_s = distill.student_optimizer(config, iters_per_epoch * kd_steps)
-  kd_loss = distill.kd_loss_fn(config.kd)
+  tx_s, lr_s = common.student_optimizer(config, iters_per_epoch * kd_steps)
+  kd_loss = common.kd_loss_fn(config.kd)
   teacher = s.teacher.model
   data_sharding = parallel.data_sharded(mesh)
 
   def init(key):
     method_key, student_key = jax.random.split(key)
     state = {'step': jnp.zeros((), jnp.int32),
-             'student': distill.create_state(s.student, tx_s, student_key, s.student_input_shape),
+             'student': common.create_state(s.student, tx_s, student_key, s.student_input_shape),
              'method': synthesizer.init(method_key),
              'pool': pool_lib.init(capacity, s.student_input_shape, _POOL_DTYPES[config.pool.dtype])}
     if cache_logits:  # a ring written in step with 'pool': slot i holds the logits of entry i
@@ -366,8 +370,8 @@ def make_job(config, mesh, s: distill.Setup, synthesizer: Synthesizer, *,
       else:
         t_logits = teacher.apply(tvars, x, train=False)
       if synthesizer.kd_loss is not None:
-        return distill.student_update(student, x, lambda logits: synthesizer.kd_loss(logits, t_logits, student.step))
-      return distill.student_update(student, x, lambda logits: kd_loss(logits, t_logits))
+        return common.student_update(student, x, lambda logits: synthesizer.kd_loss(logits, t_logits, student.step))
+      return common.student_update(student, x, lambda logits: kd_loss(logits, t_logits))
 
     return jax.lax.scan(kd_step, student, jnp.arange(kd_steps))
 
@@ -387,5 +391,5 @@ def make_job(config, mesh, s: distill.Setup, synthesizer: Synthesizer, *,
 
   return loop.Job(
       init=init, phases=[('synth', synthesize), ('kd', kd)], frozen={'teacher': s.teacher.variables},
-      num_steps=num_steps, student=distill.evaluated_student(s), teacher=distill.evaluated_teacher(s),
-      sample_images=sample_images, steps_per_epoch=iters_per_epoch, on_finish=distill.export_student(config))
+      num_steps=num_steps, student=common.evaluated_student(s), teacher=common.evaluated_teacher(s),
+      sample_images=sample_images, steps_per_epoch=iters_per_epoch, on_finish=common.export_student(config))

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfkd_jax import sr_ops
+from dfkd_jax.sr import ops as sr_ops
 from dfkd_jax.data import unlabelled
 from dfkd_jax.errors import UserError
 

@@ -33,8 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from dfkd_jax import checkpoint as ckpt_lib
-from dfkd_jax import evaluate, parallel, report, workdir_lock
+from dfkd_jax.run import checkpoint as ckpt_lib
+from dfkd_jax.run import evaluation
+from dfkd_jax.run import parallel
+from dfkd_jax.run import outputs
+from dfkd_jax.run import lock
 from dfkd_jax.errors import StopRequested, UserError
 
 log = logging.getLogger(__name__)
@@ -150,7 +153,7 @@ def _compose(phases: Sequence[tuple[str, Phase]], on_nonfinite: str) -> Callable
 def compile_job(job: Job, mesh, init_key, on_nonfinite: str = 'stop',
                 mesh_config=None) -> tuple[Callable, Callable, Any]:
   """(jitted init, jitted donated iteration, state sharding) of ``job`` on ``mesh``, every input
-  and output with an explicit sharding (``dfkd_jax.parallel``): the state and frozen variables
+  and output with an explicit sharding (``dfkd_jax.run.parallel``): the state and frozen variables
   replicated, or split by ``mesh_config.fsdp_min_mb``; the batch split over the devices; outputs
   pinned to the input shardings so that every iteration reuses one compiled program. Train-mode
   BatchNorm follows ``mesh_config.batch_norm`` (``config.mesh``; None: the defaults). The state
@@ -196,7 +199,7 @@ def run(job: Job, config, workdir: str, mesh) -> Summary:
   mode, StopRequested when SIGTERM arrives before the first step.
   """
   t_start = time.monotonic()
-  with _StopSignals() as signals, workdir_lock.claim(workdir, exclusive=report.is_writer()):
+  with _StopSignals() as signals, lock.claim(workdir, exclusive=outputs.is_writer()):
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                          every_steps=config.checkpoint.every_steps,
                                          async_save=config.checkpoint.get('async_save', True))
@@ -220,15 +223,15 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
   if restored is not None:
     state, start = restored
     print(f'resuming from the checkpoint at step {start} in {workdir}', flush=True)
-    report.truncate_metrics(workdir, start)
+    outputs.truncate_metrics(workdir, start)
   else:
     state, start = init(init_key), 0
-  if report.is_writer():
-    report.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  if outputs.is_writer():
+    outputs.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
   frozen = jax.device_put(job.frozen, frozen_sharding(job, mesh, config.mesh))
   batch_sharding = parallel.data_sharded(mesh)
-  writer = report.MetricWriter(workdir, tensorboard=config.report.get('tensorboard', False))
+  writer = outputs.MetricWriter(workdir, tensorboard=config.report.get('tensorboard', False))
   history = _history(workdir)
 
   def evaluate_now(step, state):
@@ -236,20 +239,20 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
     if eval_set is None:
       return results
     variables = job.student.variables(state) if callable(job.student.variables) else job.student.variables
-    acc = evaluate.top1(job.student.apply_fn, variables, eval_set, mesh, config.eval.batch_size)
+    acc = evaluation.top1(job.student.apply_fn, variables, eval_set, mesh, config.eval.batch_size)
     results['eval/student_top1'] = acc
     history['student_top1'].append(acc)
     return results
 
   teacher_top1 = history.get('teacher_top1')
   if eval_set is not None and job.teacher is not None and teacher_top1 is None:
-    teacher_top1 = evaluate.top1(job.teacher.apply_fn, frozen_variables(job.teacher, frozen), eval_set, mesh,
+    teacher_top1 = evaluation.top1(job.teacher.apply_fn, frozen_variables(job.teacher, frozen), eval_set, mesh,
                                  config.eval.batch_size)
     writer.write(start, {'eval/teacher_top1': teacher_top1})
     print(f'teacher top-1 on {config.eval.data}[{config.eval.split}]: {100 * teacher_top1:.2f}%', flush=True)
 
   phase_fraction = time_phases(job, state, frozen, timing_key, mesh, config) if start < job.num_steps else {}
-  progress = report.Progress(job.num_steps, start)
+  progress = outputs.Progress(job.num_steps, start)
   elapsed_before, train_before = history['elapsed_s'], history['train_s']
   guard = _FiniteGuard(check=on_nonfinite == 'stop')
   t_train = time.monotonic()
@@ -296,7 +299,7 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
   summary_path = os.path.join(workdir, 'summary.json')
   if start >= job.num_steps and epath.Path(summary_path).exists():
     # Nothing trained now: the finished run's summary (and timings) stands.
-    return Summary(report.read_json(summary_path), stopped_by)
+    return Summary(outputs.read_json(summary_path), stopped_by)
 
   wall = elapsed_before + time.monotonic() - t_start
   train_wall = train_before + time.monotonic() - t_train
@@ -308,7 +311,7 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
       'steps': step,
       'wall_s': wall,
       'train_s': train_wall,
-      'peak_rss_mb': report.peak_rss_mb(),
+      'peak_rss_mb': outputs.peak_rss_mb(),
       **{f'{name}_s': frac * train_wall for name, frac in phase_fraction.items()},
       'finished': step >= job.num_steps,
       # What the job measured once trained (e.g. DFSR's PSNRs); a key the loop owns is not replaced.
@@ -316,8 +319,8 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
   }
   if on_nonfinite == 'skip':
     values[SKIPPED] = int(jax.device_get(state[SKIPPED]))
-  if report.is_writer():
-    report.write_json(summary_path, values)
+  if outputs.is_writer():
+    outputs.write_json(summary_path, values)
   return Summary(values, stopped_by)
 
 
@@ -400,7 +403,7 @@ def _show(value) -> str:
 def _history(workdir: str) -> dict:
   """What earlier runs on this workdir logged: accuracies, teacher accuracy, elapsed time."""
   hist = {'student_top1': [], 'elapsed_s': 0.0, 'train_s': 0.0}
-  for rec in report.read_metrics(workdir):
+  for rec in outputs.read_metrics(workdir):
     if 'eval/student_top1' in rec:
       hist['student_top1'].append(rec['eval/student_top1'])
     if 'eval/teacher_top1' in rec:
@@ -420,7 +423,7 @@ def _eval_set(config, mesh):
   ds = data.load(config.eval.data, config.eval.split, data_dir=config.get('data_dir'),
                  process_index=jax.process_index(), process_count=jax.process_count())
   images = data.prepare_images(ds.images, config.dataset, config.image_size, config.in_channels)
-  return evaluate.EvalSet.build(images, ds.labels, evaluate.local_batch_size(config.eval.batch_size, mesh))
+  return evaluation.EvalSet.build(images, ds.labels, evaluation.local_batch_size(config.eval.batch_size, mesh))
 
 
 def _save_samples(job, state, sample_key, step, workdir, config, mesh):
@@ -428,8 +431,8 @@ def _save_samples(job, state, sample_key, step, workdir, config, mesh):
     return
   # Compiled with a replicated output, so that every process holds the whole grid (multi-host).
   images = jax.device_get(_sampler(job.sample_images, mesh)(state, sample_key))
-  if report.is_writer():
-    report.save_image_grid(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), images[:64])
+  if outputs.is_writer():
+    outputs.save_image_grid(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), images[:64])
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dfkd_jax import parallel
+from dfkd_jax.run import parallel
 
 
 class EvalSet(NamedTuple):

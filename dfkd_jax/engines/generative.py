@@ -26,11 +26,13 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from dfkd_jax import losses, loop, models, optim, taps
-from dfkd_jax.methods import distill
+from dfkd_jax import losses, models, optim
+from dfkd_jax.run import loop
+from dfkd_jax.models import hooks
+from dfkd_jax.engines import common
 
 # generator_loss(teacher_output, student_logits_or_None, images) -> (loss, metrics dict)
-GeneratorLoss = Callable[[distill.TeacherOutput, jax.Array | None, jax.Array], tuple[jax.Array, dict]]
+GeneratorLoss = Callable[[common.TeacherOutput, jax.Array | None, jax.Array], tuple[jax.Array, dict]]
 
 
 def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, bn_taps: bool) -> loop.Job:
@@ -39,17 +41,17 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
   adversarial: the generator loss reads the student's logits (the student runs in the synth step).
   bn_taps: the generator loss reads the teacher's BN-input statistics.
   """
-  s = distill.setup(config, mesh)
+  s = common.setup(config, mesh)
   generator = models.create(config.generator.arch, **config.generator.kwargs)
   nz_shape = models.input_shape(config.generator.arch, **config.generator.kwargs)
   batch, g_steps, kd_steps = config.batch_size, config.g_steps, config.kd_steps
   reuse = config.student_batch == 'reuse'
   sample_train_mode = config.generator.get('sample_mode', 'eval') == 'train'
-  kd_loss = distill.kd_loss_fn(config.kd)
+  kd_loss = common.kd_loss_fn(config.kd)
   beta = config.kd.get('attention_beta', 0.0)
   at_modules = tuple(config.kd.get('attention_modules', ()))
   num_steps = config.num_epochs * config.iters_per_epoch
-  tx_s, lr_s = distill.student_optimizer(config, config.iters_per_epoch * kd_steps)
+  tx_s, lr_s = common.student_optimizer(config, config.iters_per_epoch * kd_steps)
   lr_g = optim.make_schedule(config.optimizer_g, config.iters_per_epoch * g_steps, config.num_epochs)
   tx_g = optim.make_optimizer(config.optimizer_g, lr_g)
   teacher = s.teacher
@@ -57,17 +59,17 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
   def init(key):
     kg, ks = jax.random.split(key)
     state = {'step': jnp.zeros((), jnp.int32),
-             'generator': distill.create_state(generator, tx_g, kg, nz_shape),
-             'student': distill.create_state(s.student, tx_s, ks, s.student_input_shape)}
+             'generator': common.create_state(generator, tx_g, kg, nz_shape),
+             'student': common.create_state(s.student, tx_s, ks, s.student_input_shape)}
     if reuse:  # the batch handed from the synth to the kd phase of the same iteration
       state['handoff'] = {'images': jnp.zeros((batch,) + s.student_input_shape),
                           'teacher_logits': jnp.zeros((batch, config.num_classes))}
     return state
 
   def generator_objective(params, g_state, student, tvars, z):
-    x, batch_stats = distill.apply_train(g_state, params, z)
+    x, batch_stats = common.apply_train(g_state, params, z)
     x = s.to_teacher_input(x)
-    t = distill.teacher_forward(teacher, tvars, x, bn_taps=bn_taps)
+    t = common.teacher_forward(teacher, tvars, x, bn_taps=bn_taps)
     s_logits = student.apply_fn(student.variables, x, train=False) if adversarial else None
     loss, metrics = generator_loss(t, s_logits, x)
     return loss, (batch_stats, metrics, x, t.logits)
@@ -77,7 +79,7 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
 
     def g_step(carry, k):
       g_state, _, _ = carry
-      z = distill.latent(k, (batch,) + nz_shape, mesh)
+      z = common.latent(k, (batch,) + nz_shape, mesh)
       (loss, (batch_stats, metrics, x, t_logits)), grads = jax.value_and_grad(generator_objective, has_aux=True)(
           g_state.params, g_state, student, frozen['teacher'], z)
       g_state = g_state.apply_gradients(grads=grads, batch_stats=batch_stats)
@@ -94,9 +96,9 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
 
   def sample(g_state, key):
     """A batch for the student from G (no gradient); returns (g_state, x in teacher space)."""
-    z = distill.latent(key, (batch,) + nz_shape, mesh)
+    z = common.latent(key, (batch,) + nz_shape, mesh)
     if sample_train_mode:
-      x, batch_stats = distill.apply_train(g_state, g_state.params, z)
+      x, batch_stats = common.apply_train(g_state, g_state.params, z)
       g_state = g_state.replace(batch_stats=batch_stats)
     else:
       x = g_state.apply_fn(g_state.variables, z, train=False)
@@ -107,14 +109,14 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
     transfer, its module outputs on ``x``."""
     if not beta:
       return logits if logits is not None else teacher.model.apply(tvars, x, train=False), []
-    t_logits, t_maps = taps.apply_with_output_taps(teacher.model, tvars, x, at_modules, train=False)
+    t_logits, t_maps = hooks.apply_with_output_taps(teacher.model, tvars, x, at_modules, train=False)
     return t_logits, t_maps
 
   def student_step(student, x, t_logits, t_maps):
     if beta:
       loss_fn = lambda logits, maps: kd_loss(logits, t_logits) + beta * losses.attention_transfer(maps, t_maps)
-      return distill.student_update(student, x, loss_fn, at_modules)
-    return distill.student_update(student, x, lambda logits: kd_loss(logits, t_logits))
+      return common.student_update(student, x, loss_fn, at_modules)
+    return common.student_update(student, x, lambda logits: kd_loss(logits, t_logits))
 
   def kd(state, frozen, key, _):
     tvars = frozen['teacher']
@@ -144,6 +146,6 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
 
   return loop.Job(
       init=init, phases=[('synth', synth), ('kd', kd)], frozen={'teacher': teacher.variables},
-      num_steps=num_steps, student=distill.evaluated_student(s), teacher=distill.evaluated_teacher(s),
+      num_steps=num_steps, student=common.evaluated_student(s), teacher=common.evaluated_teacher(s),
       sample_images=sample_images, steps_per_epoch=config.iters_per_epoch,
-      on_finish=distill.export_student(config))
+      on_finish=common.export_student(config))

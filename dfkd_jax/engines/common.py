@@ -9,10 +9,14 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dfkd_jax import data, loop, losses, models, optim, parallel, taps, teachers
+from dfkd_jax import data, losses, models, optim
+from dfkd_jax.run import loop
+from dfkd_jax.run import parallel
+from dfkd_jax.models import hooks
+from dfkd_jax.convert import teachers
 from dfkd_jax.convert import model_dir
 from dfkd_jax.errors import UserError
-from dfkd_jax.state import TrainState
+from dfkd_jax.optim import TrainState
 
 
 class TeacherOutput(NamedTuple):
@@ -26,9 +30,9 @@ class TeacherOutput(NamedTuple):
 def teacher_forward(teacher: teachers.Teacher, variables, x, *, bn_taps: bool = False) -> TeacherOutput:
   """The teacher in eval mode (running BN statistics), as every reference runs it."""
   if bn_taps:
-    (logits, feats), tapped = taps.apply_with_bn_taps(teacher.model, variables, x, train=False,
+    (logits, feats), tapped = hooks.apply_with_bn_taps(teacher.model, variables, x, train=False,
                                                       return_features=True)
-    return TeacherOutput(logits, feats, [(t.mean, t.var) for t in tapped], taps.running_stats(variables, tapped))
+    return TeacherOutput(logits, feats, [(t.mean, t.var) for t in tapped], hooks.running_stats(variables, tapped))
   logits, feats = teacher.model.apply(variables, x, train=False, return_features=True)
   return TeacherOutput(logits, feats, [], [])
 
@@ -63,7 +67,7 @@ def student_update(state: TrainState, x, loss_fn: Callable, output_modules=()) -
       return loss_fn(logits), batch_stats
     variables = {'params': params, 'batch_stats': state.batch_stats} if state.batch_stats else {'params': params}
     # A TrainState keeps the bound ``Module.apply``: its ``__self__`` is the module to tap.
-    (logits, maps), upd = taps.apply_with_output_taps(state.apply_fn.__self__, variables, x, output_modules,
+    (logits, maps), upd = hooks.apply_with_output_taps(state.apply_fn.__self__, variables, x, output_modules,
                                                       train=True, mutable=['batch_stats'])
     return loss_fn(logits, maps), upd.get('batch_stats', state.batch_stats)
 
