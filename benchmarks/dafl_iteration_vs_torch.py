@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def jax_iteration(batch: int, devices: int):
   import jax
   from dfkd_jax import methods
-  from dfkd_jax.run import loop
+  from dfkd_jax.run.job import compile_job
   from dfkd_jax.run import parallel
   spec = importlib.util.spec_from_file_location('dafl_mnist', os.path.join(ROOT, 'configs', 'dafl_mnist.py'))
   module = importlib.util.module_from_spec(spec)
@@ -31,7 +31,7 @@ def jax_iteration(batch: int, devices: int):
   config.batch_size = batch
   mesh = parallel.make_mesh(devices)
   job = methods.get('dafl').make_job(config, mesh)
-  init, iteration, _ = loop.compile_job(job, mesh, jax.random.key(0))
+  init, iteration, _ = compile_job(job, mesh, jax.random.key(0))
   holder = {'state': init(jax.random.key(0))}
   frozen = jax.device_put(job.frozen, parallel.replicated(mesh))
   key = jax.random.key(1)

@@ -32,7 +32,7 @@ def measure(batch: int, iters: int) -> float:
   sys.path.insert(0, ROOT)
   import jax
   from dfkd_jax import methods
-  from dfkd_jax.run import loop
+  from dfkd_jax.run.job import compile_job, frozen_sharding
   from dfkd_jax.run import parallel
   spec = importlib.util.spec_from_file_location('dafl_mnist', os.path.join(ROOT, 'configs', 'dafl_mnist.py'))
   module = importlib.util.module_from_spec(spec)
@@ -41,9 +41,9 @@ def measure(batch: int, iters: int) -> float:
   config.batch_size = batch
   mesh = parallel.make_mesh(-1)
   job = methods.get(config.method).make_job(config, mesh)
-  init, iteration, _ = loop.compile_job(job, mesh, jax.random.key(0), mesh_config=config.mesh)
+  init, iteration, _ = compile_job(job, mesh, jax.random.key(0), mesh_config=config.mesh)
   state = init(jax.random.key(0))
-  frozen = jax.device_put(job.frozen, loop.frozen_sharding(job, mesh, config.mesh))
+  frozen = jax.device_put(job.frozen, frozen_sharding(job, mesh, config.mesh))
   key = jax.random.key(1)
   for _ in range(2):  # compilation, then one more warm-up step
     state, metrics = iteration(state, frozen, key, None)

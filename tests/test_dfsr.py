@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dfkd_jax import methods, models
-from dfkd_jax.run import loop
+from dfkd_jax.run.job import compile_job
 from dfkd_jax.run import parallel
 from dfkd_jax.sr import evaluation as sr_eval
 from dfkd_jax.sr import ops as sr_ops
@@ -49,7 +49,7 @@ def tiny_dfsr_config(teacher, **dfsr_overrides):
 def run_iterations(config, n=2):
   mesh = parallel.make_mesh(2)
   job = methods.get(config.method).make_job(config, mesh)
-  init, step, _ = loop.compile_job(job, mesh, jax.random.key(0))
+  init, step, _ = compile_job(job, mesh, jax.random.key(0))
   state = init(jax.random.key(0))
   before = jax.device_get(state)
   frozen = jax.device_put(job.frozen, parallel.replicated(mesh))

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from dfkd_jax import data, losses, methods
-from dfkd_jax.run import loop
+from dfkd_jax.run.job import compile_job
 from dfkd_jax.run import parallel
 from dfkd_jax.models import hooks
 from dfkd_jax.errors import UserError
@@ -41,7 +41,7 @@ def small_config(name='deepinv_mnist', **overrides):
 
 
 def compile_and_init(job, mesh):
-  init, iteration, _ = loop.compile_job(job, mesh, jax.random.key(0))
+  init, iteration, _ = compile_job(job, mesh, jax.random.key(0))
   return init(jax.random.key(0)), iteration, jax.device_put(job.frozen, parallel.replicated(mesh))
 
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from dfkd_jax import losses, methods
-from dfkd_jax.run import loop
-from dfkd_jax.run import parallel
 from dfkd_jax.data import unlabelled
+from dfkd_jax.engines import selected_kd
 from dfkd_jax.errors import UserError
 from dfkd_jax.methods import dfnd, pu
-from dfkd_jax.engines import selected_kd
+from dfkd_jax.run import parallel
+from dfkd_jax.run.job import compile_job
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 
@@ -41,7 +41,7 @@ def test_nnpu_risk_non_negative_branch():
   r_pos = prior * (sig(-0.0) + sig(-2.0)) / 2                        # ℓ(g) = σ(−g) on P
   r_neg = (sig(0.0) + sig(-1.0) + sig(1.0)) / 3 - prior * (sig(0.0) + sig(2.0)) / 2
   assert r_neg > 0
-  objective, risk = L.nnpu_risk(jnp.array(p), jnp.array(u), prior)
+  objective, risk = losses.nnpu_risk(jnp.array(p), jnp.array(u), prior)
   np.testing.assert_allclose([objective, risk], [r_pos + r_neg, r_pos + r_neg], rtol=1e-6)
 
 
@@ -51,22 +51,22 @@ def test_nnpu_risk_negative_branch_reverses_the_step():
   r_pos = prior * (sig(-3.0) + sig(-2.0)) / 2
   r_neg = (sig(-5.0) + sig(-6.0)) / 2 - prior * (sig(3.0) + sig(2.0)) / 2
   assert r_neg < 0
-  objective, risk = L.nnpu_risk(jnp.array(p), jnp.array(u), prior, gamma=gamma)
+  objective, risk = losses.nnpu_risk(jnp.array(p), jnp.array(u), prior, gamma=gamma)
   np.testing.assert_allclose(objective, -gamma * r_neg, rtol=1e-6)
   np.testing.assert_allclose(risk, r_pos, rtol=1e-6)   # max(0, r_neg) = 0
   # beta widens the unbiased branch
-  objective, _ = L.nnpu_risk(jnp.array(p), jnp.array(u), prior, beta=1.0)
+  objective, _ = losses.nnpu_risk(jnp.array(p), jnp.array(u), prior, beta=1.0)
   np.testing.assert_allclose(objective, r_pos + r_neg, rtol=1e-6)
 
 
 def test_robust_kd_class_weights():
   probs = jnp.array([[0.5, 0.5], [1.0, 0.0]])   # class mass m = (1.5, 0.5)
-  w = L.robust_kd_class_weights(probs, num_perturbations=0)
+  w = losses.robust_kd_class_weights(probs, num_perturbations=0)
   np.testing.assert_allclose(w, [[0.5, 1.5]], rtol=1e-6)   # 2 * (1/m) / Σ(1/m)
-  np.testing.assert_allclose(L.robust_kd_class_weights(probs, num_perturbations=0, power=0.0), [[1.0, 1.0]])
+  np.testing.assert_allclose(losses.robust_kd_class_weights(probs, num_perturbations=0, power=0.0), [[1.0, 1.0]])
   w_half = 2 * np.array([1.5, 0.5]) ** -0.5 / np.sum(np.array([1.5, 0.5]) ** -0.5)
-  np.testing.assert_allclose(L.robust_kd_class_weights(probs, num_perturbations=0, power=0.5), [w_half], rtol=1e-6)
-  w = L.robust_kd_class_weights(probs, num_perturbations=3, epsilon=0.1, key=jax.random.key(0))
+  np.testing.assert_allclose(losses.robust_kd_class_weights(probs, num_perturbations=0, power=0.5), [w_half], rtol=1e-6)
+  w = losses.robust_kd_class_weights(probs, num_perturbations=3, epsilon=0.1, key=jax.random.key(0))
   assert w.shape == (4, 2)
   np.testing.assert_allclose(w[0], [0.5, 1.5], rtol=1e-6)
   assert np.all(np.abs(np.asarray(w[1:]) / np.array([0.5, 1.5]) - 1) <= 0.1 + 1e-6)
@@ -85,22 +85,22 @@ def test_robust_kd_max_over_weight_sets():
   kls = [kl(np.array([2.0, 0.0]), np.array([0.0, 0.0])), kl(np.array([0.0, 1.0]), np.array([1.0, 0.0]))]
   weights = jnp.array([[1.0, 1.0], [0.2, 1.8], [1.8, 0.2]])
   expected = max((w[0] * kls[0] + w[1] * kls[1]) / 2 for w in np.asarray(weights))
-  np.testing.assert_allclose(L.robust_kd(s, t, weights), expected, rtol=1e-5)
+  np.testing.assert_allclose(losses.robust_kd(s, t, weights), expected, rtol=1e-5)
   # T multiplies once: KL at T times T
   kls_t = [kl(np.array([1.0, 0.0]), np.array([0.0, 0.0])), kl(np.array([0.0, 0.5]), np.array([0.5, 0.0]))]
-  np.testing.assert_allclose(L.robust_kd(s, t, weights[:1], temperature=2.0), 2 * sum(kls_t) / 2, rtol=1e-5)
+  np.testing.assert_allclose(losses.robust_kd(s, t, weights[:1], temperature=2.0), 2 * sum(kls_t) / 2, rtol=1e-5)
 
 
 def test_noise_transition_and_nll():
-  n = L.noise_transition(jnp.zeros((3, 3)), 0.7)
+  n = losses.noise_transition(jnp.zeros((3, 3)), 0.7)
   np.testing.assert_allclose(n, [[0.7, 0.15, 0.15], [0.15, 0.7, 0.15], [0.15, 0.15, 0.7]], rtol=1e-6)
   theta = jnp.array([[9.0, 0.0, math.log(3.0)], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-  n = L.noise_transition(theta, 0.6)
+  n = losses.noise_transition(theta, 0.6)
   np.testing.assert_allclose(n[0], [0.6, 0.1, 0.3], rtol=1e-6)   # θ_00 is unused
   np.testing.assert_allclose(n.sum(-1), 1.0, rtol=1e-6)
   logits = jnp.log(jnp.array([[0.5, 0.25, 0.25]]))
   noisy = np.array([0.5, 0.25, 0.25]) @ np.asarray(n)
-  np.testing.assert_allclose(L.noise_adaptation_nll(logits, jnp.array([2]), n), -math.log(noisy[2]), rtol=1e-5)
+  np.testing.assert_allclose(losses.noise_adaptation_nll(logits, jnp.array([2]), n), -math.log(noisy[2]), rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_method_iterations(name):
   config.batch_size = 16
   mesh = parallel.make_mesh(2)
   job = methods.get(config.method).make_job(config, mesh)
-  init, step, _ = loop.compile_job(job, mesh, jax.random.key(0))
+  init, step, _ = compile_job(job, mesh, jax.random.key(0))
   state = init(jax.random.key(0))
   before = jax.device_get(state)
   frozen = jax.device_put(job.frozen, parallel.replicated(mesh))

@@ -29,9 +29,9 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
-from dfkd_jax.run import evaluation
-from dfkd_jax.run import loop
-from dfkd_jax.run import parallel
+from dfkd_jax.run import evaluation, loop, parallel
+from dfkd_jax.run.job import Job
+from dfkd_jax.run.timing import time_phases
 from dfkd_jax.train import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,14 +77,14 @@ def dafl_config(**overrides):
 def stop_at(monkeypatch, step: int):
   """Sends this process SIGTERM while the loop fetches the batch of ``step`` (0-based), so the
   loop finishes that iteration, checkpoints and stops: exactly what a preempted run does."""
-  real = loop._device_batch
+  real = loop.device_batch
 
-  def device_batch(job, s, sharding):
+  def signalling_batch(job, s, sharding):
     if s == step:
       os.kill(os.getpid(), signal.SIGTERM)
     return real(job, s, sharding)
 
-  monkeypatch.setattr(loop, '_device_batch', device_batch)
+  monkeypatch.setattr(loop, 'device_batch', signalling_batch)
 
 
 def read_metrics(workdir):
@@ -311,11 +311,11 @@ def test_phases_are_timed_at_the_middle_iteration():
       return dict(state, filled=state['filled'] + 1), {}
     return fn
 
-  job = loop.Job(init=None, phases=[('synth', phase('synth')), ('kd', phase('kd'))], frozen={}, num_steps=9,
+  job = Job(init=None, phases=[('synth', phase('synth')), ('kd', phase('kd'))], frozen={}, num_steps=9,
                  student=None)
   config = load_config('dafl_mnist', **{'report.phase_timing_reps': 2})
   state = {'step': jnp.zeros((), jnp.int32), 'filled': jnp.zeros((), jnp.int32)}
-  fractions = loop.time_phases(job, state, {}, jax.random.key(0), parallel.make_mesh(1), config)
+  fractions = time_phases(job, state, {}, jax.random.key(0), parallel.make_mesh(1), config)
   # Compiled ahead, run `reps` times each; kd runs on what synth returned (e.g. a filled pool).
   assert seen == [('synth', 4, 0), ('synth', 4, 0), ('kd', 4, 1), ('kd', 4, 1)]
   assert set(fractions) == {'synth', 'kd'} and sum(fractions.values()) == pytest.approx(1.0)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from dfkd_jax.run import loop
+from dfkd_jax.run.job import compile_job
 from dfkd_jax.run import parallel
 from dfkd_jax import methods
 
@@ -27,7 +27,7 @@ def test_method_iterations(name):
   config.batch_size = 8
   mesh = parallel.make_mesh(2)
   job = methods.get(config.method).make_job(config, mesh)
-  init, step, _ = loop.compile_job(job, mesh, jax.random.key(0))
+  init, step, _ = compile_job(job, mesh, jax.random.key(0))
   state = init(jax.random.key(0))
   before = jax.device_get(state)
   frozen = jax.device_put(job.frozen, parallel.replicated(mesh))

@@ -28,9 +28,9 @@ from etils import epath
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
-from dfkd_jax.run import loop
-from dfkd_jax.run import outputs
 from dfkd_jax.convert import model_dir
+from dfkd_jax.run import outputs
+from dfkd_jax.run.outputs import read_history
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAFL = 'configs/dafl_mnist.py:runlocal'
@@ -144,7 +144,7 @@ def test_outputs_on_an_object_store_workdir(object_store):
   assert outputs.read_metrics(workdir) == [
       {'step': 0, 'eval/teacher_top1': 0.984},
       {'step': 2, 'train/student_loss': 1.5, 'eval/student_top1': 0.25, 'time/elapsed_s': 3.0}]
-  history = loop._history(workdir)
+  history = read_history(workdir)
   assert history['teacher_top1'] == 0.984 and history['student_top1'] == [0.25] and history['elapsed_s'] == 3.0
 
   images = np.linspace(0, 1, 4 * 5 * 5).reshape(4, 5, 5, 1)

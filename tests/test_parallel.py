@@ -1,7 +1,7 @@
 """Data-parallel execution on 8 fake CPU devices (tests/conftest.py) gives the results of 1 device.
 
 For each method family (one row of ``CASES``; a new method adds a row), the job of its
-``:runlocal`` config is compiled by ``loop.compile_job`` on a 1-device and on an 8-device mesh and
+``:runlocal`` config is compiled by ``compile_job`` on a 1-device and on an 8-device mesh and
 runs ``ITERATIONS`` iterations from the same initial state; every metric of every iteration and
 the change of every part of the state (generator, student, ...: parameters, BatchNorm statistics,
 optimiser state) must agree within float32 rounding:
@@ -46,13 +46,13 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import PartitionSpec as P
 
-from dfkd_jax.run import checkpoint as ckpt_lib
 from dfkd_jax import methods
-from dfkd_jax.run import loop
-from dfkd_jax.run import parallel
-from dfkd_jax.errors import UserError
 from dfkd_jax.engines import common
+from dfkd_jax.errors import UserError
 from dfkd_jax.models import layers
+from dfkd_jax.run import checkpoint as ckpt_lib
+from dfkd_jax.run import parallel
+from dfkd_jax.run.job import Job, compile_job, device_batch, frozen_sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERATIONS = 2
@@ -128,7 +128,7 @@ def load_config(case: Case, mesh_fields: dict):
 @dataclasses.dataclass
 class Run:
   """A job compiled on a mesh, and what ``ITERATIONS`` iterations gave."""
-  job: loop.Job
+  job: Job
   mesh: Any
   state_sharding: Any
   initial: Any = None
@@ -152,13 +152,13 @@ def run(case: Case, num_devices: int, initial=None) -> Run:
   job = methods.get(config.method).make_job(config, mesh)
   if num_devices == 1 and case.mesh.get('batch_norm') == 'per_device':
     job = dataclasses.replace(job, phases=parallel.with_batch_norm(job.phases, 8))
-  init, iteration, state_sharding = loop.compile_job(job, mesh, jax.random.key(0), mesh_config=config.mesh)
+  init, iteration, state_sharding = compile_job(job, mesh, jax.random.key(0), mesh_config=config.mesh)
   result = Run(job, mesh, state_sharding)
   state = init(jax.random.key(0)) if initial is None else place(initial, state_sharding)
   result.initial = jax.device_get(state)
-  frozen = jax.device_put(job.frozen, loop.frozen_sharding(job, mesh, config.mesh))
+  frozen = jax.device_put(job.frozen, frozen_sharding(job, mesh, config.mesh))
   for step in range(ITERATIONS):
-    batch = loop._device_batch(job, step, parallel.data_sharded(mesh))
+    batch = device_batch(job, step, parallel.data_sharded(mesh))
     state, metrics = iteration(state, frozen, jax.random.key(1), batch)
     result.metrics.append(jax.device_get(metrics))
   result.final = state
@@ -176,7 +176,7 @@ def runs(case: Case) -> tuple[Run, Run]:
     config = load_config(case, {})
     mesh = parallel.make_mesh(1)
     job = methods.get(config.method).make_job(config, mesh)
-    init, _, _ = loop.compile_job(job, mesh, jax.random.key(0), mesh_config=config.mesh)
+    init, _, _ = compile_job(job, mesh, jax.random.key(0), mesh_config=config.mesh)
     initial = jax.device_get(init(jax.random.key(0)))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
       one, eight = pool.map(lambda n: run(case, n, initial), (1, 8))
@@ -226,7 +226,7 @@ def test_eight_devices_give_the_results_of_one(case):
       return parallel.DATA_AXIS in tuple(sharding.spec)
     for part in ('generator', 'student'):
       assert any(is_split(leaf.sharding) for leaf in jax.tree.leaves(eight.final[part])), f'no {part} array split'
-    frozen = loop.frozen_sharding(eight.job, eight.mesh, case.mesh)
+    frozen = frozen_sharding(eight.job, eight.mesh, case.mesh)
     assert any(is_split(s) for s in jax.tree.leaves(frozen)), 'no teacher array split'
   else:
     assert all(leaf.sharding.spec == P() for leaf in jax.tree.leaves(eight.final))
@@ -246,7 +246,7 @@ def test_initialisation_is_the_same_on_8_devices():
   config = load_config(case, {})
   mesh = parallel.make_mesh(8)
   job = methods.get(config.method).make_job(config, mesh)
-  init, _, _ = loop.compile_job(job, mesh, jax.random.key(0), mesh_config=config.mesh)
+  init, _, _ = compile_job(job, mesh, jax.random.key(0), mesh_config=config.mesh)
   initial8, initial1 = flat(init(jax.random.key(0))), flat(one.initial)
   for key, value in initial1.items():
     np.testing.assert_array_equal(initial8[key], value, err_msg=key)

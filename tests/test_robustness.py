@@ -38,13 +38,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from dfkd_jax import configlib
-from dfkd_jax.run import checkpoint
-from dfkd_jax.run import loop
-from dfkd_jax.run import parallel
-from dfkd_jax.convert import teachers
-from dfkd_jax.run import lock
-from dfkd_jax.convert import api, model_dir
+from dfkd_jax.convert import api, model_dir, teachers
 from dfkd_jax.errors import StopRequested, UserError
+from dfkd_jax.run import checkpoint, lock, loop, parallel
+from dfkd_jax.run.job import Evaluated, Job
+from dfkd_jax.run.numerics import NumericalError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/dafl_mnist.py:runlocal'
@@ -326,9 +324,9 @@ def test_sigterm_during_start_up_exits_0_and_changes_nothing(reference, env, tmp
   workdir = copy_run(reference, tmp_path / 'run', at_step=4)
   before = snapshot(workdir)
   proc = start(workdir, env)
-  lock = workdir / lock.LOCK_NAME
+  lock_file = workdir / lock.LOCK_NAME
   # The lock is taken before the slow start-up (jax import, teacher, compilation) begins.
-  wait_for(lambda: lock.exists() and f'"pid": {proc.pid}' in lock.read_text(), proc, 'the workdir lock')
+  wait_for(lambda: lock_file.exists() and f'"pid": {proc.pid}' in lock_file.read_text(), proc, 'the workdir lock')
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=TIMEOUT)
   assert proc.returncode == 0, err[-3000:]
@@ -438,7 +436,7 @@ def tiny_config(**overrides):
   return c
 
 
-def tiny_job(num_steps=8, nan_loss_at=(), inf_student_at=(), on_batch=None) -> loop.Job:
+def tiny_job(num_steps=8, nan_loss_at=(), inf_student_at=(), on_batch=None) -> Job:
   """Generator w <- w/2 + 1 (its loss is sum w), student v <- v + 1 (its loss is the old sum v).
   ``nan_loss_at``: steps (1-based, as logged) whose generator update is NaN; ``inf_student_at``:
   steps whose student update is inf while its loss stays finite."""
@@ -461,10 +459,10 @@ def tiny_job(num_steps=8, nan_loss_at=(), inf_student_at=(), on_batch=None) -> l
       on_batch(step)
     return {}
 
-  return loop.Job(init=lambda key: {'step': jnp.zeros((), jnp.int32), 'generator': {'w': jnp.ones(3)},
+  return Job(init=lambda key: {'step': jnp.zeros((), jnp.int32), 'generator': {'w': jnp.ones(3)},
                                     'student': {'v': jnp.zeros(2)}},
                   phases=[('synth', synth), ('kd', kd)], frozen={}, num_steps=num_steps,
-                  student=loop.Evaluated(lambda v, x, train=False: x, lambda s: s['student']),
+                  student=Evaluated(lambda v, x, train=False: x, lambda s: s['student']),
                   next_batch=next_batch)
 
 
@@ -478,7 +476,7 @@ def logged_steps(workdir):
 
 def test_nonfinite_loss_between_logs_is_caught_before_the_next_checkpoint(tmp_path):
   # Step 5 is neither logged (every 4) nor checkpointed (every 3): the check at step 6's save finds it.
-  with pytest.raises(loop.NumericalError) as error:
+  with pytest.raises(NumericalError) as error:
     tiny_run(tmp_path, tiny_job(nan_loss_at=[5]))
   assert str(error.value) == (
       'numerical failure at step 5: train/generator_loss=nan; non-finite values in: generator; the run stopped '
@@ -489,7 +487,7 @@ def test_nonfinite_loss_between_logs_is_caught_before_the_next_checkpoint(tmp_pa
 
 
 def test_nonfinite_parameter_with_finite_losses_names_the_model(tmp_path):
-  with pytest.raises(loop.NumericalError, match=r'^numerical failure at step 2: every loss is finite; non-finite '
+  with pytest.raises(NumericalError, match=r'^numerical failure at step 2: every loss is finite; non-finite '
                                                 r'values in: student; .* no checkpoint had been saved yet;'):
     tiny_run(tmp_path, tiny_job(inf_student_at=[2]))
   assert checkpoint_steps(tmp_path) == [] and not (tmp_path / 'metrics.jsonl').exists()
@@ -499,7 +497,7 @@ def test_sigterm_at_a_nonfinite_step_does_not_checkpoint_it(tmp_path):
   """The stop signal forces a checkpoint of step 5 (off the interval); its state is NaN, so the
   run reports the failure instead and keeps checkpoint 3."""
   stop = lambda step: step == 4 and os.kill(os.getpid(), signal.SIGTERM)  # while fetching step 5's batch
-  with pytest.raises(loop.NumericalError, match='^numerical failure at step 5: train/generator_loss=nan; .*'
+  with pytest.raises(NumericalError, match='^numerical failure at step 5: train/generator_loss=nan; .*'
                                                 r'the last good checkpoint \(step 3\) is kept'):
     tiny_run(tmp_path, tiny_job(nan_loss_at=[5], on_batch=stop))
   assert checkpoint_steps(tmp_path) == [3]
@@ -550,7 +548,7 @@ def test_sigterm_while_reading_a_checkpoint_stops_without_touching_it(tmp_path, 
 
 def test_workdir_lock_names_the_owner_and_dies_with_it(tmp_path):
   holder = subprocess.Popen(
-      [sys.executable, '-c', 'import sys, time\nfrom dfkd_jax import workdir_lock\n'
+      [sys.executable, '-c', 'import sys, time\nfrom dfkd_jax.run import lock\n'
                              f'with lock.claim({str(tmp_path)!r}):\n  print("held", flush=True)\n'
                              '  time.sleep(600)\n'],
       cwd=REPO, stdout=subprocess.PIPE, text=True)

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from dfkd_jax.convert import model_dir
 from dfkd_jax.errors import UserError
 
-ASSETS = os.path.join(os.path.dirname(__file__), 'assets', 'teachers')
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'assets', 'teachers')  # dfkd_jax/assets
 
 
 class Teacher(NamedTuple):

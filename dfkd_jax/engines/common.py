@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from dfkd_jax import data, losses, models, optim
-from dfkd_jax.run import loop
+from dfkd_jax.run.job import Evaluated
 from dfkd_jax.run import parallel
 from dfkd_jax.models import hooks
 from dfkd_jax.convert import teachers
@@ -120,12 +120,12 @@ def latent(key, shape, mesh) -> jax.Array:
   return jax.lax.with_sharding_constraint(jax.random.normal(key, shape), parallel.data_sharded(mesh))
 
 
-def evaluated_student(s: Setup) -> loop.Evaluated:
-  return loop.Evaluated(s.student.apply, lambda state: state['student'].variables)
+def evaluated_student(s: Setup) -> Evaluated:
+  return Evaluated(s.student.apply, lambda state: state['student'].variables)
 
 
-def evaluated_teacher(s: Setup) -> loop.Evaluated:
-  return loop.Evaluated(s.teacher.model.apply, lambda frozen: frozen['teacher'])
+def evaluated_teacher(s: Setup) -> Evaluated:
+  return Evaluated(s.teacher.model.apply, lambda frozen: frozen['teacher'])
 
 
 def export_student(config) -> Callable:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from dfkd_jax import losses, models, optim
-from dfkd_jax.run import loop
+from dfkd_jax.run.job import Job
 from dfkd_jax.models import hooks
 from dfkd_jax.engines import common
 
@@ -35,7 +35,7 @@ from dfkd_jax.engines import common
 GeneratorLoss = Callable[[common.TeacherOutput, jax.Array | None, jax.Array], tuple[jax.Array, dict]]
 
 
-def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, bn_taps: bool) -> loop.Job:
+def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, bn_taps: bool) -> Job:
   """Builds the loop job of a generator-adversarial method.
 
   adversarial: the generator loss reads the student's logits (the student runs in the synth step).
@@ -144,7 +144,7 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
     z = jax.random.normal(key, (64,) + nz_shape)
     return s.to_unit(g_state.apply_fn(g_state.variables, z, train=False))
 
-  return loop.Job(
+  return Job(
       init=init, phases=[('synth', synth), ('kd', kd)], frozen={'teacher': teacher.variables},
       num_steps=num_steps, student=common.evaluated_student(s), teacher=common.evaluated_teacher(s),
       sample_images=sample_images, steps_per_epoch=config.iters_per_epoch,

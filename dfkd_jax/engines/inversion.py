@@ -56,7 +56,7 @@ import optax
 
 from dfkd_jax import data, losses, synth
 from dfkd_jax.synth import augment
-from dfkd_jax.run import loop
+from dfkd_jax.run.job import Job
 from dfkd_jax.run import parallel
 from dfkd_jax.models import hooks
 from dfkd_jax.errors import UserError
@@ -289,7 +289,7 @@ def pool_capacity(config) -> int:
 
 
 def make_job(config, mesh, s: common.Setup, synthesizer: Synthesizer, *,
-             pool_size: int | None = None) -> loop.Job:
+             pool_size: int | None = None) -> Job:
   """The loop job of an inversion method: the ``synth`` then ``kd`` phases above. ``pool_size``
   replaces ``config.pool.capacity`` for a method whose pool is not a replay history (CuDFKD)."""
   batch, kd_steps, iters_per_epoch = config.batch_size, config.kd_steps, config.iters_per_epoch
@@ -389,7 +389,7 @@ def make_job(config, mesh, s: common.Setup, synthesizer: Synthesizer, *,
   def sample_images(state, key):
     return pool_lib.latest(state['pool'], min(64, config.synthesis_batch_size))
 
-  return loop.Job(
+  return Job(
       init=init, phases=[('synth', synthesize), ('kd', kd)], frozen={'teacher': s.teacher.variables},
       num_steps=num_steps, student=common.evaluated_student(s), teacher=common.evaluated_teacher(s),
       sample_images=sample_images, steps_per_epoch=iters_per_epoch, on_finish=common.export_student(config))

@@ -21,7 +21,7 @@ import optax
 
 from dfkd_jax import data
 from dfkd_jax.synth import augment
-from dfkd_jax.run import loop
+from dfkd_jax.run.job import Job
 from dfkd_jax.run import parallel
 from dfkd_jax.run import outputs
 from dfkd_jax.data import preprocess, unlabelled
@@ -97,7 +97,7 @@ def print_selection(method: str, rep: dict) -> None:
 
 
 def make_job(config, mesh, s: common.Setup, images_u8: np.ndarray, loss_fn: LossFn, *,
-             aux: Aux | None = None, report_values: dict | None = None) -> loop.Job:
+             aux: Aux | None = None, report_values: dict | None = None) -> Job:
   """The loop job distilling the student on ``images_u8`` (uint8 NHWC at model resolution).
 
   ``config``: ``batch_size``, ``num_epochs``, ``optimizer_s`` (per-epoch schedule), ``augment``.
@@ -154,7 +154,7 @@ def make_job(config, mesh, s: common.Setup, images_u8: np.ndarray, loss_fn: Loss
       outputs.write_json(os.path.join(workdir, 'selection.json'), report_values)
     return dict(report_values or {})
 
-  return loop.Job(
+  return Job(
       init=init, phases=[('kd', kd)], frozen={'teacher': teacher.variables},
       num_steps=steps_per_epoch * config.num_epochs, student=common.evaluated_student(s),
       teacher=common.evaluated_teacher(s), next_batch=next_batch, steps_per_epoch=steps_per_epoch,

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from dfkd_jax import models, optim
-from dfkd_jax.run import loop
+from dfkd_jax.run.job import Evaluated, Job
 from dfkd_jax.run import outputs
 from dfkd_jax.sr import ops as sr_ops
 from dfkd_jax.errors import UserError
@@ -84,7 +84,7 @@ def keep_inactive_blocks(new_params, old_params, depth):
   return traverse_util.unflatten_dict({p: pick(p, v) for p, v in flat_new.items()})
 
 
-def make_job(config, mesh) -> loop.Job:
+def make_job(config, mesh) -> Job:
   cfg = config.dfsr
   size, batch, scales = config.image_size, config.batch_size, tuple(cfg.scales)
   generators = {}
@@ -178,10 +178,10 @@ def make_job(config, mesh) -> loop.Job:
     print('dfsr: ' + ', '.join(f'{k}={v:.3f}' for k, v in results.items() if '/' not in k), flush=True)
     return results
 
-  return loop.Job(
+  return Job(
       init=init, phases=[('kd', kd), ('synth', synth)], frozen={'teacher': teacher.variables},
       num_steps=config.num_epochs * config.iters_per_epoch,
-      student=loop.Evaluated(s.student.apply, lambda st: st['student'].variables),
+      student=Evaluated(s.student.apply, lambda st: st['student'].variables),
       sample_images=sample_images, steps_per_epoch=config.iters_per_epoch, on_finish=on_finish)
 
 

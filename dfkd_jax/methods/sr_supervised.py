@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfkd_jax import models, optim
-from dfkd_jax.run import loop
+from dfkd_jax.run.job import Evaluated, Job
 from dfkd_jax.run import parallel
 from dfkd_jax.run import outputs
 from dfkd_jax.sr import evaluation as sr_eval
@@ -41,7 +41,7 @@ def evaluate_scales(apply_fn, variables, config) -> dict[str, float]:
   return out
 
 
-def make_job(config, mesh) -> loop.Job:
+def make_job(config, mesh) -> Job:
   model = models.create(config.model.arch, **config.model.get('kwargs', {}))
   train = [sr_eval.luma01(im) for im in sr_eval.load_images(config.sr_data.train).values()]
   parallel.check_batch(config.batch_size, mesh, 'batch_size')
@@ -79,6 +79,6 @@ def make_job(config, mesh) -> loop.Job:
     print('sr eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in results.items()), flush=True)
     return results
 
-  return loop.Job(init=init, phases=[('train', train_phase)], frozen={}, num_steps=config.num_steps,
-                  student=loop.Evaluated(model.apply, lambda s: s['model'].variables), next_batch=next_batch,
+  return Job(init=init, phases=[('train', train_phase)], frozen={}, num_steps=config.num_steps,
+                  student=Evaluated(model.apply, lambda s: s['model'].variables), next_batch=next_batch,
                   on_finish=on_finish)

@@ -15,7 +15,7 @@ import optax
 
 from dfkd_jax import data, models, optim
 from dfkd_jax.synth import augment
-from dfkd_jax.run import loop
+from dfkd_jax.run.job import Evaluated, Job
 from dfkd_jax.run import parallel
 from dfkd_jax.convert import model_dir
 from dfkd_jax.optim import TrainState
@@ -41,7 +41,7 @@ def classifier_step(state: TrainState, images, labels):
   return state, loss, jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-def make_job(config, mesh) -> loop.Job:
+def make_job(config, mesh) -> Job:
   model = models.create(config.model.arch, num_classes=config.num_classes, **config.model.get('kwargs', {}))
   train = data.load(config.train_data.source, config.train_data.split, data_dir=config.get('data_dir'),
                     process_index=jax.process_index(), process_count=jax.process_count())
@@ -81,7 +81,7 @@ def make_job(config, mesh) -> loop.Job:
                            config.model.get('kwargs', {}),
                            {'trained_by': 'dfkd_jax.methods.supervised', 'seed': config.seed})
 
-  return loop.Job(
+  return Job(
       init=init, phases=[('train', train_phase)], frozen={}, num_steps=num_steps,
-      student=loop.Evaluated(model.apply, lambda s: s['model'].variables), next_batch=next_batch,
+      student=Evaluated(model.apply, lambda s: s['model'].variables), next_batch=next_batch,
       steps_per_epoch=steps_per_epoch, on_finish=on_finish)

@@ -78,7 +78,9 @@ class MetricWriter:
       self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
     self._tb = None
     if self.active and tensorboard:
-      from tensorboardX import SummaryWriter  # optional extra: pip install '.[tensorboard]'
+      from tensorboardX import (
+        SummaryWriter,  # optional extra: pip install '.[tensorboard]'
+      )
       self._tb = SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -115,6 +117,21 @@ def read_metrics(workdir) -> list[dict]:
     except ValueError:
       continue
   return records
+
+
+def read_history(workdir) -> dict:
+  """What earlier runs on this workdir logged: accuracies, teacher accuracy, elapsed time."""
+  hist = {'student_top1': [], 'elapsed_s': 0.0, 'train_s': 0.0}
+  for rec in read_metrics(workdir):
+    if 'eval/student_top1' in rec:
+      hist['student_top1'].append(rec['eval/student_top1'])
+    if 'eval/teacher_top1' in rec:
+      hist['teacher_top1'] = rec['eval/teacher_top1']
+    if 'time/elapsed_s' in rec:
+      hist['elapsed_s'] = rec['time/elapsed_s']
+    if 'time/train_s' in rec:
+      hist['train_s'] = rec['time/train_s']
+  return hist
 
 
 def truncate_metrics(workdir, last_step: int) -> None:

@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dfkd_jax.errors import UserError
 from dfkd_jax.models import layers

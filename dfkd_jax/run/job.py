@@ -1,0 +1,126 @@
+"""The contract between the run machinery and a method: a ``Job`` of phases, and how its outer
+iteration is compiled (one program with explicit shardings, the state donated).
+
+A method builds a ``Job``; ``dfkd_jax.run.loop.run`` runs it. Each outer iteration folds the step
+into the seed key, runs the phases in order (each with its own key) and advances the step counter.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfkd_jax.errors import UserError
+from dfkd_jax.run import numerics, parallel
+
+State = Any  # a pytree (dict) holding at least 'step'
+Phase = Callable[[State, Any, jax.Array, Any], tuple[State, dict]]
+
+
+@dataclasses.dataclass
+class Evaluated:
+  """A classifier the loop evaluates: ``apply_fn(variables, x, train=False) -> logits``."""
+  apply_fn: Callable
+  variables: Callable[[State], Any] | Any  # a function of the state, or fixed variables
+
+
+@dataclasses.dataclass
+class Job:
+  """What the loop runs.
+
+  init: key -> state (a dict containing an int32 'step').
+  phases: the outer iteration, ``[(name, fn)]`` with ``fn(state, frozen, key, batch) ->
+    (state, metrics)``; compiled together into one program. Names 'synth' and 'kd' are timed
+    separately for the summary (see ``Loop.time_phases``).
+  frozen: variables every step reads but never changes (the teacher): not donated, not
+    checkpointed.
+  num_steps: outer iterations in the whole run.
+  next_batch: host batch for a step (deterministic in the step), or None for data-free jobs.
+  student / teacher: what evaluation measures.
+  sample_images: (state, key) -> images in [0, 1] for the PNG grid, or None.
+  on_finish: (final state, workdir) -> None or a dict of results (e.g. exports the trained model
+    and measures it); the returned numbers are merged into ``summary.json``.
+  """
+  init: Callable[[jax.Array], State]
+  phases: Sequence[tuple[str, Phase]]
+  frozen: Any
+  num_steps: int
+  student: Evaluated
+  teacher: Evaluated | None = None
+  next_batch: Callable[[int], Mapping[str, np.ndarray]] | None = None
+  sample_images: Callable[[State, jax.Array], jax.Array] | None = None
+  steps_per_epoch: int = 1
+  on_finish: Callable[[State, str], Mapping[str, Any] | None] | None = None
+
+
+def compose(phases: Sequence[tuple[str, Phase]], on_nonfinite: str) -> Callable:
+  """One outer iteration: each phase gets its own key; the step counter advances by one. Adds
+  ``finite/<part>`` flags to the metrics ('stop'), or keeps the previous state when the new one or
+  a metric is non-finite and counts it ('skip'; a select, so no host sync)."""
+
+  def iteration(state, frozen, seed_key, batch):
+    key = jax.random.fold_in(seed_key, state['step'])
+    new, metrics = state, {}
+    for i, (_, fn) in enumerate(phases):
+      new, m = fn(new, frozen, jax.random.fold_in(key, i), batch)
+      metrics.update(m)
+    if on_nonfinite == 'skip':
+      ok = numerics.all_finite(metrics) & numerics.all_finite([new[name] for name in numerics.parts(new)])
+      new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+      new[numerics.SKIPPED] = state[numerics.SKIPPED] + jnp.where(ok, 0, 1).astype(state[numerics.SKIPPED].dtype)
+      metrics[f'train/{numerics.SKIPPED}'] = new[numerics.SKIPPED]
+    else:
+      metrics.update({f'{numerics.FINITE}{name}': numerics.all_finite(new[name]) for name in numerics.parts(new)})
+    return dict(new, step=state['step'] + 1), metrics
+
+  return iteration
+
+
+def compile_job(job: Job, mesh, init_key, on_nonfinite: str = 'stop',
+                mesh_config=None) -> tuple[Callable, Callable, Any]:
+  """(jitted init, jitted donated iteration, state sharding) of ``job`` on ``mesh``, every input
+  and output with an explicit sharding (``dfkd_jax.run.parallel``): the state and frozen variables
+  replicated, or split by ``mesh_config.fsdp_min_mb``; the batch split over the devices; outputs
+  pinned to the input shardings so that every iteration reuses one compiled program. Train-mode
+  BatchNorm follows ``mesh_config.batch_norm`` (``config.mesh``; None: the defaults). The state
+  gets a ``skipped_updates`` counter in every mode, so that a run can switch modes when it resumes."""
+  if on_nonfinite not in numerics.ON_NONFINITE:
+    raise UserError(f"numerics.on_nonfinite must be one of {', '.join(numerics.ON_NONFINITE)}, not {on_nonfinite!r}")
+  mesh_config = mesh_config or {}
+  repl = parallel.replicated(mesh)
+  init_fn = lambda key: dict(job.init(key), **{numerics.SKIPPED: jnp.zeros((), jnp.int32)})
+  abstract = jax.eval_shape(init_fn, init_key)
+  state_sharding = parallel.array_shardings(abstract, mesh, mesh_config.get('fsdp_min_mb', 0.0))
+  init = jax.jit(init_fn, out_shardings=state_sharding)
+  iteration = jax.jit(compose(phases_on(job, mesh, mesh_config), on_nonfinite), donate_argnums=(0,),
+                      in_shardings=(state_sharding, frozen_sharding(job, mesh, mesh_config), repl,
+                                    parallel.data_sharded(mesh)),
+                      out_shardings=(state_sharding, repl))
+  return init, iteration, state_sharding
+
+
+def frozen_sharding(job: Job, mesh, mesh_config=None):
+  """Where ``job.frozen`` lives: replicated, or split by ``mesh_config.fsdp_min_mb``."""
+  return parallel.array_shardings(job.frozen, mesh, (mesh_config or {}).get('fsdp_min_mb', 0.0))
+
+
+def phases_on(job: Job, mesh, mesh_config) -> list[tuple[str, Phase]]:
+  """``job.phases`` with train-mode BatchNorm statistics as ``mesh_config.batch_norm`` says."""
+  groups = parallel.batch_norm_groups((mesh_config or {}).get('batch_norm', 'global'), mesh)
+  return parallel.with_batch_norm(job.phases, groups)
+
+
+def frozen_variables(evaluated: Evaluated, frozen):
+  """The variables ``evaluated`` reads: a function of the frozen variables, or fixed ones."""
+  return evaluated.variables(frozen) if callable(evaluated.variables) else evaluated.variables
+
+
+def device_batch(job: Job, step: int, sharding):
+  """The host batch of ``step`` as one global array per entry (every process gives its own part)."""
+  if job.next_batch is None:
+    return None
+  local = job.next_batch(step)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
