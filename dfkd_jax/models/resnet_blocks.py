@@ -27,12 +27,17 @@ def _shortcut(block: nn.Module, x, out_channels: int, train: bool):
   return BatchNorm(use_running_average=not train, name=f'{block.shortcut_name}.1')(x)
 
 
-class BasicBlock(nn.Module):
-  """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); conv1 is 3x3 with ``stride``."""
+class _ResidualBlock(nn.Module):
+  """The fields every residual block has: output ``planes`` (times ``expansion``), the stride of its
+  strided convolution, the name of its projection shortcut and the conv kernel initialiser."""
   planes: int
   stride: int = 1
   shortcut_name: str = 'shortcut'
   conv_init: Callable | None = None
+
+
+class BasicBlock(_ResidualBlock):
+  """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); conv1 is 3x3 with ``stride``."""
   expansion: ClassVar[int] = 1
 
   @nn.compact
@@ -44,13 +49,9 @@ class BasicBlock(nn.Module):
     return nn.relu(y + _shortcut(self, x, self.planes, train))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
   """1x1 -> 3x3 (``stride``, the torchvision "v1.5" placement used by every reference) -> 1x1 to
   4*planes, BN after each, ReLU after the first two and after the residual sum."""
-  planes: int
-  stride: int = 1
-  shortcut_name: str = 'shortcut'
-  conv_init: Callable | None = None
   expansion: ClassVar[int] = 4
 
   @nn.compact
