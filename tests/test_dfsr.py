@@ -16,6 +16,7 @@ from dfkd_jax.sr import ops as sr_ops
 from dfkd_jax.convert import model_dir
 from dfkd_jax.errors import UserError
 from dfkd_jax.methods import dfsr
+from conftest import compilations
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 
@@ -57,7 +58,7 @@ def run_iterations(config, n=2):
   for i in range(n):
     batch = None if job.next_batch is None else {k: jax.device_put(v, sharding) for k, v in job.next_batch(i).items()}
     state, metrics = step(state, frozen, jax.random.key(1), batch)
-  assert step._cache_size() == 1
+  assert compilations(step) == 1
   return job, before, jax.device_get(state), jax.device_get(metrics), frozen
 
 

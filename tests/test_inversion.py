@@ -33,6 +33,7 @@ from dfkd_jax.engines import common
 from dfkd_jax.engines import inversion
 from dfkd_jax.synth import pool
 from dfkd_jax.train import train_and_evaluate
+from conftest import compilations
 from test_loop import assert_bitwise_equal, compile_once, load_config, restore_arrays, stop_at  # noqa: F401
 
 
@@ -102,7 +103,7 @@ def test_inner_loop_is_one_scan_compiled_once():
     state, iteration, frozen = compile_and_init(job, mesh)
     for _ in range(3):
       state, _ = iteration(state, frozen, jax.random.key(1), None)
-    assert iteration._cache_size() == 1, 'the iteration was compiled more than once'
+    assert compilations(iteration) == 1, 'the iteration was compiled more than once'
     counts[g_steps] = len(traces)
   # The step is traced a fixed number of times (shape inference + the scan body), whatever g_steps.
   assert counts[2] == counts[8] <= 3, counts
@@ -168,7 +169,7 @@ def test_method_iterations(name):
   before, teacher_before = jax.device_get(state), jax.device_get(frozen)
   for _ in range(3):
     state, metrics = iteration(state, frozen, jax.random.key(1), None)
-  assert iteration._cache_size() == 1, 'the iteration was compiled more than once'
+  assert compilations(iteration) == 1, 'the iteration was compiled more than once'
   metrics, after = jax.device_get(metrics), jax.device_get(state)
   assert metrics and all(np.isfinite(v).all() for v in metrics.values()), metrics
   for key in ('train/synthesis_loss', 'train/best_synthesis_loss', 'train/student_loss', 'train/loss_bn'):

@@ -30,6 +30,7 @@ from dfkd_jax.errors import UserError
 from dfkd_jax.methods import cudfkd, fast, nayer
 from dfkd_jax.engines import inversion
 from dfkd_jax.train import train_and_evaluate
+from conftest import compilations
 from test_inversion import compile_and_init, small_config
 from test_loop import assert_bitwise_equal, compile_once, restore_arrays, stop_at  # noqa: F401
 
@@ -221,7 +222,7 @@ def test_method_iterations(name, overrides, tmp_path):
   before, teacher_before = jax.device_get(state), jax.device_get(frozen)
   for _ in range(2):
     state, metrics = iteration(state, frozen, jax.random.key(1), None)
-  assert iteration._cache_size() == 1, 'the iteration was compiled more than once'
+  assert compilations(iteration) == 1, 'the iteration was compiled more than once'
   metrics, after = jax.device_get(metrics), jax.device_get(state)
   assert metrics and all(np.isfinite(v).all() for v in metrics.values()), metrics
   for key in ('train/synthesis_loss', 'train/student_loss', 'train/loss_bn', 'train/loss_oh', 'train/loss_adv'):

@@ -17,6 +17,7 @@ from dfkd_jax.errors import UserError
 from dfkd_jax.methods import dfnd, pu
 from dfkd_jax.run import parallel
 from dfkd_jax.run.job import compile_job
+from conftest import compilations
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 
@@ -183,7 +184,7 @@ def test_method_iterations(name):
     batch = {k: jax.device_put(v, sharding) for k, v in job.next_batch(i).items()}
     state, metrics = step(state, frozen, jax.random.key(1), batch)
   metrics = jax.device_get(metrics)
-  assert step._cache_size() == 1
+  assert compilations(step) == 1
   assert metrics and all(np.isfinite(v).all() for v in metrics.values()), metrics
   after = jax.device_get(state)
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before['student'].params, after['student'].params)

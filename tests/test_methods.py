@@ -10,6 +10,7 @@ import pytest
 from dfkd_jax.run.job import compile_job
 from dfkd_jax.run import parallel
 from dfkd_jax import methods
+from conftest import compilations
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 
@@ -35,7 +36,7 @@ def test_method_iterations(name):
   for _ in range(3):
     state, metrics = step(state, frozen, jax.random.key(1), None)
   metrics = jax.device_get(metrics)
-  assert step._cache_size() == 1, 'the iteration was compiled more than once'
+  assert compilations(step) == 1, 'the iteration was compiled more than once'
   assert int(state['step']) == 3
   assert metrics and all(np.isfinite(v).all() for v in metrics.values()), metrics
   assert 'train/generator_loss' in metrics and 'train/student_loss' in metrics
