@@ -1,9 +1,16 @@
-"""Command line: ``python -m dfkd_jax.main --config configs/X.py[:arg] --workdir DIR [--config.a.b=v]``.
+"""Command line: ``python -m dfkd_jax.main --config configs/X.py[:arg] --workdir DIR [--config.a.b=v]``
+(installed as ``dfkd-jax``).
 
 Re-running the same command on the same workdir resumes from the latest checkpoint. Errors a user
 can fix are one line on stderr and a non-zero exit (``--verbose`` adds the traceback): 2 for bad
 input, 3 for a numerical failure, 130 for Ctrl-C. SIGTERM exits 0: during training after
 checkpointing the current step, before it at once.
+
+Logging (absl's handler, on stderr): modules log through ``logging.getLogger(__name__)``. Their
+notes (INFO) show on process 0, warnings and errors on every process. Libraries log through absl
+too, and Orbax alone writes dozens of INFO lines per checkpoint, so without ``--verbosity`` their
+threshold is WARNING; an explicit ``--verbosity`` sets one threshold for everything (``0`` adds the
+libraries' notes, ``-1`` keeps warnings only).
 """
 from __future__ import annotations
 
@@ -55,13 +62,16 @@ def _stop_now(signum, frame):
   raise StopRequested(signum)
 
 
-class _DropSaveTracebacks(py_logging.Filter):
-  """A failed background save is logged as many ERROR tracebacks, by Orbax and by asyncio (futures
-  nobody awaits after the failure); the CLI reports it in one line instead (``--verbose`` keeps
-  them)."""
+log = py_logging.getLogger('dfkd_jax.main')  # not __name__: that is '__main__' under ``python -m``
 
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return f'{os.sep}orbax{os.sep}' not in record.pathname and record.name != 'asyncio'
+
+def _set_up_logging(process_index: int) -> None:
+  """Notes of the ``dfkd_jax`` loggers on process 0 only; warnings and errors of every logger on
+  every process (see the module docstring). An explicit ``--verbosity`` is left as it is."""
+  if FLAGS['verbosity'].present:
+    return
+  logging.set_verbosity(logging.WARNING)
+  py_logging.getLogger('dfkd_jax').setLevel(py_logging.INFO if process_index == 0 else py_logging.WARNING)
 
 
 def main(argv) -> None:
@@ -69,14 +79,7 @@ def main(argv) -> None:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}', 2)
   if FLAGS.config is None or FLAGS.workdir is None:
     _fail('--config and --workdir are required', 2)
-  # Library logs (Orbax writes several lines per checkpoint, tfds warns about missing files it
-  # then reports as an error) only with --verbose: a failure is one line.
-  logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.ERROR)
-  if not FLAGS.verbose:
-    logging.get_absl_handler().addFilter(_DropSaveTracebacks())  # every logger's records pass it
-    # After a failed background save, TensorStore's pending callbacks hit Orbax's closed event
-    # loop ("Event loop is closed"); the failure itself is reported in one line.
-    sys.unraisablehook = lambda unraisable: None
+  _set_up_logging(process_index=0)  # a multi-host process learns its index below
   _flush_denormals_on_cpu()
   try:
     # Refuse a busy workdir before the slow start-up (multi-host: process 0 locks it in the loop).
@@ -88,6 +91,7 @@ def main(argv) -> None:
         if FLAGS.local_device_ids:
           kw['local_device_ids'] = [int(i) for i in FLAGS.local_device_ids]
         jax.distributed.initialize(**kw)
+        _set_up_logging(jax.process_index())
       from dfkd_jax.train import train_and_evaluate
       summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except UserError as e:
@@ -107,7 +111,8 @@ def main(argv) -> None:
     sys.exit(130)
 
 
-def run():
+def run() -> None:
+  """The ``dfkd-jax`` console script: absl start-up (flags, logging) around ``main``."""
   # A preemption notice during start-up (config, imports, teacher, compilation) stops at once:
   # nothing new exists to save. The loop replaces this handler when training starts.
   signal.signal(signal.SIGTERM, _stop_now)
@@ -115,8 +120,8 @@ def run():
   try:
     app.run(main, flags_parser=_parse_flags)
   except StopRequested as e:
-    print(f'stopped by {signal.Signals(e.signum).name} before the first training step; nothing was '
-          f'changed; re-run the same command to continue', flush=True)
+    log.info('stopped by %s before the first training step; nothing was changed; re-run the same command '
+             'to continue', signal.Signals(e.signum).name)
     sys.exit(0)
 
 

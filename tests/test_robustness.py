@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -83,10 +84,20 @@ def assert_clean(result):
   assert 'Traceback' not in result.stderr and 'error:' not in result.stderr, result.stderr[-3000:]
 
 
+# An absl log record's first line: severity, date, time, thread, file:line.
+LOG_RECORD = re.compile(r'([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w.]+:\d+\] (.*)')
+
+
+def logged(stderr: str, severity: str = 'IW') -> list[str]:
+  """The messages of the log records in ``stderr`` of the given severities."""
+  return [m.group(2) for m in map(LOG_RECORD.fullmatch, stderr.splitlines()) if m and m.group(1) in severity]
+
+
 def one_line_error(result, code: int = 2) -> str:
-  """The single stderr line of a failed run (the progress bar aside), after checking the exit code
-  and that no traceback was printed."""
-  lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith('[')]
+  """The single stderr line of a failed run (the progress bar and notes and warnings logged before
+  aside), after checking the exit code and that no traceback was printed."""
+  lines = [line for line in result.stderr.splitlines()
+           if line.strip() and not line.startswith('[') and not LOG_RECORD.fullmatch(line)]
   assert result.returncode == code, (result.returncode, result.stderr[-3000:])
   assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-3000:]
   assert 'Traceback' not in result.stderr + result.stdout
@@ -235,8 +246,8 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_used(refe
   result = run(workdir, env)
   assert_clean(result)
   (quarantined,) = os.listdir(workdir / 'checkpoints' / 'corrupt')
-  (warning,) = [line for line in result.stdout.splitlines() if line.startswith('warning:')]
-  assert warning.startswith(f"warning: checkpoint at step {STEPS} is unreadable (array ['")
+  (warning,) = [m for m in logged(result.stderr, 'W') if 'unreadable' in m]
+  assert warning.startswith(f"checkpoint at step {STEPS} is unreadable (array ['")
   assert warning.endswith(f'] does not match the fingerprint saved with it); moved it to '
                           f'{workdir}/checkpoints/corrupt/{quarantined} and resuming from the previous one')
   assert f'resuming from the checkpoint at step {STEPS - 1}' in result.stdout
@@ -328,11 +339,12 @@ def test_sigterm_during_start_up_exits_0_and_changes_nothing(reference, env, tmp
   # The lock is taken before the slow start-up (jax import, teacher, compilation) begins.
   wait_for(lambda: lock_file.exists() and f'"pid": {proc.pid}' in lock_file.read_text(), proc, 'the workdir lock')
   proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=TIMEOUT)
+  _, err = proc.communicate(timeout=TIMEOUT)
   assert proc.returncode == 0, err[-3000:]
-  assert out.strip().splitlines()[-1] == ('stopped by SIGTERM before the first training step; nothing was changed; '
-                                          're-run the same command to continue')
-  assert 'Traceback' not in err and not err.strip()
+  notes = logged(err)
+  assert notes[-1] == ('stopped by SIGTERM before the first training step; nothing was changed; re-run the same '
+                       'command to continue')
+  assert len(notes) == len(err.strip().splitlines())  # nothing but log records
   assert snapshot(workdir) == before
 
 
@@ -426,7 +438,7 @@ def test_disk_full_outside_checkpoints_is_one_line(env, tmp_path):
 
 def tiny_config(**overrides):
   c = configlib.base(method='tiny', dataset='mnist', num_classes=10, image_size=32, in_channels=1, eval_data='')
-  c.log_every_steps, c.checkpoint.every_steps, c.report.phase_timing_reps = 4, 3, 0
+  c.log.every_steps, c.checkpoint.every_steps, c.report.phase_timing_reps = 4, 3, 0
   for key, value in overrides.items():
     *parents, leaf = key.split('.')
     node = c
@@ -605,7 +617,7 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize('damage', list(DAMAGE))
-def test_damaged_checkpoint_is_reported_moved_aside_and_skipped(tmp_path, capsys, damage):
+def test_damaged_checkpoint_is_reported_moved_aside_and_skipped(tmp_path, caplog, damage):
   saver, states, target = _saved(tmp_path)
   damage_fn, reason = DAMAGE[damage]
   damage_fn(str(tmp_path / 'checkpoints' / '2'))
@@ -615,9 +627,9 @@ def test_damaged_checkpoint_is_reported_moved_aside_and_skipped(tmp_path, capsys
   assert step == 1
   np.testing.assert_array_equal(jax.random.key_data(restored['key']), jax.random.key_data(states[1]['key']))
   np.testing.assert_array_equal(restored['w'], states[1]['w'])
-  (line,) = capsys.readouterr().out.strip().splitlines()
+  (line,) = [r.getMessage() for r in caplog.records if r.name == checkpoint.__name__]
   (moved,) = os.listdir(tmp_path / 'checkpoints' / 'corrupt')
-  assert line.startswith('warning: checkpoint at step 2 is unreadable (') and reason in line
+  assert line.startswith('checkpoint at step 2 is unreadable (') and reason in line
   assert line.endswith(f'); moved it to {tmp_path}/checkpoints/corrupt/{moved} and resuming from the previous one')
   assert snapshot(tmp_path / 'checkpoints' / 'corrupt' / moved) == damaged  # moved, not deleted or changed
 

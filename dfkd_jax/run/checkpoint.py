@@ -19,8 +19,10 @@ checkpoint that is still intact.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import sys
 import time
 from typing import Any
 
@@ -33,6 +35,8 @@ from dfkd_jax.errors import UserError
 
 # How many differing arrays / config fields a mismatch message names.
 _NAMED = 4
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointWriteError(UserError):
@@ -53,6 +57,7 @@ class Checkpointer:
         'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler(),
         'fingerprint': ocp.JsonCheckpointHandler()})
     self._writing = None  # the step of the save that may still be running in the background
+    self._echoes = _SaveFailureEchoes()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -135,8 +140,8 @@ class Checkpointer:
   def _quarantine(self, step: int, reason: str) -> None:
     src = self.directory / str(step)
     dst = self.directory / 'corrupt' / f'{step}.{int(time.time())}'
-    print(f'warning: checkpoint at step {step} is unreadable ({reason}); '
-          f'moved it to {dst} and resuming from the previous one', flush=True)
+    log.warning('checkpoint at step %d is unreadable (%s); moved it to %s and resuming from the previous one',
+                step, reason, dst)
     if jax.process_index() == 0:
       dst.parent.mkdir(parents=True, exist_ok=True)
       os.rename(os.fspath(src), os.fspath(dst))
@@ -163,6 +168,33 @@ class Checkpointer:
       self.wait()
     finally:
       self.manager.close()
+      self._echoes.remove()
+
+
+class _SaveFailureEchoes(logging.Filter):
+  """While a Checkpointer is open, drops the echoes of a failed save, which reaches the caller as
+  one ``CheckpointWriteError`` line: Orbax's ERROR records (a traceback from each of its background
+  threads) and the "Event loop is closed" errors of TensorStore callbacks that outlive Orbax's
+  event loop. Everything else passes; with ``--verbosity=0`` (library notes on) Orbax's records do too."""
+
+  def __init__(self):
+    super().__init__()
+    logging.getLogger('absl').addFilter(self)  # Orbax logs through absl
+    self._previous_hook = sys.unraisablehook
+    sys.unraisablehook = self._unraisable
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return (record.levelno < logging.ERROR or f'{os.sep}orbax{os.sep}' not in record.pathname
+            or logging.getLogger().isEnabledFor(logging.INFO))
+
+  def _unraisable(self, unraisable) -> None:
+    if not (type(unraisable.exc_value) is RuntimeError and str(unraisable.exc_value) == 'Event loop is closed'):
+      self._previous_hook(unraisable)
+
+  def remove(self) -> None:
+    logging.getLogger('absl').removeFilter(self)
+    if sys.unraisablehook == self._unraisable:
+      sys.unraisablehook = self._previous_hook
 
 
 @jax.jit

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -21,6 +22,7 @@ import time
 from dfkd_jax.errors import UserError
 
 LOCK_NAME = '.lock'
+log = logging.getLogger(__name__)
 _held: dict[str, list] = {}  # real path of the lock file -> [file descriptor, claim count]
 
 
@@ -80,8 +82,7 @@ def _acquire(path: str, workdir: str) -> int | None:
                     f'or use another --workdir') from None
   except OSError as e:  # a filesystem without locks (some NFS set-ups): run, but say so
     os.close(fd)
-    print(f'warning: cannot lock {path} ({e.strerror or e}); make sure no other run uses this workdir',
-          flush=True)
+    log.warning('cannot lock %s (%s); make sure no other run uses this workdir', path, e.strerror or e)
     return None
   owner = {'pid': os.getpid(), 'host': socket.gethostname(),
            'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
