@@ -35,8 +35,8 @@ def get_config(arg=None):
   c.batch_size = 512
   c.num_epochs = 33
   c.optimizer_s = dict(name='sgd', lr=0.1, momentum=0.9, weight_decay=5e-4, schedule='multistep', milestones=(13, 27))
-  c.eval.every_steps = 1171  # one epoch of 600,000 / 512
-  c.checkpoint.every_steps = 1171
+  for cadence in (c.eval, c.checkpoint):
+    cadence.update(configlib.cadence(every_epochs=1))  # 600,000 // 512 = 1,171 steps
   if arg.runlocal:
     c.teacher.checkpoint = 'random'
     c.eval.data = ''
@@ -45,7 +45,6 @@ def get_config(arg=None):
     c.dfnd.num_select = 64
     c.batch_size, c.num_epochs = 16, 1
     c.eval.batch_size = 16
-    c.checkpoint.every_steps = 4
-    c.log_every_steps = 1
+    c.log.every_steps = 1
     c.report.phase_timing_reps = 1
   return c

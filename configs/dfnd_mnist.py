@@ -26,13 +26,14 @@ def get_config(arg=None):
   c.batch_size = 128
   c.num_epochs = 60
   c.optimizer_s = dict(name='adam', lr=1e-3, schedule='multistep', milestones=(24, 48), gamma=0.1)
-  c.eval.every_steps = 31 * 5
-  c.checkpoint.every_steps = 31 * 15
+  c.eval.update(configlib.cadence(every_epochs=5))  # 4,000 // 128 = 31 steps an epoch
+  c.checkpoint.update(configlib.cadence(every_epochs=15))
   if arg.runlocal:
     c.dfnd.num_select = 256
     c.batch_size, c.num_epochs = 32, 2
-    c.eval.every_steps = c.checkpoint.every_steps = 8
+    for cadence in (c.eval, c.checkpoint):
+      cadence.update(configlib.cadence(every_epochs=1))
     c.eval.batch_size = 100
-    c.log_every_steps = 1
+    c.log.every_steps = 1
     c.report.phase_timing_reps = 1
   return c

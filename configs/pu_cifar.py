@@ -40,7 +40,7 @@ def get_config(arg=None):
   c.num_epochs = 200
   c.optimizer_s = dict(name='sgd', lr=0.1, momentum=0.9, weight_decay=5e-4, schedule='multistep',
                        milestones=(50, 100, 150))
-  c.eval.every_steps = 50
+  c.eval.every_steps = 50  # step cadences: an epoch's length depends on the selection
   c.checkpoint.every_steps = 250
   if arg.runlocal:
     c.teacher.checkpoint = 'random'
@@ -51,6 +51,6 @@ def get_config(arg=None):
     c.batch_size, c.num_epochs = 8, 1
     c.eval.batch_size = 16
     c.checkpoint.every_steps = 4
-    c.log_every_steps = 1
+    c.log.every_steps = 1
     c.report.phase_timing_reps = 1
   return c

@@ -35,13 +35,14 @@ def get_config(arg=None):
   c.batch_size = 128
   c.num_epochs = 60
   c.optimizer_s = dict(name='adam', lr=1e-3, schedule='multistep', milestones=(24, 48), gamma=0.1)
-  c.eval.every_steps = 31 * 5
-  c.checkpoint.every_steps = 31 * 15
+  # Step cadences: an epoch's length depends on how many images the selector keeps.
+  c.eval.every_steps = 155
+  c.checkpoint.every_steps = 465
   if arg.runlocal:
     c.pu.steps, c.pu.batch_u = 6, 64
     c.batch_size, c.num_epochs = 32, 2
     c.eval.every_steps = c.checkpoint.every_steps = 8
     c.eval.batch_size = 100
-    c.log_every_steps = 1
+    c.log.every_steps = 1
     c.report.phase_timing_reps = 1
   return c

@@ -22,11 +22,11 @@ def get_config(arg=None):
   # 4,500 digits (the reference trains on 60,000).
   c.optimizer = dict(name='adam', lr=1e-3, schedule='multistep', milestones=(25, 35), gamma=0.2)
   c.augment = dict(crop_padding=2, flip=False)
-  c.eval.every_steps = 700
-  c.checkpoint.every_steps = 700
+  for cadence in (c.eval, c.checkpoint):
+    cadence.update(configlib.cadence(every_epochs=10))
   if arg.runlocal:
     c.num_epochs = 1
-    c.eval.every_steps = 35
-    c.checkpoint.every_steps = 35
-    c.log_every_steps = 10
+    for cadence in (c.eval, c.checkpoint):
+      cadence.update(configlib.cadence(every_epochs=0.5))
+    c.log.every_steps = 10
   return c

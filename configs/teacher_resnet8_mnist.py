@@ -24,11 +24,11 @@ def get_config(arg=None):
   # make up for the 4,500 digits.
   c.optimizer = dict(name='sgd', lr=0.1, momentum=0.9, weight_decay=5e-4, schedule='cosine')
   c.augment = dict(crop_padding=2, flip=False)
-  c.eval.every_steps = 700
-  c.checkpoint.every_steps = 700
+  for cadence in (c.eval, c.checkpoint):
+    cadence.update(configlib.cadence(every_epochs=10))
   if arg.runlocal:
     c.num_epochs = 1
-    c.eval.every_steps = 35
-    c.checkpoint.every_steps = 35
-    c.log_every_steps = 10
+    for cadence in (c.eval, c.checkpoint):
+      cadence.update(configlib.cadence(every_epochs=0.5))
+    c.log.every_steps = 10
   return c

@@ -34,11 +34,11 @@ def get_config(arg=None):
   c.batch_size = 8
   c.num_steps = 400
   c.optimizer = dict(name='adam', lr=5e-4, schedule='multistep', milestones=(300,), gamma=0.1, clip_norm=1.0)
-  c.eval.every_steps = 0
-  c.checkpoint.every_steps = 100
-  c.log_every_steps = 50
+  c.eval.update(configlib.cadence())  # no classification evaluation
+  c.checkpoint.update(configlib.cadence(per_run=4))
+  c.log.per_run = 8  # and at most 50 steps apart
   if arg.runlocal:
     c.num_steps, c.batch_size = 3, 8
-    c.checkpoint.every_steps = c.log_every_steps = 1
+    c.checkpoint.every_steps = c.log.every_steps = 1
     c.sr_eval.crop = 48
   return c

@@ -54,10 +54,12 @@ def base(*, method: str, dataset: str, num_classes: int, image_size: int, in_cha
   # Devices (-1: all), BatchNorm statistics over the 'global' batch or 'per_device' (as PyTorch
   # DDP), arrays of at least fsdp_min_mb MiB split over the devices (0: none): dfkd_jax.run.parallel.
   c.mesh = ml_collections.ConfigDict({'num_devices': -1, 'batch_norm': 'global', 'fsdp_min_mb': 0.0})
-  c.log_every_steps = 50
-  c.eval = ml_collections.ConfigDict({
-      'data': eval_data, 'split': eval_split, 'batch_size': 500, 'every_steps': 500})
-  c.checkpoint = ml_collections.ConfigDict({'every_steps': 500, 'keep': 3, 'async_save': True})
+  # Cadences, resolved against the job when the run starts (dfkd_jax.run.cadence): every_steps
+  # (wins when > 0), else the shortest of every_epochs, per_run (times in the run) and at_most_steps.
+  c.log = ml_collections.ConfigDict(cadence(at_most_steps=50))
+  c.eval = ml_collections.ConfigDict({'data': eval_data, 'split': eval_split, 'batch_size': 500,
+                                      **cadence(at_most_steps=500)})
+  c.checkpoint = ml_collections.ConfigDict({'keep': 3, 'async_save': True, **cadence(at_most_steps=500)})
   c.report = ml_collections.ConfigDict({'tensorboard': False, 'sample_grid': True, 'phase_timing_reps': 3})
   # A non-finite loss or state: 'stop' (a NumericalError naming them; the last checkpoint is
   # good) or 'skip' (keep the previous state, count it in train/skipped_updates).
@@ -76,22 +78,30 @@ def mnist_distillation(method: str) -> ml_collections.ConfigDict:
   return c
 
 
+def cadence(*, every_steps: int = 0, every_epochs: float = 0.0, per_run: int = 0,
+            at_most_steps: int = 0) -> dict:
+  """The fields of one cadence (``dfkd_jax.run.cadence``), all present and typed, so that any of
+  them can be overridden on the command line."""
+  return {'every_steps': every_steps, 'every_epochs': float(every_epochs), 'per_run': per_run,
+          'at_most_steps': at_most_steps}
+
+
 def set_schedule(c: ml_collections.ConfigDict, *, num_epochs: int, iters_per_epoch: int,
                  evals_per_run: int | None = None, checkpoints_per_run: int = 4) -> None:
   """Outer iterations = epochs x iterations per epoch; evaluation every epoch (or
-  ``evals_per_run`` times), a checkpoint ``checkpoints_per_run`` times."""
+  ``evals_per_run`` times), a checkpoint ``checkpoints_per_run`` times, a log line at least once an
+  epoch. Resolved when the run starts, so they follow ``--config.num_epochs`` and the like."""
   c.num_epochs, c.iters_per_epoch = num_epochs, iters_per_epoch
-  total = num_epochs * iters_per_epoch
-  c.eval.every_steps = iters_per_epoch if evals_per_run is None else max(1, total // evals_per_run)
-  c.checkpoint.every_steps = max(1, total // checkpoints_per_run)
-  c.log_every_steps = max(1, min(c.log_every_steps, iters_per_epoch))
+  c.eval.update(cadence(every_epochs=1 if evals_per_run is None else 0, per_run=evals_per_run or 0))
+  c.checkpoint.update(cadence(per_run=checkpoints_per_run))
+  c.log.every_epochs = 1
 
 
 def runlocal(c: ml_collections.ConfigDict, batch_size: int = 32) -> None:
   """Shrinks a config to a few iterations for smoke tests and CPU debugging."""
   c.batch_size = batch_size
   set_schedule(c, num_epochs=2, iters_per_epoch=2, checkpoints_per_run=2)
-  c.log_every_steps = 1
+  c.log.every_steps = 1
   c.eval.batch_size = 100
   c.report.phase_timing_reps = 1
 

@@ -16,6 +16,7 @@ import pytest
 
 from dfkd_jax import configlib, methods
 from dfkd_jax.errors import UserError
+from dfkd_jax.run import cadence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
@@ -91,7 +92,7 @@ def test_config_file(path):
   assert default.method in methods.METHODS
   assert isinstance(default.to_json(), str)  # config.json is written from it
   for key in ('seed', 'dataset', 'num_classes', 'image_size', 'in_channels', 'batch_size', 'mesh', 'eval',
-              'checkpoint', 'report', 'log_every_steps'):
+              'checkpoint', 'report', 'log'):
     assert key in default, key
   args = _accepted_args(module)
   assert 'runlocal' in args
@@ -110,8 +111,6 @@ def test_config_file(path):
     assert isinstance(c, ml_collections.ConfigDict) and c.method == default.method
   small = module.get_config('runlocal')
   assert small.batch_size <= default.batch_size
-  assert small.eval.every_steps <= default.eval.every_steps
-  assert small.checkpoint.every_steps <= default.checkpoint.every_steps
   if _total_steps(default) is not None:
     assert _total_steps(small) <= 4 < _total_steps(default)
   else:
@@ -127,10 +126,10 @@ def test_config_file(path):
 def test_runlocal_sizes():
   teacher = _load(os.path.join(REPO, TEACHER)).get_config('runlocal')
   assert teacher.num_epochs == 1 and teacher.batch_size == 64  # 4,500 // 64 = 70 steps
-  assert (teacher.eval.every_steps, teacher.checkpoint.every_steps) == (35, 35)
+  assert cadence.resolve(teacher, num_steps=70) == cadence.Cadences(log=10, eval=35, checkpoint=35)
   dafl = _load(os.path.join(REPO, 'configs', 'dafl_mnist.py'))
   small, paper = dafl.get_config('runlocal'), dafl.get_config('paper')
-  assert (small.num_epochs, small.iters_per_epoch, small.checkpoint.every_steps) == (2, 2, 2)
+  assert (small.num_epochs, small.iters_per_epoch, cadence.resolve(small, num_steps=4).checkpoint) == (2, 2, 2)
   assert (paper.batch_size, paper.num_epochs, paper.iters_per_epoch) == (512, 200, 120)
   both = dafl.get_config('paper,runlocal')
   assert _total_steps(both) == 4

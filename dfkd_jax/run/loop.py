@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from dfkd_jax.run import cadence
 from dfkd_jax.run import checkpoint as ckpt_lib
 from dfkd_jax.run import evaluation, lock, numerics, outputs, parallel
 from dfkd_jax.run.job import (
@@ -58,18 +59,18 @@ def run(job: Job, config, workdir: str, mesh) -> Summary:
   mode, StopRequested when SIGTERM arrives before the first step.
   """
   t_start = time.monotonic()
+  every = cadence.resolve(config, num_steps=job.num_steps)
   with StopSignals() as signals, lock.claim(workdir, exclusive=outputs.is_writer()):
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                         every_steps=config.checkpoint.every_steps,
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, every_steps=every.checkpoint,
                                          async_save=config.checkpoint.get('async_save', True))
     try:
-      return _train(job, config, workdir, mesh, checkpointer, signals, t_start)
+      return _train(job, config, workdir, mesh, checkpointer, signals, t_start, every)
     finally:
       checkpointer.close()
 
 
 def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpointer, signals: StopSignals,
-           t_start: float) -> Summary:
+           t_start: float, every: cadence.Cadences) -> Summary:
   on_nonfinite = config.get('numerics', {}).get('on_nonfinite', 'stop')
   # Independent streams: initialisation, training steps (folded with the step), sample grids, timing.
   init_key, seed_key, sample_key, timing_key = jax.random.split(jax.random.key(config.seed), 4)
@@ -126,8 +127,8 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
     guard.add(step, metrics)
     stopping = signals.received
     last = step == job.num_steps
-    log_now = step % config.log_every_steps == 0 or last
-    eval_now = bool(config.eval.every_steps) and (step % config.eval.every_steps == 0 or last)
+    log_now = cadence.is_due(step, every.log, job.num_steps)
+    eval_now = cadence.is_due(step, every.eval, job.num_steps)
     save_now = checkpointer.is_due(step, force=last or stopping is not None)
     record = {}
     if log_now or eval_now or save_now:  # nothing derived from a non-finite state is ever kept
