@@ -27,7 +27,7 @@ import reference_fixtures as rf
 import weights_rule
 from dfkd_jax import models
 from dfkd_jax.convert import __main__ as cli
-from dfkd_jax.convert import api, load_teacher, model_dir, naming, torch_pickle
+from dfkd_jax.convert import api, identify, load_teacher, model_dir, naming, torch_pickle
 from dfkd_jax.data import NORMALIZATION
 from dfkd_jax.errors import UserError
 
@@ -242,6 +242,7 @@ def _sha256(path):
 
 # --- every fixture, every format ---------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,fmt', CASES, ids=[f'{n}-{f}' for n, f in CASES])
 def test_reference_file_converts_exactly(store, name, fmt):
   """The first format goes file -> api.convert -> directory -> load_teacher; the others straight
@@ -249,11 +250,11 @@ def test_reference_file_converts_exactly(store, name, fmt):
   arch, dataset, sizes, formats = FIXTURES[name]
   source = store.file(name, fmt)
   if fmt != formats[0]:
-    model, variables = load_teacher(source, arch=arch)
+    model, variables, _ = load_teacher(source, arch=arch)
     _check_eval(name, model, variables, f'{name} [{fmt}, load_teacher(file)]')
     return
   out, meta = store.convert(name)
-  model, variables = load_teacher(out)
+  model, variables, _ = load_teacher(out)
   _check_eval(name, model, variables, f'{name} [{fmt}, convert -> directory]')
   doc = rf.load(name)[0]
   assert meta['arch'] == arch and meta['num_classes'] == doc['num_classes'] and meta['dataset'] == dataset
@@ -264,6 +265,7 @@ def test_reference_file_converts_exactly(store, name, fmt):
   assert meta == model_dir.load(out)[2]  # what was written is what is returned
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(FIXTURES))
 def test_export_round_trip(store, name, tmp_path):
   """Directory -> .pth: torch loads it (weights_only, strict) into the reference layout and
@@ -286,7 +288,7 @@ def test_export_round_trip(store, name, tmp_path):
   rf.assert_close((y[0] if isinstance(y, tuple) else y).numpy(),
                   ref['out_eval' if doc['kind'] == 'generator' else 'logits_eval'], f'{name} torch(exported)')
   _, variables, _ = model_dir.load(out)
-  _, again = load_teacher(exported, arch=arch)
+  _, again, _ = load_teacher(exported, arch=arch)
   jax.tree.map(np.testing.assert_array_equal, again, variables)
 
 
@@ -338,6 +340,7 @@ def _mismatch(store, name, fmt, **kwargs):
   return message
 
 
+@pytest.mark.slow
 def test_wrong_arch_suggests_the_right_one(store):
   assert 'did you mean arch=resnet20, num_classes=10?' in _mismatch(store, 'cmi__resnet20', 'legacy', arch='resnet32')
   assert 'did you mean arch=wrn16_1, num_classes=10?' in _mismatch(store, 'cmi__wrn16_1', 'legacy', arch='wrn16_2')
@@ -360,7 +363,7 @@ def test_wrong_generator_size_suggests_the_right_one(store):
 
 def test_sizes_the_file_cannot_tell_are_named(tmp_path):
   """img_size never appears as a dimension: the error says so, and giving it converts the file."""
-  keys = list(api.expected_shapes('cmi_generator', dict(nz=100, ngf=64, img_size=64, nc=3)).items())
+  keys = list(identify.expected_shapes('cmi_generator', dict(nz=100, ngf=64, img_size=64, nc=3)).items())
   path = tmp_path / 'generator64.pth'
   torch_pickle.save_state_dict(path, weights_rule.make_state_dict(keys))
   with pytest.raises(UserError, match=r'also depend on img_size, which the file does not determine') as e:
@@ -368,7 +371,7 @@ def test_sizes_the_file_cannot_tell_are_named(tmp_path):
   assert 'l1.0.weight: file (32768, 100) vs expected (8192, 100)' in str(e.value)
   _, variables, meta = api.convert_file(path, arch='cmi_generator', model_kwargs={'img_size': 64})
   assert meta['model_kwargs'] == dict(nz=100, ngf=64, img_size=64, nc=3)
-  assert [fit.arch for fit in api.identify(torch_pickle.load_state_dict(path), {'img_size': 64})] == ['cmi_generator']
+  assert [fit.arch for fit in identify.identify(torch_pickle.load_state_dict(path), {'img_size': 64})] == ['cmi_generator']
 
 
 def test_depth_is_read_from_the_key_set(tmp_path):
@@ -422,9 +425,9 @@ def test_load_teacher_checks_directory_and_embedded(store):
   out, _ = store.convert('cmi__resnet20')
   with pytest.raises(UserError, match='holds a resnet20, not a resnet32'):
     load_teacher(out, arch='resnet32')
-  with pytest.raises(UserError, match='has 10 classes, not 100'):
+  with pytest.raises(UserError, match='has 10 classes but the config has num_classes=100'):
     load_teacher(out, num_classes=100)
-  model, variables = load_teacher('embedded:lenet5_mnist', arch='lenet5', num_classes=10)
+  model, variables, _ = load_teacher('embedded:lenet5_mnist', arch='lenet5', num_classes=10)
   assert model.apply(variables, np.zeros((1, 32, 32, 1), np.float32), train=False).shape == (1, 10)
 
 
@@ -455,7 +458,7 @@ def test_cli_converts_and_exports(store, tmp_path):
                   '--dataset', 'mnist')
   assert proc.returncode == 0, proc.stderr
   assert 'lenet5, num_classes=10' in proc.stdout and 'dataset=mnist' in proc.stdout
-  model, variables = load_teacher(str(out), arch='lenet5', num_classes=10)
+  model, variables, _ = load_teacher(str(out), arch='lenet5', num_classes=10)
   _check_eval(name, model, variables, f'{name} [pickled_module_legacy, CLI]')
   proc = _run_cli('export', '--model', str(out), '--out', str(exported), '--like', source)
   assert proc.returncode == 0, proc.stderr

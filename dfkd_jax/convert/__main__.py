@@ -1,4 +1,4 @@
-"""Command line of the converter (``python -m dfkd_jax.convert``).
+"""Command line of the converter (``python -m dfkd_jax.convert``, installed as ``dfkd-jax-convert``).
 
   python -m dfkd_jax.convert --source FILE.pth --out DIR [--arch NAME] [--num-classes N]
                              [--dataset NAME] [--model-kwargs k=v,...]
@@ -7,7 +7,8 @@
 The first form (also spelled ``convert ...``) writes a converted-model directory; the second
 writes a converted directory, or the final model of a training workdir, back as a torch state_dict.
 User errors print one line, ``error: ...``, and exit with status 2 (``--verbose`` adds the
-traceback).
+traceback). What was written is the one line on stdout. Library notes (Orbax logs dozens of lines
+per model it writes) are logged only with ``--verbosity=0``.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import ast
 import sys
 import traceback
 
+from absl import app, flags, logging
+
+from dfkd_jax.convert import api
 from dfkd_jax.errors import UserError
 
 PROG = 'python -m dfkd_jax.convert'
@@ -54,8 +58,7 @@ def _convert_parser() -> argparse.ArgumentParser:
   parser.add_argument('--model-kwargs', default='', metavar='K=V,...',
                       help='builder keywords, e.g. nz=512,img_size=32 (sizes that appear as tensor dimensions, '
                       'such as nz, nc, ngf, are read from the file when not given)')
-  parser.add_argument('--verbose', action='store_true', help='show tracebacks')
-  return parser
+  return _common_options(parser)
 
 
 def _export_parser() -> argparse.ArgumentParser:
@@ -68,12 +71,17 @@ def _export_parser() -> argparse.ArgumentParser:
   parser.add_argument('--like', metavar='REFERENCE.pth',
                       help='name and order the keys as in this checkpoint of the same architecture '
                       '(e.g. a Huawei conv1/fc1 LeNet, or a DataParallel module. prefix)')
+  return _common_options(parser)
+
+
+def _common_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
   parser.add_argument('--verbose', action='store_true', help='show tracebacks')
+  parser.add_argument('--verbosity', type=int, default=logging.WARNING, metavar='N',
+                      help='absl logging verbosity: -1 warnings (default), 0 adds the libraries\' notes')
   return parser
 
 
 def _run_convert(args) -> str:
-  from dfkd_jax.convert import api
   meta = api.convert(args.source, args.out, arch=args.arch, num_classes=args.num_classes, dataset=args.dataset,
                      model_kwargs=parse_model_kwargs(args.model_kwargs))
   sizes = ', '.join(f'{k}={v}' for k, v in sorted(meta['model_kwargs'].items()))
@@ -83,19 +91,20 @@ def _run_convert(args) -> str:
 
 
 def _run_export(args) -> str:
-  from dfkd_jax.convert import api
   meta = api.export(args.model, args.out, like=args.like)
   return f"exported {args.model} ({meta['arch']}) to {args.out}"
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Runs the command ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ['export']:
-    args, run = _export_parser().parse_args(argv[1:]), _run_export
+    args, command = _export_parser().parse_args(argv[1:]), _run_export
   else:
-    args, run = _convert_parser().parse_args(argv[1:] if argv[:1] == ['convert'] else argv), _run_convert
+    args, command = _convert_parser().parse_args(argv[1:] if argv[:1] == ['convert'] else argv), _run_convert
+  logging.set_verbosity(args.verbosity)
   try:
-    print(run(args))
+    print(command(args))
   except UserError as e:
     if args.verbose:
       traceback.print_exc()
@@ -104,5 +113,11 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
+def run() -> None:
+  """The ``dfkd-jax-convert`` console script: absl start-up (its log handler on stderr) around
+  ``main``, which parses the arguments itself (argparse)."""
+  app.run(lambda argv: main(argv[1:]), flags_parser=lambda argv: [*flags.FLAGS(argv[:1]), *argv[1:]])
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  run()
