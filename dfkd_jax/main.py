@@ -26,8 +26,8 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dfkd_jax.run import lock
 from dfkd_jax.errors import StopRequested, UserError
+from dfkd_jax.run import lock
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/X.py[:arg]).', lock_config=True)
@@ -125,9 +125,19 @@ def run() -> None:
     sys.exit(0)
 
 
+# Help flags: --helpfull lists every module's flags, the others this module's.
+_HELP_FLAGS = {'--help': False, '-?': False, '--helpshort': False, '--helpfull': True}
+
+
 def _parse_flags(argv):
   """absl parsing with one-line errors (unknown config keys, wrong types, missing files, bad
-  ``:arg``s); ``--verbose`` adds the traceback."""
+  ``:arg``s); ``--verbose`` adds the traceback. Help is printed here, with exit status 0 (absl's
+  exits 1, and lists no flags when the program is the ``dfkd-jax`` script rather than this module)."""
+  full_help = [_HELP_FLAGS[a] for a in argv[1:] if a in _HELP_FLAGS]
+  if full_help:
+    flags_help = FLAGS.get_help() if any(full_help) else FLAGS.module_help(FLAGS.find_module_defining_flag('workdir'))
+    print(f'{__doc__}\nflags:\n{flags_help}')
+    sys.exit(0)
   try:
     rest = FLAGS(argv)
     FLAGS.config.get('method')  # a config file that failed to load raises only when first read

@@ -371,7 +371,8 @@ def test_sizes_the_file_cannot_tell_are_named(tmp_path):
   assert 'l1.0.weight: file (32768, 100) vs expected (8192, 100)' in str(e.value)
   _, variables, meta = api.convert_file(path, arch='cmi_generator', model_kwargs={'img_size': 64})
   assert meta['model_kwargs'] == dict(nz=100, ngf=64, img_size=64, nc=3)
-  assert [fit.arch for fit in identify.identify(torch_pickle.load_state_dict(path), {'img_size': 64})] == ['cmi_generator']
+  fits = identify.identify(torch_pickle.load_state_dict(path), {'img_size': 64})
+  assert [fit.arch for fit in fits] == ['cmi_generator']
 
 
 def test_depth_is_read_from_the_key_set(tmp_path):

@@ -195,6 +195,7 @@ def kill_9(proc):
   assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_kill_9_anywhere_then_the_same_command_finishes_bitwise(reference, env, tmp_path):
   workdir = tmp_path / 'run'
   # 1. Frozen (SIGSTOP) somewhere after its second checkpoint: the workdir is busy.
@@ -234,6 +235,7 @@ def test_kill_9_anywhere_then_the_same_command_finishes_bitwise(reference, env, 
   assert_same_final_run(workdir, reference)
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_used(reference, env, tmp_path):
   workdir = copy_run(reference, tmp_path / 'run')
   data = max((os.path.join(root, f) for root, _, files in os.walk(workdir / 'checkpoints' / str(STEPS))
@@ -258,6 +260,7 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_used(refe
   assert_same_final_run(workdir, reference)
 
 
+@pytest.mark.slow
 def test_disk_full_while_checkpointing(reference, env, tmp_path):
   workdir = copy_run(reference, tmp_path / 'run', at_step=4)
   before = snapshot(workdir)
@@ -291,7 +294,8 @@ def teacher_files(tmp_path_factory):
   for arch, classes in (('lenet5_half', 10), ('lenet5', 100)):
     _, shapes = model_dir.abstract_variables(arch, classes, {})
     rng = np.random.default_rng(0)
-    api.save_pth(d / f'{arch}_{classes}.pth', arch, jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype), shapes))
+    weights = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype), shapes)
+    api.save_pth(d / f'{arch}_{classes}.pth', arch, weights)
   with zipfile.ZipFile(d / 'evil.pth', 'w') as archive:  # torch.save layout, a payload instead of tensors
     archive.writestr('archive/data.pkl', pickle.dumps({'state_dict': _Payload(d / 'pwned')}, protocol=2))
     archive.writestr('archive/version', '3\n')
@@ -313,6 +317,7 @@ class _Payload:
     return os.system, (f'touch {self.marker}',)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(reference, env, teacher_files, tmp_path):
   """A teacher whose logits overflow to inf, resumed after a good checkpoint: the first step makes
   every loss NaN; the run stops naming them, the models and the step; checkpoint 4 is untouched."""
@@ -331,6 +336,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(reference, env,
   assert {k: after[k] for k in before if k != 'config.json'} == {k: v for k, v in before.items() if k != 'config.json'}
 
 
+@pytest.mark.slow
 def test_sigterm_during_start_up_exits_0_and_changes_nothing(reference, env, tmp_path):
   workdir = copy_run(reference, tmp_path / 'run', at_step=4)
   before = snapshot(workdir)
@@ -367,7 +373,8 @@ def _bad_input_cases(files):
                                 [f'cannot read the weights in {files}/truncated_dir: ']),
       'teacher_not_a_checkpoint': ([f'--config.teacher.checkpoint={files}/notes.pth'], CONFIG,
                                    [f'{files}/notes.pth is not a PyTorch checkpoint']),
-      'teacher_other_arch': ([f'--config.teacher.checkpoint={files}/lenet5_half_10.pth', '--config.teacher.arch=lenet5'],
+      'teacher_other_arch': ([f'--config.teacher.checkpoint={files}/lenet5_half_10.pth',
+                              '--config.teacher.arch=lenet5'],
                              CONFIG, ['lenet5_half_10.pth (read as lenet5) does not match the architecture',
                                       'did you mean arch=lenet5_half, num_classes=10?']),
       'teacher_other_class_count': ([f'--config.teacher.checkpoint={files}/lenet5_100.pth'], CONFIG,
@@ -404,6 +411,7 @@ def bad_input_results(reference, env, teacher_files, tmp_path_factory):
   return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', list(_bad_input_cases('FILES')))
 def test_bad_input_is_one_line_and_loses_nothing(bad_input_results, teacher_files, case):
   result, workdir, before = bad_input_results[case]
@@ -422,10 +430,12 @@ def test_unwritable_workdir(env, tmp_path):
   assert blocker.read_text() == 'not a directory'
 
 
+@pytest.mark.slow
 def test_disk_full_outside_checkpoints_is_one_line(env, tmp_path):
   """A full disk while writing metrics or outputs (simulated where the run starts) is one line too."""
   full = (f'import errno, sys\nfrom dfkd_jax import main, train\n'
-          f'def no_space(*args):\n  raise OSError(errno.ENOSPC, "No space left on device", "{tmp_path}/metrics.jsonl")\n'
+          f'def no_space(*args):\n'
+          f'  raise OSError(errno.ENOSPC, "No space left on device", "{tmp_path}/metrics.jsonl")\n'
           f'train.train_and_evaluate = no_space\nsys.argv = {command(tmp_path)[2:]!r}\nmain.run()\n')
   result = subprocess.run([sys.executable, '-c', full], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=TIMEOUT)

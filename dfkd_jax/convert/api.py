@@ -30,6 +30,7 @@ from dfkd_jax.convert import identify, model_dir, naming, torch_pickle
 from dfkd_jax.data import preprocess
 from dfkd_jax.errors import UserError
 
+
 class Converted(NamedTuple):
   """A zoo model, its Flax variables, and what it was built with."""
   model: Any
