@@ -49,7 +49,7 @@ from jax.sharding import PartitionSpec as P
 from dfkd_jax import methods
 from dfkd_jax.engines import common
 from dfkd_jax.errors import UserError
-from dfkd_jax.models import layers
+from dfkd_jax.models import bn_groups, layers
 from dfkd_jax.run import checkpoint as ckpt_lib
 from dfkd_jax.run import parallel
 from dfkd_jax.run.job import Job, compile_job, device_batch, frozen_sharding
@@ -214,6 +214,7 @@ def assert_same_run(one: Run, eight: Run):
     assert np.sqrt(err) <= STATE_RTOL * np.sqrt(ref), f'{group}: normwise relative error {np.sqrt(err / ref):.2e}'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', CASES, ids=lambda c: c.id)
 def test_eight_devices_give_the_results_of_one(case):
   one, eight = runs(case)
@@ -232,6 +233,7 @@ def test_eight_devices_give_the_results_of_one(case):
     assert all(leaf.sharding.spec == P() for leaf in jax.tree.leaves(eight.final))
 
 
+@pytest.mark.slow
 def test_per_device_batch_norm_differs_from_global():
   """The per-device row is not trivially equal to the global one: the generator's statistics and
   what follows from them differ."""
@@ -240,6 +242,7 @@ def test_per_device_batch_norm_differs_from_global():
                          rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_initialisation_is_the_same_on_8_devices():
   case = CASES[0]
   one, _ = runs(case)
@@ -252,6 +255,7 @@ def test_initialisation_is_the_same_on_8_devices():
     np.testing.assert_array_equal(initial8[key], value, err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fsdp_min_mb', [0.0, 0.01])
 @pytest.mark.parametrize('restore_devices', [1, 2])
 def test_checkpoint_from_8_devices_restores_on_fewer(tmp_path, fsdp_min_mb, restore_devices):
@@ -301,7 +305,7 @@ def test_batch_norm_per_slice_statistics(groups):
   x = jax.random.normal(jax.random.key(0), (8, 3, 3, 2)) * jnp.arange(1, 9)[:, None, None, None]
   bn = layers.BatchNorm(use_running_average=False, momentum=0.9, affine=False)
   variables = bn.init(jax.random.key(1), x)
-  with layers.batch_stat_groups(groups):
+  with bn_groups.batch_stat_groups(groups):
     y, updates = bn.apply(variables, x, mutable=['batch_stats'])
   xs = np.asarray(x, np.float64).reshape(groups, 8 // groups, 3, 3, 2)
   mean, var = xs.mean((1, 2, 3), keepdims=True), xs.var((1, 2, 3), keepdims=True)
@@ -322,7 +326,7 @@ def test_bad_mesh_config_is_a_one_line_error():
     parallel.check_batch(20, mesh, 'batch_size')
   bn = layers.BatchNorm(use_running_average=False)
   variables = bn.init(jax.random.key(0), jnp.zeros((6, 2)))
-  with layers.batch_stat_groups(4), pytest.raises(UserError, match='a batch of 6, which does not split into 4'):
+  with bn_groups.batch_stat_groups(4), pytest.raises(UserError, match='a batch of 6, which does not split into 4'):
     bn.apply(variables, jnp.zeros((6, 2)), mutable=['batch_stats'])
 
 

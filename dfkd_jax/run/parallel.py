@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dfkd_jax.errors import UserError
-from dfkd_jax.models import layers
+from dfkd_jax.models.bn_groups import batch_stat_groups
 
 DATA_AXIS = 'data'
 BATCH_NORM_MODES = ('global', 'per_device')
@@ -93,7 +93,7 @@ def with_batch_norm(phases: Sequence[tuple[str, Callable]], groups: int) -> list
 
   def grouped(fn):
     def phase(*args):
-      with layers.batch_stat_groups(groups):  # read while the phase is traced
+      with batch_stat_groups(groups):  # read while the phase is traced
         return fn(*args)
     return phase
 
