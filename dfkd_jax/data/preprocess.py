@@ -1,5 +1,6 @@
 """Preprocessing shared by evaluation, teacher training and generators: resizing and the
-per-dataset normalisation constants exactly as in the reference repos (reference_semantics §6.1).
+per-dataset normalisation constants exactly as in the reference repos
+(``docs/reference_semantics.md#normalisation``).
 
 Everything the teacher sees is ``(x - mean) / std`` of images in [0, 1].
 """
