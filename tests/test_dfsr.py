@@ -1,5 +1,6 @@
 """DFSR and SR teacher training: generator sizes, progressive depth, the reference rounding's zero
-gradient, SR evaluation against bicubic, and a few fused iterations on tiny configs."""
+gradient, SR evaluation against bicubic, the PSNR evaluator, a few fused iterations on tiny configs,
+and a whole tiny DFSR run."""
 import importlib.util
 import os
 
@@ -10,12 +11,13 @@ import pytest
 
 from dfkd_jax import methods, models
 from dfkd_jax.run.job import compile_job
-from dfkd_jax.run import parallel
+from dfkd_jax.run import evaluation, outputs, parallel
 from dfkd_jax.sr import evaluation as sr_eval
 from dfkd_jax.sr import ops as sr_ops
 from dfkd_jax.convert import model_dir
 from dfkd_jax.errors import UserError
 from dfkd_jax.methods import dfsr
+from dfkd_jax.train import train_and_evaluate
 from conftest import compilations
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
@@ -66,6 +68,7 @@ def all_changed(a, b):
   return all(jax.tree.leaves(jax.tree.map(lambda x, y: not np.array_equal(x, y), a, b)))
 
 
+@pytest.mark.slow
 def test_dfsr_iterations_update_student_and_generators(tiny_teacher):
   job, before, after, metrics, frozen = run_iterations(tiny_dfsr_config(tiny_teacher))
   assert all(np.isfinite(v).all() for v in metrics.values()), metrics
@@ -80,6 +83,7 @@ def test_dfsr_iterations_update_student_and_generators(tiny_teacher):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_reference_rounding_leaves_only_the_direct_reconstruction_gradient(tiny_teacher):
   # With the reference's 1/255 rounding of every resize and no reconstruction term, no gradient
   # reaches the generators: Adam with zero gradients leaves them unchanged.
@@ -148,3 +152,29 @@ def test_sr_teacher_training_iterations():
   _, before, after, metrics, _ = run_iterations(config)
   assert np.isfinite(metrics['train/loss'])
   assert all_changed(before['model'].params, after['model'].params)
+
+
+def test_psnr_evaluator_scores_the_identity_as_bicubic():
+  evaluator = evaluation.PSNR('skimage:camera,chelsea,coffee', (2, 4), crop=48, max_images=2)
+  prepared = evaluator.prepare(None, None)
+  assert prepared.data == 'camera,chelsea x2,4'
+  images = sr_eval.load_images('skimage:camera,chelsea', 48)
+  bicubic = np.mean([sr_eval.evaluate(lambda v, x: x, {}, images, s)['bicubic_psnr'] for s in (2, 4)])
+  np.testing.assert_allclose(prepared.measure(lambda v, x: x, {})['psnr'], bicubic, rtol=1e-6)
+
+
+def test_dfsr_run_reports_psnr_during_training(tiny_teacher, tmp_path):
+  """A whole (tiny) DFSR run: the student's PSNR at the evaluation cadence in metrics.jsonl and as
+  best/final in summary.json; sr_eval.json and the summary hold the final evaluation."""
+  config = tiny_dfsr_config(tiny_teacher)
+  config.mesh.num_devices = 2
+  config.sr_eval.scales = (2,)
+  summary = train_and_evaluate(config, str(tmp_path))
+  evals = [r['eval/student_psnr'] for r in outputs.read_metrics(tmp_path) if 'eval/student_psnr' in r]
+  assert evals and all(np.isfinite(evals))
+  values = outputs.read_json(tmp_path / 'summary.json')
+  assert values['student_psnr_final'] == evals[-1] and values['student_psnr_best'] == max(evals)
+  assert 'student_top1_final' not in values and values['teacher_psnr'] is not None
+  results = outputs.read_json(tmp_path / 'sr_eval.json')
+  assert values['student_psnr'] == results['student_psnr'] == summary.results['student_psnr']
+  assert os.path.isdir(tmp_path / 'student')

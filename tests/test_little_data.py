@@ -1,9 +1,11 @@
 """PU compression and DFND: the nnPU risk, robust-KD weights and noise-adaptation terms against
-hand-computed values, the class-prior estimator, the selections, the offline MNIST pool, and a few
-fused iterations of each method on tiny configs."""
+hand-computed values, the class-prior estimator, the selections, the offline MNIST pool, a few
+fused iterations of each method (and of PU's selector) on tiny configs, and PU's two stages run,
+preempted, resumed and re-run."""
 import importlib.util
 import math
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +17,9 @@ from dfkd_jax.data import unlabelled
 from dfkd_jax.engines import selected_kd
 from dfkd_jax.errors import UserError
 from dfkd_jax.methods import dfnd, pu
-from dfkd_jax.run import parallel
+from dfkd_jax.run import loop, outputs, parallel, stages
 from dfkd_jax.run.job import compile_job
+from dfkd_jax.train import train_and_evaluate
 from conftest import compilations
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
@@ -167,56 +170,126 @@ def test_labelled_subset_per_class():
 # A few iterations of each method
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('name', ['dfnd_mnist', 'pu_mnist'])
-def test_method_iterations(name):
+def tiny_config(name):
   config = load_config(name)
   config.unlabelled.update(noise=40, photo_patches=40, sklearn_digits=0)
   config.batch_size = 16
-  mesh = parallel.make_mesh(2)
-  job = methods.get(config.method).make_job(config, mesh)
+  return config
+
+
+def run_iterations(job, mesh, n=3):
+  """``n`` compiled iterations of ``job``: (state before, state after, last metrics, frozen before, frozen)."""
   init, step, _ = compile_job(job, mesh, jax.random.key(0))
   state = init(jax.random.key(0))
   before = jax.device_get(state)
   frozen = jax.device_put(job.frozen, parallel.replicated(mesh))
-  teacher_before = jax.device_get(frozen)
+  frozen_before = jax.device_get(frozen)
   sharding = parallel.data_sharded(mesh)
-  for i in range(3):
+  for i in range(n):
     batch = {k: jax.device_put(v, sharding) for k, v in job.next_batch(i).items()}
     state, metrics = step(state, frozen, jax.random.key(1), batch)
   metrics = jax.device_get(metrics)
   assert compilations(step) == 1
   assert metrics and all(np.isfinite(v).all() for v in metrics.values()), metrics
-  after = jax.device_get(state)
-  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before['student'].params, after['student'].params)
-  assert all(jax.tree.leaves(changed)), 'student parameters did not all change'
+  return before, jax.device_get(state), metrics, frozen_before, jax.device_get(frozen)
+
+
+def all_changed(a, b):
+  return all(jax.tree.leaves(jax.tree.map(lambda x, y: not np.array_equal(x, y), a, b)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['dfnd_mnist', 'pu_mnist'])
+def test_method_iterations(name):
+  config = tiny_config(name)
+  mesh = parallel.make_mesh(2)
+  job = methods.get(config.method).make_job(config, mesh)
+  if name == 'pu_mnist':  # stage 2, built from a stand-in selector's results
+    selector, distillation = job
+    assert selector.name == pu.STAGE1
+    pool_size = len(unlabelled.load_pool(config.unlabelled, config.seed).images)
+    job = distillation.build({'prior': 0.2, 'prior_source': 'config', 'selector_risk': 0.5,
+                              'scores': np.linspace(-1.0, 1.0, pool_size)})
+    assert job.report['prior'] == 0.2 and job.results_file == 'selection.json'
+    assert job.notes[0].startswith('pu: selected ')
+  before, after, _, teacher_before, teacher_after = run_iterations(job, mesh)
+  assert all_changed(before['student'].params, after['student'].params), 'student parameters did not all change'
   if name == 'dfnd_mnist':
     assert not np.array_equal(before['aux'].params['theta'], after['aux'].params['theta'])
-  for a, b in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(jax.device_get(frozen))):
+    assert job.notes[1].startswith('dfnd: noise-adaptation diagonal a = ')
+  for a, b in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(teacher_after)):
     np.testing.assert_array_equal(a, b)
 
 
-def test_pu_stage1_result_is_kept_in_the_workdir(tmp_path, monkeypatch):
-  """A re-run reads stage 1 from WORKDIR/pu_stage1.npz; a stage-2 setting keeps it, a selector
-  setting retrains it."""
-  calls = []
+def test_pu_selector_iterations_train_the_head_only():
+  config = tiny_config('pu_mnist')
+  config.pu.prior = 0.2
+  mesh = parallel.make_mesh(2)
+  selector = methods.get('pu').make_job(config, mesh)[0].build({})
+  assert selector.evaluators == () and selector.num_steps == config.pu.steps
+  before, after, metrics, _, _ = run_iterations(selector, mesh)
+  assert {'train/nnpu_risk', 'train/nnpu_objective'} <= set(metrics)
+  assert all_changed(before['selector'].params['head'], after['selector'].params['head'])
+  trunks = (before['selector'].params['trunk'], after['selector'].params['trunk'])
+  for a, b in zip(*map(jax.tree.leaves, trunks)):
+    np.testing.assert_array_equal(a, b)  # pu.train_backbone=False
+  assert float(after['risk']) == float(metrics['train/nnpu_risk'])
 
-  def fake_selector(config, mesh, s, positives, images, prior):
-    calls.append(prior)
-    return np.arange(len(images), dtype=np.float32) - len(calls), 0.25 * len(calls)
 
-  monkeypatch.setattr(pu, 'train_selector', fake_selector)
-  config = load_config('pu_mnist')
+def stop_at(monkeypatch, step: int, num_steps: int):
+  """SIGTERM while the loop fetches the batch of ``step`` (0-based) of the job of ``num_steps``
+  steps: the loop finishes that iteration, checkpoints and stops, as a preempted run does."""
+  real = loop.device_batch
+
+  def signalling_batch(job, s, sharding):
+    if s == step and job.num_steps == num_steps:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(job, s, sharding)
+
+  monkeypatch.setattr(loop, 'device_batch', signalling_batch)
+
+
+def stage1_steps(workdir):
+  """The steps stage 1 trained, as logged (the stage's metrics.jsonl)."""
+  return [r['step'] for r in outputs.read_metrics(os.path.join(workdir, pu.STAGE1)) if 'train/nnpu_risk' in r]
+
+
+@pytest.mark.slow
+def test_pu_stage1_is_a_resumable_stage(tmp_path, monkeypatch):
+  """Stage 1 runs in WORKDIR/stage1 with its own checkpoints: a SIGTERM during it checkpoints and
+  stops (stage 2 not started); the re-run resumes it and goes on to stage 2; a further re-run does
+  not train it again, a stage-2 setting keeps it, and a selector setting trains it again."""
+  config = tiny_config('pu_mnist')
   config.pu.prior = 0.2  # from the config: no teacher features needed
-  pool = np.zeros((7, 32, 32, 1), np.uint8)
-  first = pu.stage1(config, None, None, pool[:2], pool, str(tmp_path))
-  assert len(calls) == 1 and os.path.isfile(tmp_path / pu.STAGE1_FILE)
-  config.pu.selection = 'prior'  # stage 2 only
-  again = pu.stage1(config, None, None, pool[:2], pool, str(tmp_path))
-  assert len(calls) == 1
-  assert again[:2] == (0.2, 'config') and again[3] == 0.25
-  np.testing.assert_array_equal(again[2], first[2])
-  config.pu.steps += 1  # the selector changes: trained again, and the new result replaces the old
-  retrained = pu.stage1(config, None, None, pool[:2], pool, str(tmp_path))
-  assert len(calls) == 2 and retrained[3] == 0.5
-  np.testing.assert_array_equal(pu.stage1(config, None, None, pool[:2], pool, str(tmp_path))[2], np.arange(7) - 2)
-  assert len(calls) == 2 and not os.path.exists(tmp_path / (pu.STAGE1_FILE + '.partial'))
+  config.pu.steps, config.num_epochs = 4, 1
+  config.checkpoint.every_steps, config.mesh.num_devices = 100, 2
+  workdir = str(tmp_path)
+  stop_at(monkeypatch, 1, config.pu.steps)
+  summary = train_and_evaluate(config, workdir)
+  assert summary.stopped_by_signal == signal.SIGTERM and summary.values['steps'] == 2
+  stage_dir = os.path.join(workdir, pu.STAGE1)
+  assert os.listdir(os.path.join(stage_dir, 'checkpoints')) == ['2']
+  assert not os.path.exists(os.path.join(workdir, 'summary.json'))  # stage 2 never started
+  assert stage1_steps(workdir) == [1, 2]
+
+  monkeypatch.undo()
+  summary = train_and_evaluate(config, workdir)
+  assert summary.stopped_by_signal is None and summary.values['finished']
+  assert stage1_steps(workdir) == [1, 2, 3, 4]  # resumed at step 3
+  stage1 = outputs.read_json(os.path.join(stage_dir, 'summary.json'))
+  assert stage1['finished'] and stage1['prior'] == 0.2 and stage1['prior_source'] == 'config'
+  selection = outputs.read_json(os.path.join(workdir, 'selection.json'))
+  assert selection['prior'] == 0.2 and selection['selector_risk'] == stage1['selector_risk']
+  assert summary.values['selected'] == selection['selected'] and 'student_top1_final' in summary.values
+  assert os.path.isdir(os.path.join(workdir, 'student'))
+
+  config.pu.selection = 'prior'  # a stage-2 setting: stage 1 stands
+  train_and_evaluate(config, workdir)
+  assert stage1_steps(workdir) == [1, 2, 3, 4]
+  assert outputs.read_json(os.path.join(stage_dir, 'summary.json')) == stage1
+
+  config.pu.steps = 3  # a selector setting: stage 1 is trained again from scratch
+  train_and_evaluate(config, workdir)
+  assert stage1_steps(workdir) == [1, 2, 3]
+  assert outputs.read_json(os.path.join(stage_dir, stages.KEY_FILE))['key'] == pu._stage1_key(
+      config, len(unlabelled.load_pool(config.unlabelled, config.seed).images))

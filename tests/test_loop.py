@@ -208,6 +208,7 @@ def test_teacher_outputs(teacher_run):
   assert os.path.isfile(os.path.join(workdir, 'model', 'metadata.json'))  # on_finish export
 
 
+@pytest.mark.slow
 def test_teacher_resume_after_sigterm_is_bitwise(teacher_run, tmp_path, monkeypatch, capsys):
   full, _, full_summary = teacher_run
   workdir = str(tmp_path / 'run')
@@ -239,6 +240,7 @@ def test_teacher_resume_after_sigterm_is_bitwise(teacher_run, tmp_path, monkeypa
   assert summary.values['wall_s'] >= records[-1]['time/elapsed_s']
 
 
+@pytest.mark.slow
 def test_teacher_resume_after_losing_the_last_checkpoint(teacher_run, tmp_path, capsys):
   """A run that died after its step-35 checkpoint but had logged up to step 70 (and was cut in
   the middle of a metrics line): the re-run resumes at 35, drops the later records, and ends
@@ -273,29 +275,34 @@ def test_finished_run_is_not_retrained(teacher_run, tmp_path, capsys):
   assert read_json(workdir, 'summary.json') == read_json(full, 'summary.json')
 
 
+@pytest.mark.slow
 def test_results_of_on_finish_join_the_summary(tmp_path, monkeypatch):
-  """What a job measures once trained (DFSR's PSNRs, PU's selection counts) lands in summary.json
-  as plain scalars; arrays are left out and the loop's own keys are not replaced."""
+  """What a job reports and measures once trained (PU's selection counts, DFSR's PSNRs) lands in its
+  results file in full and in summary.json as plain scalars; arrays are left out and the loop's own
+  keys are not replaced."""
   from dfkd_jax.methods import supervised
   make_job = supervised.make_job
 
   def make_job_reporting(config, mesh):
     job = make_job(config, mesh)
-    export = job.on_finish
 
-    def on_finish(state, workdir):
-      export(state, workdir)
+    def on_finish(state):
       return {'psnr': np.float32(31.5), 'selected': np.int64(7), 'note': 'ok', 'per_class': np.zeros(3),
               'steps': -1}
-    return dataclasses.replace(job, on_finish=on_finish)
+    return dataclasses.replace(job, on_finish=on_finish, report={'pool': 'toy', 'selected': 3},
+                               results_file='results.json')
 
   monkeypatch.setattr(supervised, 'make_job', make_job_reporting)
   workdir = str(tmp_path / 'run')
   summary = train_and_evaluate(teacher_config(num_epochs=1, **{'eval.every_steps': 10}), workdir)
   values = read_json(workdir, 'summary.json')
   assert values == json.loads(json.dumps(summary.values))
-  assert values['psnr'] == 31.5 and values['selected'] == 7 and values['note'] == 'ok'
+  assert values['psnr'] == 31.5 and values['selected'] == 7 and values['note'] == 'ok' and values['pool'] == 'toy'
   assert 'per_class' not in values and values['steps'] == 70
+  # The job's file holds its report and results in full (the results win a shared key).
+  assert read_json(workdir, 'results.json') == {'pool': 'toy', 'selected': 7, 'psnr': 31.5, 'note': 'ok',
+                                               'per_class': [0.0, 0.0, 0.0], 'steps': -1}
+  assert summary.results['per_class'].shape == (3,)
 
 
 def test_phases_are_timed_at_the_middle_iteration():
@@ -333,6 +340,7 @@ def dafl_run(tmp_path_factory):
   return workdir, config, summary
 
 
+@pytest.mark.slow
 def test_dafl_outputs(dafl_run):
   workdir, config, summary = dafl_run
   assert read_json(workdir, 'config.json') == json.loads(config.to_json())
@@ -360,6 +368,7 @@ def test_dafl_outputs(dafl_run):
     assert pixels.std() > 0  # not a blank image
 
 
+@pytest.mark.slow
 def test_dafl_resume_after_sigterm_is_bitwise(dafl_run, tmp_path, monkeypatch, capsys):
   full, _, full_summary = dafl_run
   workdir = str(tmp_path / 'run')

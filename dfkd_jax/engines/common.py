@@ -4,48 +4,51 @@ noise drawn on device already sharded, and the evaluation/sample hooks of the lo
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from dfkd_jax import data, losses, models, optim
-from dfkd_jax.run.job import Evaluated
+from dfkd_jax.run.job import Evaluated, Export
 from dfkd_jax.run import parallel
 from dfkd_jax.models import hooks
 from dfkd_jax.convert import teachers
-from dfkd_jax.convert import model_dir
-from dfkd_jax.errors import UserError
+from dfkd_jax.errors import UserError, check_choice
 from dfkd_jax.optim import TrainState
 
 
-class TeacherOutput(NamedTuple):
-  """Teacher logits and what the losses read from the same forward pass."""
+class TeacherView(NamedTuple):
+  """The frozen teacher (eval mode) on one input: its logits and what the losses read from the
+  same forward pass (empty lists and None where not asked for)."""
   logits: jax.Array
-  features: jax.Array           # penultimate features (DAFL's activation loss)
-  bn_batch: list                # [(mean, var)] of every BN layer's input, if asked for
-  bn_running: list              # the matching running statistics
+  bn: list                       # hooks.LayerInput of every BatchNorm's input, in call order
+  bn_running: list               # the matching running (mean, var), the BN-statistics loss's targets
+  named: list                    # hooks.LayerInput of the modules named by ``feature_layers`` (CMI)
+  penultimate: jax.Array | None  # the penultimate features (DAFL's activation loss)
+
+  @property
+  def bn_moments(self) -> list:
+    """[(μ, σ²)] of every BN input, for ``losses.bn_statistics_loss(moments, bn_running)``."""
+    return [(t.mean, t.var) for t in self.bn]
 
 
-def teacher_forward(teacher: teachers.Teacher, variables, x, *, bn_taps: bool = False) -> TeacherOutput:
-  """The teacher in eval mode (running BN statistics), as every reference runs it."""
-  if bn_taps:
-    (logits, feats), tapped = hooks.apply_with_bn_taps(teacher.model, variables, x, train=False,
-                                                      return_features=True)
-    return TeacherOutput(logits, feats, [(t.mean, t.var) for t in tapped], hooks.running_stats(variables, tapped))
-  logits, feats = teacher.model.apply(variables, x, train=False, return_features=True)
-  return TeacherOutput(logits, feats, [], [])
-
-
-def bn_loss(t: TeacherOutput, first_multiplier: float = 1.0):
-  return losses.bn_statistics_loss(t.bn_batch, t.bn_running, first_multiplier=first_multiplier)
-
-
-def create_state(model, tx, key, input_shape, train_init: bool = True) -> TrainState:
-  """A TrainState for ``model`` initialised from ``key`` on a dummy batch of ``input_shape``."""
-  variables = model.init(key, jnp.zeros((2,) + tuple(input_shape)), train=train_init)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                           batch_stats=variables.get('batch_stats', {}))
+def teacher_view(model, variables, x, *, bn_taps: bool = True, feature_layers: Sequence[str] = (),
+                 penultimate: bool = False) -> TeacherView:
+  """One forward of the teacher ``model`` on ``x`` (its normalised input space) in eval mode (running
+  BN statistics), as every reference runs it, with BatchNorm-input taps if ``bn_taps`` (always with
+  ``feature_layers``), taps on the inputs of the ``feature_layers`` modules, and the penultimate
+  features if ``penultimate``."""
+  kw = {'train': False, 'return_features': True} if penultimate else {'train': False}
+  named = []
+  if feature_layers:
+    out, bn, named = hooks.apply_with_bn_and_input_taps(model, variables, x, feature_layers, **kw)
+  elif bn_taps:
+    out, bn = hooks.apply_with_bn_taps(model, variables, x, **kw)
+  else:
+    out, bn = model.apply(variables, x, **kw), []
+  logits, features = out if penultimate else (out, None)
+  return TeacherView(logits, bn, hooks.running_stats(variables, bn), named, features)
 
 
 def apply_train(state: TrainState, params, x, **kw):
@@ -80,12 +83,12 @@ def kd_loss_fn(kd_cfg) -> Callable:
   'batchmean', or 'mean' as the original ZSKT) or 'l1' on logits (DFAD).
 
   ``kd.reference_temperature_bug=True`` reproduces the CMI-framework bug for zskt/dafl/dfq: their
-  student KD silently runs at T=1 whatever ``--T`` says (reference_semantics §2.2). Off by default.
+  student KD silently runs at T=1 whatever ``--T`` says
+  (``docs/reference_semantics.md#gan-baselines-in-the-cmi-framework``). Off by default.
   """
+  check_choice('kd.loss', kd_cfg.loss, ('kl', 'l1'))
   if kd_cfg.loss == 'l1':
     return losses.l1_logits
-  if kd_cfg.loss != 'kl':
-    raise UserError(f"kd.loss must be 'kl' or 'l1', not {kd_cfg.loss!r}")
   temperature = 1.0 if kd_cfg.get('reference_temperature_bug', False) else kd_cfg.temperature
   reduction = kd_cfg.get('reduction', 'batchmean')
   return lambda s, t: losses.kd_kl(s, t, temperature, reduction=reduction)
@@ -115,6 +118,17 @@ def setup(config, mesh) -> Setup:
   return Setup(teacher, student, shape, to_teacher, to_unit)
 
 
+def abstract_view(s: Setup, feature_layers: Sequence[str] = ()) -> TeacherView:
+  """The shapes of ``teacher_view`` (BN taps on) on this job's inputs; a teacher without BatchNorm
+  layers is a ``UserError`` (every inversion method matches BN statistics, as the references assert)."""
+  view = jax.eval_shape(lambda x: teacher_view(s.teacher.model, s.teacher.variables, x, feature_layers=feature_layers),
+                        jnp.zeros((2,) + tuple(s.student_input_shape)))
+  if not view.bn:
+    raise UserError(f'teacher {s.teacher.metadata.get("arch", "")!r} has no BatchNorm layer, whose statistics '
+                    'inversion methods match; use a BN teacher (e.g. embedded:resnet8_mnist)')
+  return view
+
+
 def latent(key, shape, mesh) -> jax.Array:
   """N(0, I) noise of ``shape`` drawn on device, split over the mesh's data axis."""
   return jax.lax.with_sharding_constraint(jax.random.normal(key, shape), parallel.data_sharded(mesh))
@@ -128,12 +142,11 @@ def evaluated_teacher(s: Setup) -> Evaluated:
   return Evaluated(s.teacher.model.apply, lambda frozen: frozen['teacher'])
 
 
-def export_student(config) -> Callable:
-  """A loop ``on_finish`` hook writing the final student as a converted-model directory
-  ``WORKDIR/student`` (``python -m dfkd_jax.convert export`` turns it into a torch .pth)."""
-  return lambda state, workdir: model_dir.save_trained(
-      workdir, 'student', config.student.arch, state['student'].variables, config, config.student.get('kwargs', {}),
-      {'trained_by': f'dfkd_jax.methods.{config.method}', 'teacher': config.teacher.checkpoint})
+def export_student(config) -> Export:
+  """The final student, exported by the run machinery as the converted-model directory ``WORKDIR/student``."""
+  return Export('student', config.student.arch, lambda state: state['student'].variables,
+                config.student.get('kwargs', {}),
+                {'trained_by': f'dfkd_jax.methods.{config.method}', 'teacher': config.teacher.checkpoint})
 
 
 def student_optimizer(config, steps_per_epoch: int):

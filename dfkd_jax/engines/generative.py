@@ -32,7 +32,7 @@ from dfkd_jax.models import hooks
 from dfkd_jax.engines import common
 
 # generator_loss(teacher_output, student_logits_or_None, images) -> (loss, metrics dict)
-GeneratorLoss = Callable[[common.TeacherOutput, jax.Array | None, jax.Array], tuple[jax.Array, dict]]
+GeneratorLoss = Callable[[common.TeacherView, jax.Array | None, jax.Array], tuple[jax.Array, dict]]
 
 
 def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, bn_taps: bool) -> Job:
@@ -59,8 +59,8 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
   def init(key):
     kg, ks = jax.random.split(key)
     state = {'step': jnp.zeros((), jnp.int32),
-             'generator': common.create_state(generator, tx_g, kg, nz_shape),
-             'student': common.create_state(s.student, tx_s, ks, s.student_input_shape)}
+             'generator': optim.init_state(generator, tx_g, kg, nz_shape),
+             'student': optim.init_state(s.student, tx_s, ks, s.student_input_shape)}
     if reuse:  # the batch handed from the synth to the kd phase of the same iteration
       state['handoff'] = {'images': jnp.zeros((batch,) + s.student_input_shape),
                           'teacher_logits': jnp.zeros((batch, config.num_classes))}
@@ -69,7 +69,7 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
   def generator_objective(params, g_state, student, tvars, z):
     x, batch_stats = common.apply_train(g_state, params, z)
     x = s.to_teacher_input(x)
-    t = common.teacher_forward(teacher, tvars, x, bn_taps=bn_taps)
+    t = common.teacher_view(teacher.model, tvars, x, bn_taps=bn_taps, penultimate=True)
     s_logits = student.apply_fn(student.variables, x, train=False) if adversarial else None
     loss, metrics = generator_loss(t, s_logits, x)
     return loss, (batch_stats, metrics, x, t.logits)
@@ -147,5 +147,4 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
   return Job(
       init=init, phases=[('synth', synth), ('kd', kd)], frozen={'teacher': teacher.variables},
       num_steps=num_steps, student=common.evaluated_student(s), teacher=common.evaluated_teacher(s),
-      sample_images=sample_images, steps_per_epoch=config.iters_per_epoch,
-      on_finish=common.export_student(config))
+      sample_images=sample_images, exports=[common.export_student(config)])

@@ -20,7 +20,7 @@ One outer iteration is one compiled program (the state donated, the teacher froz
          augmentation ``kd_augment`` (zero-padded random crop, horizontal flip), normalised; the
          loss is ``config.kd`` (KL(p_T ‖ p_S)·T²) against the teacher (eval mode) on the same batch.
 
-Step accounting (reference_semantics §6.13): one epoch is ``iters_per_epoch`` = ep_steps // kd_steps
+Step accounting (docs/reference_semantics.md#step-accounting): one epoch is ``iters_per_epoch`` = ep_steps // kd_steps
 outer iterations, each one synthesis call and ``kd_steps`` student steps; the student's learning
 rate is a per-epoch schedule of its own step count. During the first ``warmup_epochs`` epochs the
 kd phase is skipped (Fast, NAYER: synthesis only), so the student's schedule starts after warm-up.
@@ -44,7 +44,8 @@ once when it is added; it needs unaugmented reads (``insert_views`` > 0, or ``kd
 The student's targets are then the very numbers a teacher forward per student step would give.
 With it the state also holds 'pool_logits', a ring written in step with 'pool'.
 
-A method module builds a ``Synthesizer`` from the pieces below and calls ``make_job``.
+A method module builds a ``Synthesizer`` (from the pieces of ``engines.inversion_terms``) and calls
+``make_job``.
 """
 from __future__ import annotations
 
@@ -52,14 +53,12 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from dfkd_jax import data, losses, synth
+from dfkd_jax import data, optim, synth
 from dfkd_jax.synth import augment
 from dfkd_jax.run.job import Job
 from dfkd_jax.run import parallel
-from dfkd_jax.models import hooks
-from dfkd_jax.errors import UserError
+from dfkd_jax.errors import UserError, check_choice
 from dfkd_jax.engines import common
 from dfkd_jax.optim import TrainState
 from dfkd_jax.synth import pool as pool_lib
@@ -113,173 +112,6 @@ class Synthesizer(NamedTuple):
   kd_loss: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None
 
 
-# ------------------------------------------------------------------------------------------------
-# Pieces the methods share
-# ------------------------------------------------------------------------------------------------
-
-class TeacherView(NamedTuple):
-  """The teacher (eval mode) on one view: logits and the inputs of its BatchNorm layers."""
-  logits: jax.Array
-  bn: list                # hooks.LayerInput of every BatchNorm, in call order
-  features: list          # the taps CMI reads features from: ``bn``, or the named modules' inputs
-
-
-def teacher_view(model, variables, x, feature_layers: Sequence[str] = ()) -> TeacherView:
-  """One eval-mode forward of the teacher ``model`` on ``x`` (its normalised input space) with
-  BatchNorm-input taps and, if ``feature_layers`` are named, taps on those modules' inputs."""
-  if feature_layers:
-    logits, bn, named = hooks.apply_with_bn_and_input_taps(model, variables, x, feature_layers, train=False)
-    return TeacherView(logits, bn, named)
-  logits, bn = hooks.apply_with_bn_taps(model, variables, x, train=False)
-  return TeacherView(logits, bn, bn)
-
-
-def abstract_view(s: common.Setup, feature_layers: Sequence[str] = ()) -> TeacherView:
-  """The shapes of ``teacher_view`` on this job's inputs; a teacher without BatchNorm layers is a
-  ``UserError`` (every inversion method matches BN statistics, as the references assert)."""
-  view = jax.eval_shape(lambda x: teacher_view(s.teacher.model, s.teacher.variables, x, feature_layers),
-                        jnp.zeros((2,) + tuple(s.student_input_shape)))
-  if not view.bn:
-    raise UserError(f'teacher {s.teacher.metadata.get("arch", "")!r} has no BatchNorm layer, whose statistics '
-                    'inversion methods match; use a BN teacher (e.g. embedded:resnet8_mnist)')
-  return view
-
-
-def bn_moments(view: TeacherView) -> list:
-  """[(μ, σ²)] of every BN input (Fast/NAYER blend them with ``losses.blend_batch_stats``)."""
-  return [(t.mean, t.var) for t in view.bn]
-
-
-def bn_loss(view: TeacherView, variables, *, first_multiplier: float = 1.0, moments=None) -> jax.Array:
-  """DeepInversion's Σ_l m_l (‖σ²_run,l − σ²_l‖₂ + ‖μ_run,l − μ_l‖₂) over every BN of the teacher
-  (``moments`` replaces the view's own batch statistics, e.g. blended ones)."""
-  return losses.bn_statistics_loss(bn_moments(view) if moments is None else moments,
-                                   hooks.running_stats(variables, view.bn), first_multiplier=first_multiplier)
-
-
-def bn_ema_init(view: TeacherView) -> dict:
-  """Fast/NAYER ``bn_mmt`` state before the first synthesis call: an EMA of every teacher BN
-  input's (μ, σ²) (zeros, shaped by ``view``, e.g. ``abstract_view``) and ``count`` = how many
-  calls have updated it (0: the reference hook's ``mmt is None``)."""
-  return {'mean': [jnp.zeros(t.mean.shape, jnp.float32) for t in view.bn],
-          'var': [jnp.zeros(t.var.shape, jnp.float32) for t in view.bn],
-          'count': jnp.zeros((), jnp.int32)}
-
-
-def bn_ema_moments(ema: dict) -> list:
-  return list(zip(ema['mean'], ema['var']))
-
-
-def bn_ema_blend(ema: dict, moments, momentum: float) -> list:
-  """The statistics the BN loss compares with the running ones under ``bn_mmt``:
-  (1 − mmt)·(μ, σ²) + mmt·EMA once the EMA exists, the batch's own (μ, σ²) before
-  (``losses.blend_batch_stats``)."""
-  blended = losses.blend_batch_stats(moments, bn_ema_moments(ema), momentum=momentum)
-  started = ema['count'] > 0
-  return [(jnp.where(started, bm, m), jnp.where(started, bv, v)) for (bm, bv), (m, v) in zip(blended, moments)]
-
-
-def bn_ema_update(ema: dict, moments, momentum: float) -> dict:
-  """The once-per-call update with the last inner iteration's ``moments``: EMA ← mmt·EMA +
-  (1 − mmt)·(μ, σ²), or (μ, σ²) itself on the first call (``losses.update_stats_ema``)."""
-  updated = losses.update_stats_ema(bn_ema_moments(ema), moments, momentum=momentum)
-  first = ema['count'] == 0
-  moments = jax.lax.stop_gradient(list(moments))
-  pick = [(jnp.where(first, m, um), jnp.where(first, v, uv)) for (um, uv), (m, v) in zip(updated, moments)]
-  return {'mean': [m for m, _ in pick], 'var': [v for _, v in pick], 'count': ema['count'] + 1}
-
-
-def crop_flip_view(key, images, dataset: str, *, padding: int, flip: bool) -> jax.Array:
-  """Fast's and NAYER's synthesis view of generator images in [0, 1]: kornia ``RandomCrop(size,
-  padding)`` (zero fill), ``RandomHorizontalFlip`` if ``flip``, each per image, then the
-  normaliser."""
-  crop_key, flip_key = jax.random.split(key)
-  view = augment.random_crop(crop_key, images, padding) if padding else images
-  if flip:
-    view = augment.random_flip(flip_key, view)
-  return data.normalize(view, dataset)
-
-
-def decision_adversarial_terms(t: TeacherView, ctx: Context, view, targets, *, moments=None,
-                               adversarial=True, teacher_as_student: bool = False) -> dict:
-  """The inversion loss terms of CMI, Fast and NAYER on one teacher view ``t`` of input ``view``:
-
-    bn  Σ_l ‖σ²_run,l − σ²_l‖₂ + ‖μ_run,l − μ_l‖₂ (``moments`` replaces (μ_l, σ²_l), e.g. blended);
-    oh  CE(T(view), targets)  (NAYER's soft CE against one-hot targets is the same number);
-    adv −(1/N) Σ_n [argmax S = argmax T]_n KL(p_T ‖ p_S)_n at T = 1, the student in eval mode,
-        times ``adversarial`` (a traced 0/1 gate: Fast/NAYER switch it on after warm-up).
-
-  ``teacher_as_student`` puts the teacher's logits in the student's place, as Fast-Datafree's
-  ``datafree_kd.py`` builds its synthesizers with ``student=teacher`` (zju-vipa/Fast-Datafree#11):
-  the adversarial term is then KL(p_T ‖ p_T) = 0.
-  """
-  def adv():
-    s_logits = t.logits if teacher_as_student else student_logits(ctx, view)
-    return losses.masked_adversarial_kl(s_logits, t.logits, 1.0)
-
-  zero = lambda: jnp.zeros((), jnp.float32)
-  if isinstance(adversarial, bool):
-    adv_term = adv() if adversarial else zero()
-  else:  # the student's forward runs only when the gate is on
-    adv_term = jax.lax.cond(adversarial, adv, zero)
-  return {'bn': bn_loss(t, ctx.teacher, moments=moments), 'oh': losses.cross_entropy(t.logits, targets),
-          'adv': adv_term}
-
-
-def student_logits(ctx: Context, x) -> jax.Array:
-  """The student in eval mode (running BN statistics), as the references run it during synthesis."""
-  return ctx.student.apply_fn(ctx.student.variables, x, train=False)
-
-
-def random_targets(key, num: int, num_classes: int, *, sort: bool) -> jax.Array:
-  """``num`` labels uniform over the classes, sorted (CMI-fw DeepInversion and CMI) or not (Fast)."""
-  targets = jax.random.randint(key, (num,), 0, num_classes)
-  return jnp.sort(targets) if sort else targets
-
-
-def adam(learning_rate, betas=(0.9, 0.999)) -> optax.GradientTransformation:
-  """``torch.optim.Adam(lr, betas, eps=1e-8)`` (``learning_rate`` a float or a schedule of the
-  step); build it once, ``init`` a fresh state per synthesis call."""
-  return optax.adam(learning_rate, b1=betas[0], b2=betas[1], eps=1e-8)
-
-
-def apply_adam(tx, params, opt_state, grads):
-  """One optimiser step; returns (params, opt_state)."""
-  updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state
-
-
-def generator_template(model, latent_shape) -> tuple[Any, Any]:
-  """(params, batch_stats) of ``model`` as zeros of the right shapes: what ``models.generators.
-  reset_params`` re-draws every parameter of, and fresh running statistics."""
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2,) + tuple(latent_shape)), train=False))
-  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
-  return zeros['params'], zeros.get('batch_stats', {})
-
-
-def generate(model, params, batch_stats, z) -> tuple[jax.Array, Any]:
-  """``model(z)`` with train-mode BatchNorm (batch statistics), as the references synthesise;
-  returns (images, updated running statistics)."""
-  images, updates = model.apply({'params': params, 'batch_stats': batch_stats}, z, train=True,
-                                mutable=['batch_stats'])
-  return images, updates['batch_stats']
-
-
-# ------------------------------------------------------------------------------------------------
-# The engine
-# ------------------------------------------------------------------------------------------------
-
-def train_augment(key, images, cfg) -> jax.Array:
-  """The student's view of pool images (in [0, 1]): ``RandomCrop(size, padding=cfg.crop_padding)``
-  then ``RandomHorizontalFlip`` if ``cfg.flip``, each per image (the standard CIFAR transform)."""
-  crop_key, flip_key = jax.random.split(key)
-  if cfg.crop_padding:
-    images = augment.random_crop(crop_key, images, cfg.crop_padding)
-  if cfg.flip:
-    images = augment.random_flip(flip_key, images)
-  return images
-
-
 def pool_capacity(config) -> int:
   """``config.pool.capacity``, or with 0 every image the run synthesises."""
   capacity = config.pool.capacity
@@ -294,8 +126,7 @@ def make_job(config, mesh, s: common.Setup, synthesizer: Synthesizer, *,
   replaces ``config.pool.capacity`` for a method whose pool is not a replay history (CuDFKD)."""
   batch, kd_steps, iters_per_epoch = config.batch_size, config.kd_steps, config.iters_per_epoch
   parallel.check_batch(config.synthesis_batch_size, mesh, 'synthesis_batch_size')
-  if config.pool.dtype not in _POOL_DTYPES:
-    raise UserError(f"pool.dtype must be one of {', '.join(_POOL_DTYPES)}, not {config.pool.dtype!r}")
+  check_choice('pool.dtype', config.pool.dtype, _POOL_DTYPES)
   capacity = pool_capacity(config) if pool_size is None else pool_size
   views, cache_logits = config.pool.insert_views, config.pool.teacher_logits
   if views < 0:
@@ -313,10 +144,15 @@ def make_job(config, mesh, s: common.Setup, synthesizer: Synthesizer, *,
   teacher = s.teacher.model
   data_sharding = parallel.data_sharded(mesh)
 
+  def kd_view(key, images):
+    """``config.kd_augment`` on pool images in [0, 1] (the standard CIFAR train transform)."""
+    return augment.crop_flip(*jax.random.split(key), images, padding=config.kd_augment.crop_padding,
+                             flip=config.kd_augment.flip)
+
   def init(key):
     method_key, student_key = jax.random.split(key)
     state = {'step': jnp.zeros((), jnp.int32),
-             'student': common.create_state(s.student, tx_s, student_key, s.student_input_shape),
+             'student': optim.init_state(s.student, tx_s, student_key, s.student_input_shape),
              'method': synthesizer.init(method_key),
              'pool': pool_lib.init(capacity, s.student_input_shape, _POOL_DTYPES[config.pool.dtype])}
     if cache_logits:  # a ring written in step with 'pool': slot i holds the logits of entry i
@@ -348,7 +184,7 @@ def make_job(config, mesh, s: common.Setup, synthesizer: Synthesizer, *,
     images = jnp.clip(jax.lax.stop_gradient(images), 0.0, 1.0)
     if views:  # an index no stage's key uses
       view_keys = jax.random.split(jax.random.fold_in(key, len(synthesizer.stages)), views)
-      images = jnp.concatenate([train_augment(k, images, config.kd_augment) for k in view_keys])
+      images = jnp.concatenate([kd_view(k, images) for k in view_keys])
     new = dict(state, method=method_state, pool=pool_lib.add(state['pool'], images))
     if cache_logits:
       stored = data.normalize(pool_lib.round_trip(state['pool'], images), config.dataset)
@@ -363,7 +199,7 @@ def make_job(config, mesh, s: common.Setup, synthesizer: Synthesizer, *,
       indices = pool_lib.epoch_indices(state['pool'], order_key, i * batch, batch)
       x = pool_lib.read(state['pool'], indices)
       if read_augment is not None:
-        x = train_augment(jax.random.fold_in(augment_key, i), x, read_augment)
+        x = kd_view(jax.random.fold_in(augment_key, i), x)
       x = jax.lax.with_sharding_constraint(data.normalize(x, config.dataset), data_sharding)
       if cache_logits:
         t_logits = jax.lax.with_sharding_constraint(pool_lib.read(state['pool_logits'], indices), data_sharding)
@@ -392,4 +228,4 @@ def make_job(config, mesh, s: common.Setup, synthesizer: Synthesizer, *,
   return Job(
       init=init, phases=[('synth', synthesize), ('kd', kd)], frozen={'teacher': s.teacher.variables},
       num_steps=num_steps, student=common.evaluated_student(s), teacher=common.evaluated_teacher(s),
-      sample_images=sample_images, steps_per_epoch=iters_per_epoch, on_finish=common.export_student(config))
+      sample_images=sample_images, exports=[common.export_student(config)])

@@ -11,22 +11,19 @@ and, optionally, auxiliary parameters trained jointly with the student by their 
 """
 from __future__ import annotations
 
-import os
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dfkd_jax import data
+from dfkd_jax import data, optim
 from dfkd_jax.synth import augment
 from dfkd_jax.run.job import Job
 from dfkd_jax.run import parallel
-from dfkd_jax.run import outputs
 from dfkd_jax.data import preprocess, unlabelled
 from dfkd_jax.engines import common
-from dfkd_jax.optim import TrainState
 
 LossFn = Callable[[jax.Array, jax.Array, object], tuple[jax.Array, dict]]
 
@@ -88,20 +85,22 @@ def selection_report(pool: unlabelled.Pool, selected: np.ndarray, **extra) -> di
   return out
 
 
-def print_selection(method: str, rep: dict) -> None:
+def selection_note(method: str, rep: dict) -> str:
+  """One line on a selection report, for the job's notes."""
   line = f"{method}: selected {rep['selected']} of {rep['pool_size']} unlabelled images ({rep['pool']})"
   if 'selected_true_digits' in rep:
     line += (f"; {rep['selected_true_digits']} are true digits (precision {100 * rep['precision']:.1f}%, "
              f"recall {100 * rep['recall']:.1f}%)")
-  print(line, flush=True)
+  return line
 
 
 def make_job(config, mesh, s: common.Setup, images_u8: np.ndarray, loss_fn: LossFn, *,
-             aux: Aux | None = None, report_values: dict | None = None) -> Job:
+             aux: Aux | None = None, report: dict | None = None, notes: Sequence[str] = ()) -> Job:
   """The loop job distilling the student on ``images_u8`` (uint8 NHWC at model resolution).
 
   ``config``: ``batch_size``, ``num_epochs``, ``optimizer_s`` (per-epoch schedule), ``augment``.
-  ``report_values`` (the selection report) is written to ``WORKDIR/selection.json`` at the end.
+  ``report`` (the selection report) goes to ``WORKDIR/selection.json`` when the job is finished;
+  ``notes`` are logged when it starts.
   """
   parallel.check_batch(config.batch_size, mesh, 'batch_size')
   local_batch = config.batch_size // jax.process_count()
@@ -111,18 +110,14 @@ def make_job(config, mesh, s: common.Setup, images_u8: np.ndarray, loss_fn: Loss
 
   def init(key):
     state = {'step': jnp.zeros((), jnp.int32),
-             'student': common.create_state(s.student, tx_s, key, s.student_input_shape)}
+             'student': optim.init_state(s.student, tx_s, key, s.student_input_shape)}
     if aux is not None:
-      state['aux'] = TrainState.create(apply_fn=None, params=aux.params, tx=aux.tx)
+      state['aux'] = optim.create_state(aux.tx, aux.params)
     return state
 
   def kd(state, frozen, key, batch):
-    crop_key, flip_key = jax.random.split(key)
-    x = batch['images'].astype(jnp.float32) / 255.0
-    if config.augment.crop_padding:
-      x = augment.random_crop(crop_key, x, config.augment.crop_padding)
-    if config.augment.flip:
-      x = augment.random_flip(flip_key, x)
+    x = augment.crop_flip(*jax.random.split(key), batch['images'].astype(jnp.float32) / 255.0,
+                          padding=config.augment.crop_padding, flip=config.augment.flip)
     x = data.normalize(x, config.dataset)
     t_logits = teacher.model.apply(frozen['teacher'], x, train=False)
     student = state['student']
@@ -146,16 +141,8 @@ def make_job(config, mesh, s: common.Setup, images_u8: np.ndarray, loss_fn: Loss
     start = i * config.batch_size + jax.process_index() * local_batch
     return {'images': images_u8[order[start:start + local_batch]]}
 
-  export = common.export_student(config)
-
-  def on_finish(state, workdir):
-    export(state, workdir)
-    if report_values is not None and outputs.is_writer():
-      outputs.write_json(os.path.join(workdir, 'selection.json'), report_values)
-    return dict(report_values or {})
-
   return Job(
       init=init, phases=[('kd', kd)], frozen={'teacher': teacher.variables},
       num_steps=steps_per_epoch * config.num_epochs, student=common.evaluated_student(s),
-      teacher=common.evaluated_teacher(s), next_batch=next_batch, steps_per_epoch=steps_per_epoch,
-      on_finish=on_finish)
+      teacher=common.evaluated_teacher(s), next_batch=next_batch, exports=[common.export_student(config)],
+      report=report, results_file='selection.json' if report is not None else None, notes=tuple(notes))

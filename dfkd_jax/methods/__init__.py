@@ -1,4 +1,5 @@
-"""One module per method. Each exposes ``make_job(config, mesh) -> dfkd_jax.run.loop.Job``."""
+"""One module per method. Each exposes ``make_job(config, mesh)``, which returns a
+``dfkd_jax.run.job.Job`` or, for a job of several stages, ``dfkd_jax.run.job.Stages``."""
 from __future__ import annotations
 
 import importlib

@@ -19,7 +19,7 @@ teacher's provider reports, which the reference hard-codes), or 'confidence' = i
 on the selected images (the accuracy of a calibrated teacher; over-confident teachers give a ≈ 1,
 which turns the noise term into plain cross-entropy with the teacher's labels).
 
-Reference (huawei ``DEMC/DFND/DFND-train.py``, reference_semantics §2.11), and what differs here:
+Reference (huawei ``DEMC/DFND/DFND-train.py``, ``docs/reference_semantics.md#dfnd``), and what differs here:
 the script does not run (undefined ``opt.teacher_dir``, ``weights`` used before assignment, a
 4-argument call of a 3-argument ``train``); its semantics are taken from the paper and the notes.
 It hard-codes a = 0.9523 / 0.7774 (CIFAR-10/100), which do not match its own teachers (94.85 /
@@ -76,8 +76,7 @@ def make_job(config, mesh):
   selected = select_confident(logits, config.dfnd.num_select)
   accuracy, source = teacher_accuracy(config, mesh, s, logits[selected])
   rep = selected_kd.selection_report(pool, selected, teacher_accuracy=accuracy, teacher_accuracy_source=source)
-  selected_kd.print_selection('dfnd', rep)
-  print(f'dfnd: noise-adaptation diagonal a = {accuracy:.4f} ({source})', flush=True)
+  notes = [selected_kd.selection_note('dfnd', rep), f'dfnd: noise-adaptation diagonal a = {accuracy:.4f} ({source})']
 
   temperature, weight = config.kd.temperature, config.dfnd.noise_weight
 
@@ -89,4 +88,4 @@ def make_job(config, mesh):
 
   tx_noise = optim.make_optimizer(config.dfnd.optimizer_noise, optim.constant(config.dfnd.optimizer_noise.lr))
   aux = selected_kd.Aux({'theta': jnp.zeros((config.num_classes, config.num_classes))}, tx_noise)
-  return selected_kd.make_job(config, mesh, s, images[selected], loss_fn, aux=aux, report_values=rep)
+  return selected_kd.make_job(config, mesh, s, images[selected], loss_fn, aux=aux, report=rep, notes=notes)

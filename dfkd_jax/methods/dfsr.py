@@ -28,12 +28,15 @@ across stages, where the reference starts a new SGD and StepLR per stage; and th
 stage index, where the reference's ``epoch * 18 // inc_num`` uses the epoch (equal when inc_step = 1).
 ``inc_num = 1`` (the reference README's setting) is plain distillation of the full student.
 
-At the end, teacher, student and bicubic are evaluated on the held-out ``sr_eval`` images (PSNR and
-SSIM on Y with the scale shaved): ``WORKDIR/sr_eval.json`` holds ``bicubic_psnr``, ``teacher_psnr``,
+During training, at the evaluation cadence, the student's PSNR on the first
+``EVAL_IMAGES_DURING_TRAINING`` ``sr_eval`` images (mean over ``sr_eval.scales``) is logged as
+``eval/student_psnr`` (``summary.json``: ``student_psnr_best`` / ``_final``). At the end, teacher,
+student and bicubic are evaluated on all the held-out ``sr_eval`` images (PSNR and SSIM on Y with
+the scale shaved): ``WORKDIR/sr_eval.json`` holds ``bicubic_psnr``, ``teacher_psnr``,
 ``student_psnr``, ``student_minus_bicubic_psnr`` (means over ``sr_eval.scales``), the same per scale
 (``x2/...``) and the SSIMs.
 
-Reference (huawei ``DEMC/DFSR/distillation.py``, reference_semantics §2.11) quirks, reproducible by
+Reference (huawei ``DEMC/DFSR/distillation.py``, ``docs/reference_semantics.md#dfsr``) quirks, reproducible by
 flag: its bicubic (``bicubic.py``) clamps out-of-range taps to the border (``dfsr.boundary``:
 'replicate', the default here; MATLAB's 'symmetric' is the alternative) and rounds every result to
 1/255 with ``torch.round``, whose gradient is zero, so in the reference the generator receives no
@@ -43,20 +46,20 @@ its zero gradient); by default resizing is not rounded and the paper's losses re
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
 from dfkd_jax import models, optim
+from dfkd_jax.run import evaluation
 from dfkd_jax.run.job import Evaluated, Job
-from dfkd_jax.run import outputs
+from dfkd_jax.sr import evaluation as sr_evaluation
 from dfkd_jax.sr import ops as sr_ops
 from dfkd_jax.errors import UserError
-from dfkd_jax.methods import sr_supervised
 from dfkd_jax.engines import common
-from dfkd_jax.optim import TrainState
+
+
+EVAL_IMAGES_DURING_TRAINING = 2
 
 
 def sum_squares(a, b):
@@ -116,8 +119,8 @@ def make_job(config, mesh) -> Job:
     ks, *kg = jax.random.split(key, 1 + len(scales))
     g_params = {name: g.init(k, jnp.zeros((2, cfg.latent)))['params'] for (name, g), k in zip(generators.items(), kg)}
     return {'step': jnp.zeros((), jnp.int32),
-            'student': common.create_state(s.student, tx_s, ks, s.student_input_shape, train_init=False),
-            'generators': TrainState.create(apply_fn=None, params=g_params, tx=tx_g)}
+            'student': optim.init_state(s.student, tx_s, ks, s.student_input_shape, train_init=False),
+            'generators': optim.create_state(tx_g, g_params)}
 
   def depth_of(state):
     if not progressive:
@@ -129,7 +132,7 @@ def make_job(config, mesh) -> Job:
 
     def s_step(student, k):
       k_scale, k_z = jax.random.split(k)
-      x = sr_supervised.scale_switch(k_scale, scales, lambda scale: generate(g_params, k_z, scale)[1])
+      x = sr_ops.scale_switch(k_scale, scales, lambda scale: generate(g_params, k_z, scale)[1])
       x = jax.lax.stop_gradient(x)
       target = teacher.model.apply(frozen['teacher'], x)
       loss, grads = jax.value_and_grad(
@@ -157,7 +160,7 @@ def make_job(config, mesh) -> Job:
         recon = sum_squares(low, jnp.clip(resize(t_out, 1.0 / scale), 0.0, 1.0))
         return jnp.stack([adversarial, recon])
 
-      terms = sr_supervised.scale_switch(k_scale, scales, at_scale)
+      terms = sr_ops.scale_switch(k_scale, scales, at_scale)
       return cfg.gw * terms[0] + cfg.reconw * terms[1], terms
 
     (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(g_state.params)
@@ -167,30 +170,27 @@ def make_job(config, mesh) -> Job:
   def sample_images(state, key):
     return generate(state['generators'].params, key, scales[0])[1][:64]
 
-  export = common.export_student(config)
-
-  def on_finish(state, workdir):
-    export(state, workdir)
-    results = evaluate(config, teacher, s.student, frozen_teacher=teacher.variables,
-                       student_variables=state['student'].variables)
-    if outputs.is_writer():
-      outputs.write_json(os.path.join(workdir, 'sr_eval.json'), results)
-    print('dfsr: ' + ', '.join(f'{k}={v:.3f}' for k, v in results.items() if '/' not in k), flush=True)
-    return results
+  def on_finish(state):
+    return evaluate(config, teacher, s.student, frozen_teacher=teacher.variables,
+                    student_variables=state['student'].variables)
 
   return Job(
       init=init, phases=[('kd', kd), ('synth', synth)], frozen={'teacher': teacher.variables},
       num_steps=config.num_epochs * config.iters_per_epoch,
       student=Evaluated(s.student.apply, lambda st: st['student'].variables),
-      sample_images=sample_images, steps_per_epoch=config.iters_per_epoch, on_finish=on_finish)
+      evaluators=(evaluation.PSNR(config.sr_eval.data, tuple(config.sr_eval.scales), config.sr_eval.crop,
+                                  max_images=EVAL_IMAGES_DURING_TRAINING),),
+      sample_images=sample_images, exports=[common.export_student(config)], on_finish=on_finish,
+      results_file='sr_eval.json',
+      results_note=lambda results: 'dfsr: ' + ', '.join(f'{k}={v:.3f}' for k, v in results.items() if '/' not in k))
 
 
 def evaluate(config, teacher, student_model, *, frozen_teacher, student_variables) -> dict[str, float]:
   """Bicubic, teacher and student PSNR/SSIM on ``config.sr_eval`` per scale (``x{s}/...``) and
   their means over the scales (``bicubic_psnr``, ``teacher_psnr``, ``student_psnr``,
   ``student_minus_bicubic_psnr`` and the ``_ssim`` counterparts)."""
-  t = sr_supervised.evaluate_scales(teacher.model.apply, frozen_teacher, config)
-  st = sr_supervised.evaluate_scales(student_model.apply, student_variables, config)
+  t = sr_evaluation.evaluate_scales(teacher.model.apply, frozen_teacher, config.sr_eval)
+  st = sr_evaluation.evaluate_scales(student_model.apply, student_variables, config.sr_eval)
   out = {}
   for scale in config.sr_eval.scales:
     p = f'x{scale}/'

@@ -17,7 +17,7 @@ Stage 2, robust distillation on the selected images: class weight sets w_k (inve
 mass, plus ``perturb_num`` perturbed copies, ``losses.robust_kd_class_weights``) and the
 student loss  max_k (1/N) Σ_n w_k[ŷ_n] · KL(p_t ‖ p_s) · T  at T = 1 (``losses.robust_kd``).
 
-Reference (huawei ``DEMC/pu_compress``, reference_semantics §2.11) and what differs here:
+Reference (huawei ``DEMC/pu_compress``, ``docs/reference_semantics.md#pu-compression``) and what differs here:
 - each selector step draws a batch of P and a batch of U; the reference draws mixed batches from
   P ∪ U (0.08% positives with CIFAR-10 + ImageNet, so most of its batches hold no positive); the
   risk estimates the same expectation;
@@ -25,25 +25,28 @@ Reference (huawei ``DEMC/pu_compress``, reference_semantics §2.11) and what dif
   a copy of the teacher, its BatchNorm in train mode on the concatenated P and U batch; otherwise
   it stays frozen (eval mode) and only the head learns;
 - the class prior can be estimated instead of fixed (0.21 in the reference);
-- stage 1 runs while the job is built and its result (π, the pool's scores g(x), the last risk) is
-  kept in ``WORKDIR/pu_stage1.npz`` with a key of the config fields it depends on: re-running the
-  command (after a crash, or to resume stage 2) reads it instead of training the selector again;
-  changing one of those fields retrains it. Stage 2 is the loop's job.
+- the two stages are two loop jobs (``run.stages``): stage 1 runs in ``WORKDIR/stage1`` with its
+  own checkpoints (a preempted selector resumes), and its final state gives π, the pool's scores
+  g(x) and the last risk, from which stage 2 is built. Re-running the command (after a crash, or
+  to resume stage 2) restores the finished selector instead of training it again; changing one of
+  the config fields it depends on (``_stage1_key``) trains it again.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 
+from typing import Any, Mapping
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from etils import epath
 
-from dfkd_jax import losses, optim
-from dfkd_jax.run import outputs
+from dfkd_jax import data, losses, optim
+from dfkd_jax.run import parallel
+from dfkd_jax.run.job import Job, Stage, Stages
 from dfkd_jax.models import hooks
 from dfkd_jax.data import unlabelled
 from dfkd_jax.errors import UserError
@@ -100,14 +103,13 @@ def estimate_prior(features_p: np.ndarray, features_u: np.ndarray, seed: int, st
       z = x @ params['w'] + params['b']
       return jnp.mean(optax.sigmoid_binary_cross_entropy(z, y)) + l2 * jnp.sum(params['w'] ** 2)
 
-    tx = optax.adam(0.05)
+    tx = optim.torch_adam(0.05)
     params = {'w': jnp.zeros(x.shape[1]), 'b': jnp.zeros(())}
 
     @jax.jit
     def step(carry, _):
       params, opt = carry
-      updates, opt = tx.update(jax.grad(loss)(params), opt)
-      return (optax.apply_updates(params, updates), opt), None
+      return optim.apply_step(tx, params, opt, jax.grad(loss)(params)), None
 
     (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
     return params
@@ -120,48 +122,71 @@ def estimate_prior(features_p: np.ndarray, features_u: np.ndarray, seed: int, st
   return float(np.clip(np.mean(estimates), 1e-3, 1 - 1e-3))
 
 
-def train_selector(config, mesh, s: common.Setup, positives: np.ndarray, pool: np.ndarray, prior: float):
-  """Stage 1: nnPU training of trunk + SE head; returns (scores g(x) on the pool, last risk)."""
+def selector_job(config, mesh, s: common.Setup, positives: np.ndarray, pool: np.ndarray) -> Job:
+  """Stage 1: nnPU training of trunk + SE head, a loop job. Each step draws ``pu.batch_p``
+  positives (at most all of them, rounded down to a multiple of the device count) and ``pu.batch_u``
+  pool images (a generator fixed by (seed, step)); its results are π, where π came from, the scores
+  g(x) of the whole pool under the final selector and its last risk."""
   cfg = config.pu
   modules = tuple(cfg.feature_modules)
-  model, head = s.teacher.model, SEHead(cfg.se_reduction)
-  to_input = lambda u8: selected_kd.normalized(u8, config)
-  probe, _ = multiscale_features(model, s.teacher.variables, to_input(pool[:2]), modules, False)
-  params = {'trunk': s.teacher.variables['params'], 'head': head.init(jax.random.key(config.seed), probe)['params']}
-  batch_stats = s.teacher.variables.get('batch_stats')
+  model, head, teacher_variables = s.teacher.model, SEHead(cfg.se_reduction), s.teacher.variables
+  prior, prior_source = class_prior(config, mesh, s, positives, pool)
+  # As many positives as there are, up to pu.batch_p, in a batch that splits over the devices.
+  batch_p = min(cfg.batch_p, len(positives)) // mesh.devices.size * mesh.devices.size
+  if not batch_p:
+    raise UserError(f'pu: {len(positives)} labelled positives are fewer than the {mesh.devices.size} devices')
+  parallel.check_batch(cfg.batch_u, mesh, 'pu.batch_u')
+  num_features = jax.eval_shape(lambda x: multiscale_features(model, teacher_variables, x, modules, False)[0],
+                                jax.ShapeDtypeStruct((2,) + pool.shape[1:], jnp.float32)).shape[-1]
   schedule = optim.make_schedule(cfg.optimizer, 1, cfg.steps)
   tx = optim.make_optimizer(cfg.optimizer, schedule)
   if not cfg.train_backbone:
     tx = optax.multi_transform({'train': tx, 'freeze': optax.set_to_zero()}, {'trunk': 'freeze', 'head': 'train'})
-  opt_state = tx.init(params)
+
+  def init(key):
+    params = {'trunk': teacher_variables['params'],
+              'head': head.init(key, jnp.zeros((1, num_features)))['params']}
+    return {'step': jnp.zeros((), jnp.int32),
+            'selector': optim.create_state(tx, params, batch_stats=teacher_variables.get('batch_stats')),
+            'risk': jnp.zeros(())}  # the last step's nnPU risk, for the selection report
 
   def score(params, batch_stats, x, train):
     variables = {'params': params['trunk'], **({'batch_stats': batch_stats} if batch_stats is not None else {})}
     f, batch_stats = multiscale_features(model, variables, x, modules, train)
     return head.apply({'params': params['head']}, f), batch_stats
 
-  @jax.jit
-  def step(params, batch_stats, opt_state, xp, xu):
+  def to_input(images_u8):
+    return data.normalize(images_u8.astype(jnp.float32) / 255.0, config.dataset)
+
+  def step(state, frozen, key, batch):
+    selector, xp, xu = state['selector'], to_input(batch['positives']), to_input(batch['unlabelled'])
+
     def objective(params):
-      g, new_stats = score(params, batch_stats, jnp.concatenate([xp, xu]), cfg.train_backbone)
-      objective, risk = losses.nnpu_risk(g[:len(xp)], g[len(xp):], prior, beta=cfg.beta, gamma=cfg.gamma)
-      return objective, (new_stats, risk)
+      g, new_stats = score(params, selector.batch_stats, jnp.concatenate([xp, xu]), cfg.train_backbone)
+      objective, risk = losses.nnpu_risk(g[:xp.shape[0]], g[xp.shape[0]:], prior, beta=cfg.beta, gamma=cfg.gamma)
+      return objective, (new_stats, objective, risk)
 
-    grads, (batch_stats, risk) = jax.grad(objective, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), batch_stats, opt_state, risk
+    grads, (batch_stats, objective, risk) = jax.grad(objective, has_aux=True)(selector.params)
+    return dict(state, selector=selector.apply_gradients(grads=grads, batch_stats=batch_stats), risk=risk), {
+        'train/nnpu_objective': objective, 'train/nnpu_risk': risk, 'train/lr': schedule(selector.step)}
 
-  rng = np.random.default_rng([config.seed, 4])
-  batch_p = min(cfg.batch_p, len(positives))
-  risk = jnp.nan
-  for t in range(cfg.steps):
+  def next_batch(step):
+    rng = np.random.default_rng([config.seed, 4, step])
     xp = positives[rng.choice(len(positives), batch_p, replace=False)]
     xu = pool[rng.choice(len(pool), cfg.batch_u, replace=False)]
-    params, batch_stats, opt_state, risk = step(params, batch_stats, opt_state, to_input(xp), to_input(xu))
-    if (t + 1) % max(1, cfg.steps // 5) == 0:
-      print(f'pu stage 1: step {t + 1}/{cfg.steps}, nnPU risk {float(risk):.4f}', flush=True)
-  scores = selected_kd.map_batches(lambda x: score(params, batch_stats, x, False)[0], pool, config, mesh)
-  return scores, float(risk)
+    i, n = jax.process_index(), jax.process_count()
+    return {'positives': np.split(xp, n)[i], 'unlabelled': np.split(xu, n)[i]}
+
+  def on_finish(state):
+    selector = state['selector']
+    scores = selected_kd.map_batches(lambda x: score(selector.params, selector.batch_stats, x, False)[0], pool,
+                                     config, mesh)
+    return {'prior': prior, 'prior_source': prior_source, 'scores': scores,
+            'selector_risk': float(jax.device_get(state['risk']))}
+
+  return Job(init=init, phases=[('select', step)], frozen={}, num_steps=cfg.steps, evaluators=(),
+             next_batch=next_batch, on_finish=on_finish,
+             notes=[f'pu: class prior {prior:.4f} ({prior_source}); {len(positives)} labelled positives'])
 
 
 def select(scores: np.ndarray, prior: float, rule: str, teacher_logits: np.ndarray | None = None) -> np.ndarray:
@@ -200,7 +225,7 @@ def class_prior(config, mesh, s: common.Setup, positives: np.ndarray, pool: np.n
   return estimate_prior(fp, fu, config.seed), 'estimated'
 
 
-STAGE1_FILE = 'pu_stage1.npz'
+STAGE1 = 'stage1'  # stage 1 runs in WORKDIR/stage1
 
 
 def _stage1_key(config, pool_size: int) -> str:
@@ -213,33 +238,8 @@ def _stage1_key(config, pool_size: int) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
-def stage1(config, mesh, s: common.Setup, positives: np.ndarray, images: np.ndarray,
-           workdir: str | None) -> tuple[float, str, np.ndarray, float]:
-  """(π, where π came from, scores g(x) on the pool, the selector's last risk), read from
-  ``WORKDIR/pu_stage1.npz`` when an earlier run of the same stage 1 wrote it."""
-  path = epath.Path(workdir) / STAGE1_FILE if workdir else None
-  key = _stage1_key(config, len(images))
-  if path is not None and path.exists():
-    with path.open('rb') as f:
-      saved = dict(np.load(f, allow_pickle=False))
-    if str(saved['key']) == key:
-      print(f'pu stage 1: read from {path}', flush=True)
-      return float(saved['prior']), str(saved['prior_source']), saved['scores'], float(saved['risk'])
-    print(f'pu stage 1: {path} was made with other settings; training the selector again', flush=True)
-  prior, prior_source = class_prior(config, mesh, s, positives, images)
-  print(f'pu: class prior {prior:.4f} ({prior_source}); {len(positives)} labelled positives', flush=True)
-  scores, risk = train_selector(config, mesh, s, positives, images, prior)
-  if path is not None and outputs.is_writer():
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(STAGE1_FILE + '.partial')
-    with partial.open('wb') as f:
-      np.savez(f, key=key, prior=prior, prior_source=prior_source, scores=np.asarray(scores), risk=risk)
-    partial.replace(path)
-  return prior, prior_source, scores, risk
-
-
-def make_job(config, mesh, workdir: str | None = None):
-  """The PU job; ``workdir`` keeps stage 1's result (see the module docstring)."""
+def make_job(config, mesh) -> Stages:
+  """PU's two stages: the selector (``WORKDIR/stage1``), then the distillation on its selection."""
   s = common.setup(config, mesh)
   cfg = config.pu
   labelled = unlabelled.labelled_subset(cfg.labelled_data, cfg.labelled_split, cfg.labelled_per_class,
@@ -247,24 +247,29 @@ def make_job(config, mesh, workdir: str | None = None):
   positives = selected_kd.to_model_resolution(labelled.images, config)
   pool = unlabelled.load_pool(config.unlabelled, config.seed, config.get('data_dir'))
   images = selected_kd.to_model_resolution(pool.images, config)
-  prior, prior_source, scores, risk = stage1(config, mesh, s, positives, images, workdir)
-  logits = selected_kd.teacher_logits(s, images, config, mesh) if cfg.selection == 'balanced' else None
-  selected = select(scores, prior, cfg.selection, logits)
-  if not selected.any():
-    raise UserError('pu: the selector kept no unlabelled image (g(x) <= 0 everywhere); raise pu.prior or pu.steps')
-  rep = selected_kd.selection_report(pool, selected, prior=prior, prior_source=prior_source, selector_risk=risk,
-                                     labelled=len(positives))
-  selected_kd.print_selection('pu', rep)
 
-  chosen = images[selected]
-  t_probs = jax.nn.softmax(selected_kd.teacher_logits(s, chosen, config, mesh) / config.kd.temperature, axis=-1)
-  weights = losses.robust_kd_class_weights(
-      jnp.asarray(t_probs), num_perturbations=cfg.perturb_num, epsilon=cfg.perturb_eps,
-      key=jax.random.fold_in(jax.random.key(config.seed), 5), power=cfg.class_weight_power)
-  rep['class_weights'] = np.asarray(weights).round(4).tolist()
-  temperature = config.kd.temperature
+  def distillation(selector: Mapping[str, Any]) -> Job:
+    prior = selector['prior']
+    logits = selected_kd.teacher_logits(s, images, config, mesh) if cfg.selection == 'balanced' else None
+    selected = select(selector['scores'], prior, cfg.selection, logits)
+    if not selected.any():
+      raise UserError('pu: the selector kept no unlabelled image (g(x) <= 0 everywhere); raise pu.prior or pu.steps')
+    rep = selected_kd.selection_report(pool, selected, prior=prior, prior_source=selector['prior_source'],
+                                       selector_risk=selector['selector_risk'], labelled=len(positives))
+    chosen = images[selected]
+    t_probs = jax.nn.softmax(selected_kd.teacher_logits(s, chosen, config, mesh) / config.kd.temperature, axis=-1)
+    weights = losses.robust_kd_class_weights(
+        jnp.asarray(t_probs), num_perturbations=cfg.perturb_num, epsilon=cfg.perturb_eps,
+        key=jax.random.fold_in(jax.random.key(config.seed), 5), power=cfg.class_weight_power)
+    rep['class_weights'] = np.asarray(weights).round(4).tolist()
+    temperature = config.kd.temperature
 
-  def loss_fn(student_logits, teacher_logits, _):
-    return losses.robust_kd(student_logits, teacher_logits, weights, temperature), {}
+    def loss_fn(student_logits, teacher_logits, _):
+      return losses.robust_kd(student_logits, teacher_logits, weights, temperature), {}
 
-  return selected_kd.make_job(config, mesh, s, chosen, loss_fn, report_values=rep)
+    return selected_kd.make_job(config, mesh, s, chosen, loss_fn, report=rep,
+                                notes=[selected_kd.selection_note('pu', rep)])
+
+  return [Stage(STAGE1, lambda _: selector_job(config, mesh, s, positives, images),
+                key=_stage1_key(config, len(images))),
+          Stage('distillation', distillation)]

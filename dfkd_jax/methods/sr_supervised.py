@@ -5,40 +5,22 @@ Each step takes ``batch_size`` random HR luma patches (``sr_eval.random_patches`
 generator fixed by (seed, step), so a resumed run sees the same patches), one scale s drawn
 uniformly from ``sr_data.scales`` (multi-scale VDSR), the network input x = bicubic(bicubic(HR, 1/s), s)
 (MATLAB-compatible, ``sr_ops.imresize``), and minimises the mean squared error ‖net(x) − HR‖²
-(mean over pixels). At the end the model is exported as ``WORKDIR/model`` (the format that
-``--config.teacher.checkpoint`` accepts) and evaluated on ``sr_eval`` (PSNR/SSIM per scale, in
+(mean over pixels). At the evaluation cadence its PSNR on ``sr_eval`` (mean over the scales) is
+logged as ``eval/student_psnr``. At the end the model is exported as ``WORKDIR/model`` (the format
+that ``--config.teacher.checkpoint`` accepts) and evaluated on ``sr_eval`` (PSNR/SSIM per scale, in
 ``WORKDIR/sr_eval.json``).
 """
 from __future__ import annotations
-
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dfkd_jax import models, optim
-from dfkd_jax.run.job import Evaluated, Job
-from dfkd_jax.run import parallel
-from dfkd_jax.run import outputs
+from dfkd_jax.run import evaluation, parallel
+from dfkd_jax.run.job import Evaluated, Export, Job
 from dfkd_jax.sr import evaluation as sr_eval
-from dfkd_jax.convert import model_dir
-from dfkd_jax.engines import common
-
-
-def scale_switch(key, scales, fn):
-  """``fn(s)`` for a scale s drawn uniformly from ``scales`` (static Python ints: one branch each)."""
-  index = jax.random.randint(key, (), 0, len(scales))
-  return jax.lax.switch(index, [lambda s=s: fn(s) for s in scales])
-
-
-def evaluate_scales(apply_fn, variables, config) -> dict[str, float]:
-  """PSNR/SSIM on ``config.sr_eval`` for each scale, keys ``x{s}/{metric}``."""
-  images = sr_eval.load_images(config.sr_eval.data, config.sr_eval.crop)
-  out = {}
-  for s in config.sr_eval.scales:
-    out.update({f'x{s}/{k}': v for k, v in sr_eval.evaluate(apply_fn, variables, images, s).items()})
-  return out
+from dfkd_jax.sr import ops as sr_ops
 
 
 def make_job(config, mesh) -> Job:
@@ -52,11 +34,11 @@ def make_job(config, mesh) -> Job:
 
   def init(key):
     return {'step': jnp.zeros((), jnp.int32),
-            'model': common.create_state(model, tx, key, (size, size, 1), train_init=False)}
+            'model': optim.init_state(model, tx, key, (size, size, 1), train_init=False)}
 
   def train_phase(state, frozen, key, batch):
     hr = batch['hr']
-    x = scale_switch(key, scales, lambda s: sr_eval.bicubic_input(hr, s))
+    x = sr_ops.scale_switch(key, scales, lambda s: sr_eval.bicubic_input(hr, s))
     m = state['model']
 
     def loss_fn(params):
@@ -69,16 +51,13 @@ def make_job(config, mesh) -> Job:
     rng = np.random.default_rng([config.seed, step, jax.process_index()])
     return {'hr': sr_eval.random_patches(train, local_batch, size, rng)}
 
-  def on_finish(state, workdir):
-    variables = state['model'].variables
-    model_dir.save_trained(workdir, 'model', config.model.arch, variables, config, config.model.get('kwargs', {}),
-                           {'trained_by': 'dfkd_jax.methods.sr_supervised', 'seed': config.seed})
-    results = evaluate_scales(model.apply, variables, config)
-    if outputs.is_writer():
-      outputs.write_json(os.path.join(workdir, 'sr_eval.json'), results)
-    print('sr eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in results.items()), flush=True)
-    return results
-
-  return Job(init=init, phases=[('train', train_phase)], frozen={}, num_steps=config.num_steps,
-                  student=Evaluated(model.apply, lambda s: s['model'].variables), next_batch=next_batch,
-                  on_finish=on_finish)
+  variables = lambda state: state['model'].variables
+  return Job(
+      init=init, phases=[('train', train_phase)], frozen={}, num_steps=config.num_steps,
+      student=Evaluated(model.apply, variables), next_batch=next_batch,
+      evaluators=(evaluation.PSNR(config.sr_eval.data, tuple(config.sr_eval.scales), config.sr_eval.crop),),
+      exports=[Export('model', config.model.arch, variables, config.model.get('kwargs', {}),
+                      {'trained_by': 'dfkd_jax.methods.sr_supervised', 'seed': config.seed})],
+      on_finish=lambda state: sr_eval.evaluate_scales(model.apply, variables(state), config.sr_eval),
+      results_file='sr_eval.json',
+      results_note=lambda results: 'sr eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in results.items()))

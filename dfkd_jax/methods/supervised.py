@@ -15,16 +15,9 @@ import optax
 
 from dfkd_jax import data, models, optim
 from dfkd_jax.synth import augment
-from dfkd_jax.run.job import Evaluated, Job
+from dfkd_jax.run.job import Evaluated, Export, Job
 from dfkd_jax.run import parallel
-from dfkd_jax.convert import model_dir
 from dfkd_jax.optim import TrainState
-
-
-def init_train_state(model, tx, key, input_shape) -> TrainState:
-  variables = model.init(key, jnp.zeros((1,) + tuple(input_shape)), train=False)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                           batch_stats=variables.get('batch_stats', {}))
 
 
 def classifier_step(state: TrainState, images, labels):
@@ -57,15 +50,11 @@ def make_job(config, mesh) -> Job:
   input_shape = (config.image_size, config.image_size, config.in_channels)
 
   def init(key):
-    return {'step': jnp.zeros((), jnp.int32), 'model': init_train_state(model, tx, key, input_shape)}
+    return {'step': jnp.zeros((), jnp.int32), 'model': optim.init_state(model, tx, key, input_shape, train_init=False)}
 
   def train_phase(state, frozen, key, batch):
-    crop_key, flip_key = jax.random.split(key)
-    x = batch['images']
-    if config.augment.crop_padding:
-      x = augment.random_crop(crop_key, x, config.augment.crop_padding)
-    if config.augment.flip:
-      x = augment.random_flip(flip_key, x)
+    x = augment.crop_flip(*jax.random.split(key), batch['images'], padding=config.augment.crop_padding,
+                          flip=config.augment.flip)
     new, loss, acc = classifier_step(state['model'], data.normalize(x, config.dataset), batch['labels'])
     return dict(state, model=new), {'train/loss': loss, 'train/accuracy': acc,
                                     'train/lr': schedule(state['model'].step)}
@@ -76,12 +65,8 @@ def make_job(config, mesh) -> Job:
     idx = order[i * local_batch:(i + 1) * local_batch]
     return {'images': images01[idx], 'labels': labels[idx]}
 
-  def on_finish(state, workdir):
-    model_dir.save_trained(workdir, 'model', config.model.arch, state['model'].variables, config,
-                           config.model.get('kwargs', {}),
-                           {'trained_by': 'dfkd_jax.methods.supervised', 'seed': config.seed})
-
+  export = Export('model', config.model.arch, lambda s: s['model'].variables, config.model.get('kwargs', {}),
+                  {'trained_by': 'dfkd_jax.methods.supervised', 'seed': config.seed})
   return Job(
       init=init, phases=[('train', train_phase)], frozen={}, num_steps=num_steps,
-      student=Evaluated(model.apply, lambda s: s['model'].variables), next_batch=next_batch,
-      steps_per_epoch=steps_per_epoch, on_finish=on_finish)
+      student=Evaluated(model.apply, lambda s: s['model'].variables), next_batch=next_batch, exports=[export])

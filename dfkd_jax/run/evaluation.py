@@ -1,4 +1,6 @@
-"""Top-1 accuracy over a whole split: padded batches with a mask, so no example is dropped.
+"""Evaluation during training: the evaluators a job names (``Top1`` for classifiers, ``PSNR`` for
+super-resolution networks), and top-1 accuracy over a whole split, in padded batches with a mask,
+so no example is dropped.
 
 Each process holds its own shard of the split (``dfkd_jax.data.load(..., process_index=...)``);
 each global batch is assembled from the processes' local batches with
@@ -8,8 +10,9 @@ accuracy. The requested batch size is rounded up to a multiple of the device cou
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -69,3 +72,81 @@ def top1(apply_fn: Callable, variables: Any, eval_set: EvalSet, mesh, batch_size
     counts.append(count(variables, *batch))
   correct, total = np.sum(jax.device_get(counts), axis=0) if counts else (0.0, 0.0)
   return float(correct) / max(float(total), 1.0)
+
+
+# --- Evaluators: what a job measures at the evaluation cadence ------------------------------------
+
+Measure = Callable[[Callable, Any], dict]  # (apply_fn, variables) -> {name: scalar}, the headline one included
+
+
+class Prepared(NamedTuple):
+  """An evaluator with its data loaded: ``measure`` scores a network; ``data`` names the data in messages."""
+  measure: Measure
+  data: str
+
+
+class Evaluator(Protocol):
+  """Scores a network at the evaluation cadence (higher is better). ``metric`` names the headline
+  scalar: the run machinery logs ``eval/student_<name>`` for every scalar ``measure`` returns (and
+  ``eval/teacher_<name>`` once per run when the job has a teacher), and summarises the headline one
+  as ``student_<metric>_best``, ``student_<metric>_final`` and ``teacher_<metric>``. ``prepare`` runs
+  once, before the workdir is touched (missing data is a config error), and returns None when the
+  config gives nothing to evaluate on."""
+  metric: str
+  title: str  # the metric in messages: 'top-1', 'PSNR'
+
+  def prepare(self, config, mesh) -> Prepared | None: ...
+
+  def text(self, value: float) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Top1:
+  """Top-1 accuracy of a classifier on ``config.eval`` (``data``, ``split``, ``batch_size``), this
+  process's shard (see the module docstring); nothing to evaluate when ``config.eval.data`` is empty."""
+  metric = 'top1'
+  title = 'top-1'
+
+  def prepare(self, config, mesh) -> Prepared | None:
+    from dfkd_jax import data
+    if not config.eval.get('data'):
+      return None
+    ds = data.load(config.eval.data, config.eval.split, data_dir=config.get('data_dir'),
+                   process_index=jax.process_index(), process_count=jax.process_count())
+    images = data.prepare_images(ds.images, config.dataset, config.image_size, config.in_channels)
+    eval_set = EvalSet.build(images, ds.labels, local_batch_size(config.eval.batch_size, mesh))
+    return Prepared(lambda apply_fn, variables: {'top1': top1(apply_fn, variables, eval_set, mesh,
+                                                              config.eval.batch_size)},
+                    f'{config.eval.data}[{config.eval.split}]')
+
+  def text(self, value: float) -> str:
+    return f'{100 * value:.2f}%'
+
+
+@dataclasses.dataclass(frozen=True)
+class PSNR:
+  """Super-resolution PSNR (dB, on Y with the scale shaved, ``sr.evaluation.evaluate``) of a
+  luma-in, luma-out network, averaged over ``scales`` and over the first ``max_images`` images of
+  ``data`` (an ``sr.evaluation.load_images`` spec, centre-cropped to ``crop``; 0: every image).
+  Each process scores the whole (small) set."""
+  data: str
+  scales: tuple[int, ...]
+  crop: int = 0
+  max_images: int = 0
+  metric = 'psnr'
+  title = 'PSNR'
+
+  def prepare(self, config, mesh) -> Prepared | None:
+    from dfkd_jax.sr import evaluation as sr_evaluation
+    images = sr_evaluation.load_images(self.data, self.crop)
+    names = list(images)[:self.max_images or None]
+    images = {name: images[name] for name in names}
+
+    def measure(apply_fn, variables):
+      psnr = [sr_evaluation.evaluate(apply_fn, variables, images, scale)['psnr'] for scale in self.scales]
+      return {'psnr': sum(psnr) / len(psnr)}
+
+    return Prepared(measure, f"{','.join(names)} x{','.join(map(str, self.scales))}")
+
+  def text(self, value: float) -> str:
+    return f'{value:.2f} dB'

@@ -1,8 +1,21 @@
 """The contract between the run machinery and a method: a ``Job`` of phases, and how its outer
 iteration is compiled (one program with explicit shardings, the state donated).
 
-A method builds a ``Job``; ``dfkd_jax.run.loop.run`` runs it. Each outer iteration folds the step
-into the seed key, runs the phases in order (each with its own key) and advances the step counter.
+A method's ``make_job(config, mesh)`` returns a ``Job``, or a ``run.stages.Stages`` sequence of jobs
+(each built from the results of the one before, e.g. PU's selector, then its distillation);
+``dfkd_jax.run.loop.run`` runs a job. Each outer iteration folds the step into the seed key, runs
+the phases in order (each with its own key) and advances the step counter.
+
+A method never touches the workdir, opens a file or prints: what it has to say comes back as data,
+and the run machinery (``run.loop``, ``run.outputs``) writes it on process 0 and logs it:
+  - ``notes``: lines known when the job is built (what a selection holds), logged when it starts;
+  - ``evaluators``: what is measured at the evaluation cadence (``run.evaluation``), logged as
+    ``eval/...`` in ``metrics.jsonl`` and summarised as best/final in ``summary.json``;
+  - ``exports``: trained models, written as converted-model directories once the job is finished;
+  - ``report`` (known when the job is built) and ``on_finish(final state) -> results`` (measured
+    once trained): written together to ``WORKDIR/<results_file>`` (e.g. ``selection.json``,
+    ``sr_eval.json``) when the job names one, their scalars merged into ``summary.json``, and
+    ``results_note(results)`` logged; the full results (arrays too) are what a next stage is built from.
 """
 from __future__ import annotations
 
@@ -14,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfkd_jax.errors import UserError
-from dfkd_jax.run import numerics, parallel
+from dfkd_jax.run import evaluation, numerics, parallel
 
 State = Any  # a pytree (dict) holding at least 'step'
 Phase = Callable[[State, Any, jax.Array, Any], tuple[State, dict]]
@@ -28,32 +41,68 @@ class Evaluated:
 
 
 @dataclasses.dataclass
+class Export:
+  """A trained model the run machinery writes once the job is finished: the converted-model
+  directory ``WORKDIR/<name>`` (``convert.model_dir.save_trained``; ``python -m dfkd_jax.convert
+  export`` turns it into a torch .pth)."""
+  name: str
+  arch: str
+  variables: Callable[[State], Any]  # the model's variables in the final state
+  model_kwargs: Mapping[str, Any]
+  extra: Mapping[str, Any]  # metadata: who trained it, from what
+
+
+@dataclasses.dataclass
 class Job:
   """What the loop runs.
 
   init: key -> state (a dict containing an int32 'step').
   phases: the outer iteration, ``[(name, fn)]`` with ``fn(state, frozen, key, batch) ->
     (state, metrics)``; compiled together into one program. Names 'synth' and 'kd' are timed
-    separately for the summary (see ``Loop.time_phases``).
+    separately for the summary (see ``run.timing.time_phases``).
   frozen: variables every step reads but never changes (the teacher): not donated, not
     checkpointed.
   num_steps: outer iterations in the whole run.
   next_batch: host batch for a step (deterministic in the step), or None for data-free jobs.
-  student / teacher: what evaluation measures.
+  student / teacher: the networks the evaluators measure (the teacher once per run); None: nothing
+    to evaluate.
+  evaluators: ``run.evaluation`` evaluators (top-1 for classifiers, PSNR for SR networks, ...).
   sample_images: (state, key) -> images in [0, 1] for the PNG grid, or None.
-  on_finish: (final state, workdir) -> None or a dict of results (e.g. exports the trained model
-    and measures it); the returned numbers are merged into ``summary.json``.
+  exports: models written once the job is finished.
+  on_finish: final state -> results (e.g. DFSR's PSNRs on its held-out images), or None.
+  report: what the job reports from its construction (e.g. PU's selection), or None.
+  results_file: the file the run machinery writes ``{**report, **results}`` to, or None.
+  notes: lines logged when the job starts.
+  results_note: results -> a line logged once ``on_finish`` has measured them, or None.
   """
   init: Callable[[jax.Array], State]
   phases: Sequence[tuple[str, Phase]]
   frozen: Any
   num_steps: int
-  student: Evaluated
+  student: Evaluated | None = None
   teacher: Evaluated | None = None
+  evaluators: Sequence[evaluation.Evaluator] = (evaluation.Top1(),)
   next_batch: Callable[[int], Mapping[str, np.ndarray]] | None = None
   sample_images: Callable[[State, jax.Array], jax.Array] | None = None
-  steps_per_epoch: int = 1
-  on_finish: Callable[[State, str], Mapping[str, Any] | None] | None = None
+  exports: Sequence[Export] = ()
+  on_finish: Callable[[State], Mapping[str, Any]] | None = None
+  report: Mapping[str, Any] | None = None
+  results_file: str | None = None
+  notes: Sequence[str] = ()
+  results_note: Callable[[Mapping[str, Any]], str] | None = None
+
+
+@dataclasses.dataclass
+class Stage:
+  """One stage of a multi-stage job (``run.stages``): ``build(results of the stage before, {} for
+  the first) -> Job``. ``key`` says what an earlier stage's result depends on (the config fields it
+  reads): a stage kept from an earlier run with another key is trained again."""
+  name: str
+  build: Callable[[Mapping[str, Any]], Job]
+  key: str = ''
+
+
+Stages = Sequence[Stage]
 
 
 def compose(phases: Sequence[tuple[str, Phase]], on_nonfinite: str) -> Callable:

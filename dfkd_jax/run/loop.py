@@ -4,8 +4,10 @@ Resume-first: if ``WORKDIR/checkpoints`` holds a checkpoint, training continues 
 otherwise the state is initialised. Each outer iteration is one compiled program (the job's
 phases, e.g. a generator step then k student steps), with the state donated, the frozen teacher
 variables passed in, and randomness ``fold_in(seed, step)`` so results do not depend on where a
-run was resumed. The job contract is ``run.job``; the loop knows nothing of a method's internals; a method knows nothing of files,
-logging or checkpoints.
+run was resumed. The job contract is ``run.job``; the loop knows nothing of a method's internals;
+a method knows nothing of files, logging or checkpoints: the loop logs a job's notes, runs its
+evaluators, writes its exports and its report/results file (process 0), and returns its results
+(what a next stage is built from, ``run.stages``).
 
 Robustness (what a killed, preempted or diverging run does):
   - one run per workdir (``run.lock``); a second one is refused, naming the first;
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -30,9 +33,10 @@ import jax
 import numpy as np
 from etils import epath
 
+from dfkd_jax.convert import model_dir
 from dfkd_jax.run import cadence
 from dfkd_jax.run import checkpoint as ckpt_lib
-from dfkd_jax.run import evaluation, lock, numerics, outputs, parallel
+from dfkd_jax.run import lock, numerics, outputs, parallel
 from dfkd_jax.run.job import (
   Job,
   compile_job,
@@ -43,11 +47,16 @@ from dfkd_jax.run.job import (
 from dfkd_jax.run.signals import StopSignals
 from dfkd_jax.run.timing import time_phases
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class Summary:
+  """``values``: what ``summary.json`` holds; ``results``: the job's report and ``on_finish``
+  results in full (arrays too; empty unless the job finished)."""
   values: dict
   stopped_by_signal: int | None = None
+  results: dict = dataclasses.field(default_factory=dict)
 
 
 def run(job: Job, config, workdir: str, mesh) -> Summary:
@@ -74,7 +83,11 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
   on_nonfinite = config.get('numerics', {}).get('on_nonfinite', 'stop')
   # Independent streams: initialisation, training steps (folded with the step), sample grids, timing.
   init_key, seed_key, sample_key, timing_key = jax.random.split(jax.random.key(config.seed), 4)
-  eval_set = _eval_set(config, mesh)  # before the workdir is touched: a missing dataset is a config error
+  # Before the workdir is touched: missing evaluation data is a config error.
+  evaluators = [(ev, prepared) for ev in job.evaluators if job.student is not None
+                and (prepared := ev.prepare(config, mesh)) is not None]
+  for note in job.notes:
+    log.info('%s', note)
 
   init, iteration, state_sharding = compile_job(job, mesh, init_key, on_nonfinite, config.mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -93,23 +106,34 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
   batch_sharding = parallel.data_sharded(mesh)
   writer = outputs.MetricWriter(workdir, tensorboard=config.report.get('tensorboard', False))
   history = outputs.read_history(workdir)
+  # Each evaluator's headline scalar: the student's at every evaluation so far, the teacher's once.
+  records = outputs.read_metrics(workdir)
+  scores = {ev.metric: [r[f'eval/student_{ev.metric}'] for r in records if f'eval/student_{ev.metric}' in r]
+            for ev in job.evaluators}
+  teacher_scores = {ev.metric: next((r[f'eval/teacher_{ev.metric}'] for r in records
+                                     if f'eval/teacher_{ev.metric}' in r), None) for ev in job.evaluators}
 
   def evaluate_now(step, state):
     results = {}
-    if eval_set is None:
+    if not evaluators:
       return results
     variables = job.student.variables(state) if callable(job.student.variables) else job.student.variables
-    acc = evaluation.top1(job.student.apply_fn, variables, eval_set, mesh, config.eval.batch_size)
-    results['eval/student_top1'] = acc
-    history['student_top1'].append(acc)
+    for ev, prepared in evaluators:
+      results.update({f'eval/student_{name}': value
+                      for name, value in prepared.measure(job.student.apply_fn, variables).items()})
+      scores[ev.metric].append(results[f'eval/student_{ev.metric}'])
     return results
 
-  teacher_top1 = history.get('teacher_top1')
-  if eval_set is not None and job.teacher is not None and teacher_top1 is None:
-    teacher_top1 = evaluation.top1(job.teacher.apply_fn, frozen_variables(job.teacher, frozen), eval_set, mesh,
-                                 config.eval.batch_size)
-    writer.write(start, {'eval/teacher_top1': teacher_top1})
-    print(f'teacher top-1 on {config.eval.data}[{config.eval.split}]: {100 * teacher_top1:.2f}%', flush=True)
+  if job.teacher is not None:
+    teacher_record = {}
+    for ev, prepared in evaluators:
+      if teacher_scores[ev.metric] is None:
+        measured = prepared.measure(job.teacher.apply_fn, frozen_variables(job.teacher, frozen))
+        teacher_record.update({f'eval/teacher_{name}': value for name, value in measured.items()})
+        teacher_scores[ev.metric] = measured[ev.metric]
+        print(f'teacher {ev.title} on {prepared.data}: {ev.text(measured[ev.metric])}', flush=True)
+    if teacher_record:
+      writer.write(start, teacher_record)
 
   phase_fraction = time_phases(job, state, frozen, timing_key, mesh, config) if start < job.num_steps else {}
   progress = outputs.Progress(job.num_steps, start)
@@ -125,7 +149,7 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
     state, metrics = iteration(state, frozen, seed_key, batch)
     step += 1
     guard.add(step, metrics)
-    stopping = signals.received
+    stopping = signals.agreed()  # the same step in every process
     last = step == job.num_steps
     log_now = cadence.is_due(step, every.log, job.num_steps)
     eval_now = cadence.is_due(step, every.eval, job.num_steps)
@@ -146,46 +170,54 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
     if save_now:
       checkpointer.save(step, state, config.to_dict(), force=True)
       last_saved = step
-    progress.update(step, _progress_info(record, history), force=last)
+    progress.update(step, _progress_info(job.evaluators, scores), force=last)
     if stopping is not None:
       stopped_by = stopping
       break
   progress.close()
   checkpointer.wait()  # the final checkpoint is complete before the outputs say so
   writer.close()
-  finish_results = {}
-  if step >= job.num_steps and job.on_finish is not None:
-    finish_results = job.on_finish(state, workdir) or {}
+  finish_results = _finish(job, state, config, workdir) if step >= job.num_steps else {}
   summary_path = os.path.join(workdir, 'summary.json')
   if start >= job.num_steps and epath.Path(summary_path).exists():
     # Nothing trained now: the finished run's summary (and timings) stands.
-    return Summary(outputs.read_json(summary_path), stopped_by)
+    return Summary(outputs.read_json(summary_path), stopped_by, finish_results)
 
   wall = elapsed_before + time.monotonic() - t_start
   train_wall = train_before + time.monotonic() - t_train
-  accs = history['student_top1']
   values = {
-      'teacher_top1': teacher_top1,
-      'student_top1_best': max(accs) if accs else None,
-      'student_top1_final': accs[-1] if accs else None,
+      **{f'teacher_{metric}': value for metric, value in teacher_scores.items()},
+      **{f'student_{metric}_best': max(seen) if seen else None for metric, seen in scores.items()},
+      **{f'student_{metric}_final': seen[-1] if seen else None for metric, seen in scores.items()},
       'steps': step,
       'wall_s': wall,
       'train_s': train_wall,
       'peak_rss_mb': outputs.peak_rss_mb(),
       **{f'{name}_s': frac * train_wall for name, frac in phase_fraction.items()},
       'finished': step >= job.num_steps,
-      # What the job measured once trained (e.g. DFSR's PSNRs); a key the loop owns is not replaced.
-      **{k: v for k, v in _scalars(finish_results).items() if k not in _LOOP_SUMMARY_KEYS},
   }
+  # What the job reported and measured once trained (e.g. DFSR's PSNRs): a figure the loop has is not
+  # replaced, one it lacks (None: no teacher evaluated during training) is filled in.
+  values.update({k: v for k, v in _scalars(finish_results).items() if values.get(k) is None})
   if on_nonfinite == 'skip':
     values[numerics.SKIPPED] = int(jax.device_get(state[numerics.SKIPPED]))
   if outputs.is_writer():
     outputs.write_json(summary_path, values)
-  return Summary(values, stopped_by)
+  return Summary(values, stopped_by, finish_results)
 
 
-_LOOP_SUMMARY_KEYS = frozenset({'teacher_top1', 'student_top1_best', 'student_top1_final', 'steps', 'wall_s',
-                                 'train_s', 'peak_rss_mb', 'finished'})
+def _finish(job: Job, state, config, workdir: str) -> dict:
+  """What a finished job leaves: its exported models, its report and results (written to
+  ``job.results_file``, its note logged); returns ``{**report, **results}``."""
+  for export in job.exports:
+    model_dir.save_trained(workdir, export.name, export.arch, export.variables(state), config,
+                           dict(export.model_kwargs), dict(export.extra))
+  results = {**(job.report or {}), **(job.on_finish(state) if job.on_finish is not None else {})}
+  if job.results_file is not None and outputs.is_writer():
+    outputs.write_json(os.path.join(workdir, job.results_file), results)
+  if job.results_note is not None:
+    log.info('%s', job.results_note(results))
+  return results
 
 
 def _scalars(results: Mapping[str, Any]) -> dict[str, Any]:
@@ -197,17 +229,6 @@ def _scalars(results: Mapping[str, Any]) -> dict[str, Any]:
     elif np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number):
       out[key] = np.asarray(value).item()
   return out
-
-
-def _eval_set(config, mesh):
-  """The evaluation split, preprocessed for the teacher, this process's shard."""
-  from dfkd_jax import data
-  if not config.eval.get('data'):
-    return None
-  ds = data.load(config.eval.data, config.eval.split, data_dir=config.get('data_dir'),
-                 process_index=jax.process_index(), process_count=jax.process_count())
-  images = data.prepare_images(ds.images, config.dataset, config.image_size, config.in_channels)
-  return evaluation.EvalSet.build(images, ds.labels, evaluation.local_batch_size(config.eval.batch_size, mesh))
 
 
 def _save_samples(job, state, sample_key, step, workdir, config, mesh):
@@ -224,8 +245,10 @@ def _sampler(sample_images: Callable, mesh) -> Callable:
   return jax.jit(sample_images, out_shardings=parallel.replicated(mesh))
 
 
-def _progress_info(record, history) -> str:
-  acc = history['student_top1']
-  return f'student {100 * acc[-1]:.2f}% (best {100 * max(acc):.2f}%)' if acc else ''
+def _progress_info(evaluators, scores) -> str:
+  """The first evaluator's latest and best headline scalar, e.g. 'student 91.20% (best 92.00%)'."""
+  values = scores[evaluators[0].metric] if evaluators else []
+  text = evaluators[0].text if evaluators else str
+  return f'student {text(values[-1])} (best {text(max(values))})' if values else ''
 
 

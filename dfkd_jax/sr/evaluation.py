@@ -95,6 +95,16 @@ def evaluate(apply_fn: Callable, variables, images: dict[str, np.ndarray], scale
   return {k: v / len(images) for k, v in sums.items()}
 
 
+def evaluate_scales(apply_fn: Callable, variables, sr_eval_config) -> dict[str, float]:
+  """``evaluate`` on the images of ``sr_eval_config`` (``data``, ``crop``) at each of its ``scales``,
+  keys ``x{s}/{metric}``."""
+  images = load_images(sr_eval_config.data, sr_eval_config.crop)
+  out = {}
+  for s in sr_eval_config.scales:
+    out.update({f'x{s}/{k}': v for k, v in evaluate(apply_fn, variables, images, s).items()})
+  return out
+
+
 def bicubic_input(hr: jax.Array, scale: int) -> jax.Array:
   """The network input of an HR luma batch: MATLAB bicubic down by ``scale`` and back up."""
   lr = sr_ops.imresize(hr, 1.0 / scale)

@@ -1,9 +1,9 @@
 """Super-resolution image operations: MATLAB-compatible bicubic resize, BT.601 luma, PSNR and SSIM.
 
-These are what DFSR (``shared/notes/reference_semantics.md`` §2.11) and the SR literature use:
+These are what DFSR (``docs/reference_semantics.md#dfsr``) and the SR literature use:
 the LR input of a test image is MATLAB ``imresize(HR, 1/s, 'bicubic')``, DFSR's generator output is
 upscaled with the same bicubic, and results are reported as PSNR / SSIM on the BT.601 luma (Y)
-channel with a border of ``s`` pixels shaved (§4.4).
+channel with a border of ``s`` pixels shaved (the metric of the paper's tables).
 
 Images are NHWC, or more generally (..., H, W, C); everything on device is pure ``jnp`` with static
 shapes and runs under ``jit``. Only the resampling matrices (and SSIM's Gaussian taps) are built on
@@ -291,3 +291,9 @@ def y_psnr_ssim(sr: Array, hr: Array, scale: int, data_range: float = 1.0) -> tu
   """
   sr_y, hr_y = rgb_to_y(sr, data_range), rgb_to_y(hr, data_range)
   return psnr(sr_y, hr_y, shave=scale), ssim(sr_y, hr_y, shave=scale)
+
+
+def scale_switch(key, scales, fn):
+  """``fn(s)`` for a scale s drawn uniformly from ``scales`` (static Python ints: one branch each)."""
+  index = jax.random.randint(key, (), 0, len(scales))
+  return jax.lax.switch(index, [lambda s=s: fn(s) for s in scales])
