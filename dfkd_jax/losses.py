@@ -2,8 +2,8 @@
 
 Logits are (N, C), batch first; images and feature maps are NHWC (the references are NCHW: every
 spatial term below gives the same number on the transposed array). Reductions, norms and KL
-directions follow the reference PyTorch code exactly (see ``shared/notes/reference_semantics.md``
-§2 and §6); each docstring states the formula and which reference it reproduces.
+directions follow the reference PyTorch code exactly (see ``docs/reference_semantics.md``: its
+shared conventions and method sections); each docstring states the formula and which reference it reproduces.
 
 Signs: a term that a method maximises is returned as the plain divergence and negated by the
 caller (ZSKT/DFQ use ``-kd_kl``, DFAD ``-l1_logits``, CMI-fw DeepInversion ``-jensen_shannon``).
@@ -20,6 +20,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 
 Array = jax.Array
 # (mean, var) of one BN layer, each of shape (channels,).
@@ -54,9 +55,8 @@ def kl_per_example(student_logits: Array, teacher_logits: Array, temperature: fl
   CMI-fw ``kldiv(s, t, T, reduction='none').sum(1)`` (the T² factor is applied for any
   reduction there). Used unreduced by the masked adversarial KL and by per-sample weighting.
   """
-  log_p_teacher = _log_softmax_t(teacher_logits, temperature)
-  log_p_student = _log_softmax_t(student_logits, temperature)
-  kl = jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
+  kl = optax.losses.kl_divergence_with_log_targets(_log_softmax_t(student_logits, temperature),
+                                                   _log_softmax_t(teacher_logits, temperature))
   return kl * temperature**2
 
 
@@ -141,7 +141,7 @@ def soft_cross_entropy(logits: Array, target_probs: Array) -> Array:
   """−(1/N) Σ_n Σ_c y_n,c log softmax(logits_n)_c for target distributions y (NAYER
   ``custom_cross_entropy``). With one-hot y it equals ``cross_entropy`` on the hot index.
   """
-  return -jnp.mean(jnp.sum(target_probs * jax.nn.log_softmax(logits, axis=-1), axis=-1))
+  return jnp.mean(optax.losses.softmax_cross_entropy(logits, target_probs))
 
 
 def activation_loss(features: Array) -> Array:
@@ -232,7 +232,7 @@ def bn_statistics_loss(batch_stats: Sequence[Moments], running_stats: Sequence[M
   The norms are plain L2 norms (not squared, not averaged). m_0 = ``first_multiplier`` (10 in
   NVlabs ImageNet, 1 in CMI-fw and NVlabs CIFAR), m_l = 1 otherwise. CMI-fw ``DeepInversionHook``.
   At σ² = σ²_run and μ = μ_run the loss is 0 and its gradient is 0 (torch's ``norm`` subgradient).
-  From ``dfkd_jax.models.hooks``: ``[(t.mean, t.var) for t in taps]`` and ``taps.running_stats(variables, taps)``.
+  From a teacher forward: ``engines.common.TeacherView.bn_moments`` and ``.bn_running``.
   """
   if len(batch_stats) != len(running_stats):
     raise ValueError(f'{len(batch_stats)} batch vs {len(running_stats)} running BN statistics')
