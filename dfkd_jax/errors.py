@@ -9,6 +9,14 @@ class UserError(Exception):
   exit_code = 2
 
 
+def check_choice(name: str, value, choices) -> None:
+  """Raises a ``UserError`` "<name> must be one of a, b, not 'x'" unless ``value`` is one of
+  ``choices`` (any iterable of strings, e.g. the keys of a dict of implementations)."""
+  choices = tuple(choices)
+  if value not in choices:
+    raise UserError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+
+
 class StopRequested(BaseException):
   """SIGTERM arrived before training started: the run stops at once, with nothing new to save.
 
