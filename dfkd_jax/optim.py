@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from dfkd_jax.errors import UserError
+from dfkd_jax.errors import check_choice
 
 
 def torch_sgd(learning_rate, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -23,11 +24,33 @@ def torch_sgd(learning_rate, momentum: float = 0.9, weight_decay: float = 0.0,
                      optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov))
 
 
-def torch_adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-               weight_decay: float = 0.0) -> optax.GradientTransformation:
-  """``torch.optim.Adam`` (eps outside the sqrt; weight decay coupled as L2, as torch does)."""
-  return optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
+def torch_adam(learning_rate, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+               weight_decay: float | None = None) -> optax.GradientTransformation:
+  """``torch.optim.Adam(lr, betas, eps, weight_decay)``: eps outside the sqrt, weight decay coupled
+  as L2 (g <- g + wd * theta), as torch does. ``learning_rate`` is a float or a schedule of the step.
+
+  A configured optimiser (``make_optimizer``) always passes ``weight_decay``, 0 included, and its
+  state then has the decay's slot; ``None`` is Adam alone (the synthesis optimisers, PU's
+  selector), whose state has none. Build it once and ``init`` a fresh state where the references
+  build a new optimiser (e.g. per synthesis call).
+  """
+  adam = optax.adam(learning_rate, b1=betas[0], b2=betas[1], eps=eps)
+  return adam if weight_decay is None else optax.chain(optax.add_decayed_weights(weight_decay), adam)
+
+
+def torch_adam_groups(learning_rates: dict[str, Any], betas: tuple[float, float] = (0.9, 0.999)
+                      ) -> optax.GradientTransformation:
+  """One ``torch.optim.Adam`` over a dict of parameter trees with a parameter group per key:
+  subtree ``k`` is updated at ``learning_rates[k]`` (e.g. Fast's generator at lr_g and its latents
+  at lr_z). Each group's moments and step count are its own, as in torch."""
+  labels = lambda params: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()}
+  return optax.partition({k: torch_adam(lr, betas) for k, lr in learning_rates.items()}, labels)
+
+
+def apply_step(tx: optax.GradientTransformation, params, opt_state, grads):
+  """One optimiser step on bare parameters (no TrainState); returns (params, opt_state)."""
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
 
 
 def per_epoch(epoch_schedule: Callable, steps_per_epoch: int) -> optax.Schedule:
@@ -60,27 +83,24 @@ def make_schedule(cfg, steps_per_epoch: int, num_epochs: int) -> optax.Schedule:
   if cfg.get('per_step', False):
     steps_per_epoch, num_epochs = 1, steps_per_epoch * num_epochs
   kind = cfg.get('schedule', 'constant')
+  check_choice('schedule', kind, ('constant', 'cosine', 'multistep'))
   if kind == 'constant':
     epoch_fn = constant(cfg.lr)
   elif kind == 'cosine':
     epoch_fn = cosine_annealing(cfg.lr, cfg.get('t_max', None) or num_epochs, cfg.get('eta_min', 0.0))
-  elif kind == 'multistep':
-    epoch_fn = multistep(cfg.lr, tuple(cfg.milestones), cfg.get('gamma', 0.1))
   else:
-    raise UserError(f"unknown schedule {kind!r}: use 'constant', 'cosine' or 'multistep'")
+    epoch_fn = multistep(cfg.lr, tuple(cfg.milestones), cfg.get('gamma', 0.1))
   return per_epoch(epoch_fn, steps_per_epoch)
 
 
 def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
   """``cfg.name`` in {'sgd', 'adam'} with the reference hyper-parameter names."""
   name = cfg.get('name', 'sgd')
+  check_choice('optimizer name', name, ('sgd', 'adam'))
   if name == 'sgd':
     tx = torch_sgd(schedule, momentum=cfg.get('momentum', 0.9), weight_decay=cfg.get('weight_decay', 0.0))
-  elif name == 'adam':
-    b1, b2 = cfg.get('betas', (0.9, 0.999))
-    tx = torch_adam(schedule, b1=b1, b2=b2, weight_decay=cfg.get('weight_decay', 0.0))
   else:
-    raise UserError(f"unknown optimizer {name!r}: use 'sgd' or 'adam'")
+    tx = torch_adam(schedule, cfg.get('betas', (0.9, 0.999)), weight_decay=cfg.get('weight_decay', 0.0))
   if cfg.get('clip_norm', None):
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
   return tx
@@ -96,3 +116,16 @@ class TrainState(train_state.TrainState):
     if self.batch_stats:
       return {'params': self.params, 'batch_stats': self.batch_stats}
     return {'params': self.params}
+
+
+def create_state(tx: optax.GradientTransformation, params, *, apply_fn=None, batch_stats=None) -> TrainState:
+  """The one TrainState builder: step 0, ``tx``'s fresh state for ``params``; ``apply_fn`` and
+  ``batch_stats`` for a model (None for bare parameters, e.g. a matrix trained beside the student)."""
+  return TrainState.create(apply_fn=apply_fn, params=params, tx=tx, batch_stats=batch_stats)
+
+
+def init_state(model, tx: optax.GradientTransformation, key, input_shape, *, train_init: bool = True) -> TrainState:
+  """``create_state`` for ``model`` initialised from ``key`` on a dummy batch of ``input_shape``
+  (the parameters do not depend on the batch; ``train_init`` picks the mode ``init`` traces)."""
+  variables = model.init(key, jnp.zeros((2,) + tuple(input_shape)), train=train_init)
+  return create_state(tx, variables['params'], apply_fn=model.apply, batch_stats=variables.get('batch_stats', {}))

@@ -111,13 +111,25 @@ def test_random_flip_mirrors_per_image():
   assert all(f != k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
 
 
-def test_padded_crop_flip_is_a_crop_then_a_mirror():
+def test_crop_flip_is_a_crop_then_a_mirror():
   images = jnp.tile(_ramp(h=4, w=4), (16, 1, 1, 1))
-  out = np.asarray(jax.jit(augment.padded_crop_flip)(jax.random.key(2), images))
+  out = np.asarray(jax.jit(lambda x: augment.crop_flip(*jax.random.split(jax.random.key(2)), x))(images))
   for o in out:
     padded = np.pad(np.asarray(images[0]), ((4, 4), (4, 4), (0, 0)))
     windows = [padded[y:y + 4, x:x + 4] for y, x in itertools.product(range(9), repeat=2)]
     assert any(np.array_equal(o, win) or np.array_equal(o, win[:, ::-1]) for win in windows)
+
+
+def test_crop_flip_options_select_the_steps_and_their_keys():
+  images = jnp.asarray(np.random.default_rng(0).random((8, 6, 6, 3)), jnp.float32)
+  crop_key, flip_key = jax.random.key(3), jax.random.key(4)
+  np.testing.assert_array_equal(augment.crop_flip(crop_key, flip_key, images, padding=0, flip=False), images)
+  np.testing.assert_array_equal(augment.crop_flip(crop_key, flip_key, images, padding=2, flip=False),
+                                augment.random_crop(crop_key, images, 2))
+  np.testing.assert_array_equal(augment.crop_flip(crop_key, flip_key, images, padding=0),
+                                augment.random_flip(flip_key, images))
+  np.testing.assert_array_equal(augment.crop_flip(crop_key, flip_key, images, padding=2),
+                                augment.random_flip(flip_key, augment.random_crop(crop_key, images, 2)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,7 +251,7 @@ def test_random_resized_crop_is_per_image_and_deterministic():
 def test_views_are_differentiable():
   images = jnp.asarray(np.random.default_rng(3).random((4, 8, 8, 3)), jnp.float32)
   for view in (lambda x: augment.resized_crop_flip(jax.random.key(0), x),
-               lambda x: augment.padded_crop_flip(jax.random.key(0), x),
+               lambda x: augment.crop_flip(*jax.random.split(jax.random.key(0)), x),
                lambda x: augment.random_jitter_flip(jax.random.key(0), x, 2)):
     grad = jax.jit(jax.grad(lambda x: jnp.sum(view(x) ** 2)))(images)
     assert np.isfinite(grad).all() and np.abs(grad).sum() > 0

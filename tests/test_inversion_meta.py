@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import losses, methods
+from dfkd_jax import losses, methods, optim
 from dfkd_jax.run import parallel
 from dfkd_jax.errors import UserError
 from dfkd_jax.methods import cudfkd, fast, nayer
-from dfkd_jax.engines import inversion
+from dfkd_jax.engines import common
+from dfkd_jax.engines import inversion_terms
 from dfkd_jax.train import train_and_evaluate
 from conftest import compilations
 from test_inversion import compile_and_init, small_config
@@ -77,24 +78,24 @@ def test_soft_cross_entropy_against_one_hot_is_cross_entropy():
 
 
 def test_bn_mmt_ema_first_call_blend_and_update():
-  view = inversion.TeacherView(None, [types.SimpleNamespace(mean=jnp.zeros(2), var=jnp.zeros(2))], [])
-  ema = inversion.bn_ema_init(view)
+  view = common.TeacherView(None, [types.SimpleNamespace(mean=jnp.zeros(2), var=jnp.zeros(2))], [], [], None)
+  ema = inversion_terms.bn_ema_init(view)
   batch1 = [(jnp.asarray([1.0, 2.0]), jnp.asarray([4.0, 8.0]))]
   # Before any update the batch statistics are compared as they are.
-  np.testing.assert_array_equal(inversion.bn_ema_blend(ema, batch1, 0.9)[0][0], [1.0, 2.0])
-  ema = inversion.bn_ema_update(ema, batch1, 0.9)  # the first call initialises the EMA
+  np.testing.assert_array_equal(inversion_terms.bn_ema_blend(ema, batch1, 0.9)[0][0], [1.0, 2.0])
+  ema = inversion_terms.bn_ema_update(ema, batch1, 0.9)  # the first call initialises the EMA
   assert int(ema['count']) == 1
   np.testing.assert_array_equal(ema['mean'][0], [1.0, 2.0])
   np.testing.assert_array_equal(ema['var'][0], [4.0, 8.0])
   batch2 = [(jnp.asarray([11.0, 2.0]), jnp.asarray([14.0, 18.0]))]
-  mean, var = inversion.bn_ema_blend(ema, batch2, 0.9)[0]
+  mean, var = inversion_terms.bn_ema_blend(ema, batch2, 0.9)[0]
   np.testing.assert_allclose(mean, [0.1 * 11 + 0.9 * 1, 2.0], rtol=1e-6)
   np.testing.assert_allclose(var, [0.1 * 14 + 0.9 * 4, 0.1 * 18 + 0.9 * 8], rtol=1e-6)
-  ema = inversion.bn_ema_update(ema, batch2, 0.9)
+  ema = inversion_terms.bn_ema_update(ema, batch2, 0.9)
   np.testing.assert_allclose(ema['mean'][0], [0.9 * 1 + 0.1 * 11, 2.0], rtol=1e-6)
   np.testing.assert_allclose(ema['var'][0], [0.9 * 4 + 0.1 * 14, 0.9 * 8 + 0.1 * 18], rtol=1e-6)
   # The blend carries gradient to the batch statistics only (x 0.1), none to the EMA.
-  g = jax.grad(lambda m: inversion.bn_ema_blend(ema, [(m, batch2[0][1])], 0.9)[0][0].sum())(batch2[0][0])
+  g = jax.grad(lambda m: inversion_terms.bn_ema_blend(ema, [(m, batch2[0][1])], 0.9)[0][0].sum())(batch2[0][0])
   np.testing.assert_allclose(g, [0.1, 0.1], rtol=1e-6)
 
 
@@ -118,15 +119,15 @@ def _adam_by_hand(theta, grads, lr, b1=0.5, b2=0.999, eps=1e-8):
 @pytest.mark.parametrize('rule', ['fomaml', 'reptile'])
 def test_fast_meta_step_hand_example(rule):
   lr_g, g_steps = 0.1, 2
-  tx_g, tx_z = inversion.adam(lr_g, (0.5, 0.999)), inversion.adam(0.01, (0.5, 0.999))
-  tx_meta = inversion.adam(lr_g * g_steps, (0.5, 0.999))
+  tx = optim.torch_adam_groups({'generator': lr_g, 'z': 0.01}, (0.5, 0.999))
+  tx_meta = optim.torch_adam(lr_g * g_steps, (0.5, 0.999))
   meta = {'w': jnp.asarray(0.0)}
   variables = {'generator': meta, 'z': jnp.asarray(1.0)}
-  carry = {'variables': variables, 'opt_g': tx_g.init(meta), 'opt_z': tx_z.init(variables['z']),
+  carry = {'variables': variables, 'opt': tx.init(variables),
            'meta_grad': jax.tree.map(jnp.zeros_like, meta)}
   objective = lambda v, key: ((v['generator']['w'] - 3.0) ** 2 + 0.0 * v['z'], ())
   for k in range(g_steps):
-    carry, _, _ = fast.inner_step(objective, carry, jax.random.key(k), tx_g, tx_z, rule)
+    carry, _, _ = fast.inner_step(objective, carry, jax.random.key(k), tx, rule)
   fast_w, seen = _adam_by_hand(0.0, lambda w: 2 * (w - 3.0), lr_g)
   np.testing.assert_allclose(seen, [-6.0, 2 * (0.1 - 3.0)], rtol=1e-6)  # Adam's first step moves by lr·sign(g)
   # float32 against the float64 hand computation: 1 − 0.999² rounds to 8e-6 relative in float32.
@@ -135,7 +136,7 @@ def test_fast_meta_step_hand_example(rule):
   expected = sum(seen) if rule == 'fomaml' else (0.0 - fast_w) * 67.0
   np.testing.assert_allclose(grads['w'], expected, rtol=5e-5)
   opt = tx_meta.init(meta)
-  new_meta, opt = inversion.apply_adam(tx_meta, meta, opt, grads)
+  new_meta, opt = optim.apply_step(tx_meta, meta, opt, grads)
   # The meta Adam's first step: −lr_g·g_steps·sign(grad) (eps aside); its first moment holds (1 − b1)·grad.
   np.testing.assert_allclose(new_meta['w'], -lr_g * g_steps * math.copysign(1, expected), rtol=1e-5)
   np.testing.assert_allclose(opt[0].mu['w'], 0.5 * expected, rtol=5e-5)
@@ -204,6 +205,7 @@ def _any_changed(a, b) -> bool:
   return any(jax.tree.leaves(jax.tree.map(lambda x, y: not np.array_equal(x, y), a, b)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,overrides', [
     ('fast_mnist', {}),
     ('fast_mnist', {'fast.meta': 'reptile', 'fast.reference_teacher_as_student': True}),
@@ -245,6 +247,7 @@ def test_method_iterations(name, overrides, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_fast_resume_after_sigterm_is_bitwise(tmp_path, monkeypatch):
   """runlocal: 4 calls, the first epoch (2 calls) synthesis only, reset_l0 at call 1."""
   config = small_config('fast_mnist', **{'mesh.num_devices': 1, 'report.phase_timing_reps': 0,

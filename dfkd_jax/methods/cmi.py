@@ -24,7 +24,7 @@ global] (``negatives`` rows sampled from the memory bank, only from its filled p
 The iterate with the lowest L (before its update) is kept: its images x (pre-augmentation) go to
 the replay pool, its [f(v_l) ‖ f(v_g)] rows to the memory bank, a FIFO of ``bank_size`` (40,960)
 rows on device initialised N(0, 1). The student then distils from the pool
-(``methods/inversion.py``). The generator's running BN statistics are never read (synthesis runs it
+(``engines/inversion.py``). The generator's running BN statistics are never read (synthesis runs it
 in train mode and the student reads the pool), so they are not kept.
 """
 from __future__ import annotations
@@ -33,14 +33,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dfkd_jax import data, losses, models
+from dfkd_jax import data, losses, models, optim
 from dfkd_jax.synth import augment
 from dfkd_jax.models import hooks
 from dfkd_jax.engines import common
 from dfkd_jax.engines import inversion
+from dfkd_jax.engines import inversion_terms
 from dfkd_jax.models.generators import reset_params
 from dfkd_jax.models.layers import Linear
-from dfkd_jax.optim import TrainState
 from dfkd_jax.synth import bank as bank_lib
 
 
@@ -62,17 +62,25 @@ def make_job(config, mesh):
   batch, teacher = config.synthesis_batch_size, s.teacher.model
   generator = models.create(config.generator.arch, **config.generator.kwargs)
   nz_shape = models.input_shape(config.generator.arch, **config.generator.kwargs)
-  params_template, stats_template = inversion.generator_template(generator, nz_shape)
+  params_template, stats_template = inversion_terms.generator_template(generator, nz_shape)
   feature_layers = tuple(cfg.feature_layers)
-  dim = sum(t.spatial_mean.shape[1] for t in inversion.abstract_view(s, feature_layers).features)
+
+  def feature_taps(view: common.TeacherView) -> list:
+    """The taps CMI's features are read from: the named modules' inputs, or every BN's."""
+    return view.named if feature_layers else view.bn
+
+  def features(view: common.TeacherView):
+    return hooks.concat_spatial_means(feature_taps(view))
+
+  dim = sum(t.spatial_mean.shape[1] for t in feature_taps(common.abstract_view(s, feature_layers)))
   head = ProjectionHead(hidden=dim, features=cfg.head_dim)
-  tx_g = inversion.adam(config.optimizer_g.lr, config.optimizer_g.betas)
-  tx_head = inversion.adam(config.optimizer_g.lr)  # torch's default betas
+  tx_g = optim.torch_adam(config.optimizer_g.lr, config.optimizer_g.betas)
+  tx_head = optim.torch_adam(config.optimizer_g.lr)  # torch's default betas
 
   def init(key):
     head_key, bank_key = jax.random.split(key)
-    return {'head': TrainState.create(apply_fn=head.apply, params=head.init(head_key, jnp.zeros((1, dim)))['params'],
-                                      tx=tx_head, batch_stats={}),
+    return {'head': optim.create_state(tx_head, head.init(head_key, jnp.zeros((1, dim)))['params'],
+                                       apply_fn=head.apply, batch_stats={}),
             'bank': bank_lib.init(bank_key, cfg.bank_size, 2 * dim)}
 
   def begin(method_state, ctx, key):
@@ -80,26 +88,23 @@ def make_job(config, mesh):
     variables = {'generator': reset_params(params_template, params_key),
                  'z': common.latent(z_key, (batch,) + nz_shape, mesh)}
     return {'variables': variables, 'opt': tx_g.init(variables),
-            'targets': inversion.random_targets(target_key, batch, config.num_classes, sort=True)}
-
-  def features(view: inversion.TeacherView):
-    return hooks.concat_spatial_means(view.features)
+            'targets': inversion_terms.random_targets(target_key, batch, config.num_classes, sort=True)}
 
   def objective(variables, head_params, targets, cached, valid, ctx, key):
     global_key, local_key = jax.random.split(key)
-    x, _ = inversion.generate(generator, variables['generator'], stats_template, variables['z'])
-    global_view = augment.random_crop(global_key, x, cfg.crop_padding)
+    x, _ = inversion_terms.generate(generator, variables['generator'], stats_template, variables['z'])
+    global_view = augment.crop_flip(global_key, jax.random.fold_in(global_key, 1), x, padding=cfg.crop_padding,
+                                    flip=cfg.flip)
     local_view = augment.random_resized_crop(local_key, x, scale=cfg.local_scale)
     if cfg.flip:
-      global_view = augment.random_flip(jax.random.fold_in(global_key, 1), global_view)
       local_view = augment.random_flip(jax.random.fold_in(local_key, 1), local_view)
     global_view, local_view = (data.normalize(v, config.dataset) for v in (global_view, local_view))
-    t = inversion.teacher_view(teacher, ctx.teacher, global_view, feature_layers)
-    terms = {'bn': inversion.bn_loss(t, ctx.teacher), 'oh': losses.cross_entropy(t.logits, targets)}
+    t = common.teacher_view(teacher, ctx.teacher, global_view, feature_layers=feature_layers)
+    terms = {'bn': losses.bn_statistics_loss(t.bn_moments, t.bn_running), 'oh': losses.cross_entropy(t.logits, targets)}
     if w.adv:
-      terms['adv'] = losses.masked_adversarial_kl(inversion.student_logits(ctx, global_view), t.logits, 1.0)
+      terms['adv'] = losses.masked_adversarial_kl(inversion_terms.student_logits(ctx, global_view), t.logits, 1.0)
     global_features = features(t)
-    local_features = features(inversion.teacher_view(teacher, ctx.teacher, local_view, feature_layers))
+    local_features = features(common.teacher_view(teacher, ctx.teacher, local_view, feature_layers=feature_layers))
     cached_local, cached_global = jnp.split(cached, 2, axis=1)
     project = lambda f: head.apply({'params': head_params}, f)
     # The bank rows are constants: projected on their own, their input gradient is never formed.
@@ -117,7 +122,7 @@ def make_job(config, mesh):
     head_state = method_state['head']
     (loss, (candidate, metrics)), (grads, head_grads) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
         carry['variables'], head_state.params, carry['targets'], cached, valid, ctx, key)
-    variables, opt_state = inversion.apply_adam(tx_g, carry['variables'], carry['opt'], grads)
+    variables, opt_state = optim.apply_step(tx_g, carry['variables'], carry['opt'], grads)
     method_state = dict(method_state, head=head_state.apply_gradients(grads=head_grads))
     return inversion.Step(dict(carry, variables=variables, opt=opt_state), method_state, loss, candidate, metrics)
 

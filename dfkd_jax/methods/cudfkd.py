@@ -39,10 +39,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dfkd_jax import data, losses, models
-from dfkd_jax.errors import UserError
+from dfkd_jax import data, losses, models, optim
+from dfkd_jax.errors import check_choice
 from dfkd_jax.engines import common
 from dfkd_jax.engines import inversion
+from dfkd_jax.engines import inversion_terms
 from dfkd_jax.models.generators import reset_params
 
 _CURRICULA = ('log', 'none')
@@ -66,16 +67,14 @@ def curriculum_lambda(student_step, *, lambda_0: float, alpha: float):
 
 def make_job(config, mesh):
   s = common.setup(config, mesh)
-  inversion.abstract_view(s)
+  common.abstract_view(s)
   w, cfg = config.loss, config.cudfkd
-  if cfg.curriculum not in _CURRICULA:
-    raise UserError(f"cudfkd.curriculum must be one of {', '.join(_CURRICULA)}, not {cfg.curriculum!r}")
-  if cfg.adv_type not in _ADV_TYPES:
-    raise UserError(f"cudfkd.adv_type must be one of {', '.join(_ADV_TYPES)}, not {cfg.adv_type!r}")
+  check_choice('cudfkd.curriculum', cfg.curriculum, _CURRICULA)
+  check_choice('cudfkd.adv_type', cfg.adv_type, _ADV_TYPES)
   batch, kd_batch, kd_steps, teacher = config.synthesis_batch_size, config.batch_size, config.kd_steps, s.teacher.model
   generator = models.create(config.generator.arch, **config.generator.kwargs)
   nz_shape = models.input_shape(config.generator.arch, **config.generator.kwargs)
-  tx_g = inversion.adam(config.optimizer_g.lr, config.optimizer_g.betas)
+  tx_g = optim.torch_adam(config.optimizer_g.lr, config.optimizer_g.betas)
   kd_loss = common.kd_loss_fn(config.kd)
   curriculum = cfg.curriculum != 'none'
   ramp = dict(initial=w.adv, step=cfg.grad_adv if curriculum else 0.0, num_epochs=config.num_epochs,
@@ -92,15 +91,15 @@ def make_job(config, mesh):
     return {'sample_key': key}
 
   def objective(params, batch_stats, ctx, key, adv):
-    x, batch_stats = inversion.generate(generator, params, batch_stats,
-                                        common.latent(key, (batch,) + nz_shape, mesh))
+    x, batch_stats = inversion_terms.generate(generator, params, batch_stats,
+                                              common.latent(key, (batch,) + nz_shape, mesh))
     view = data.normalize(x, config.dataset)
-    t = inversion.teacher_view(teacher, ctx.teacher, view)
+    t = common.teacher_view(teacher, ctx.teacher, view)
     terms = {'ent': losses.batch_mean_entropy(t.logits, temperature=cfg.entropy_temperature),
-             'oh': losses.cross_entropy_onehot(t.logits), 'bn': inversion.bn_loss(t, ctx.teacher)}
+             'oh': losses.cross_entropy_onehot(t.logits), 'bn': losses.bn_statistics_loss(t.bn_moments, t.bn_running)}
     weights = {'ent': w.lmda_ent, 'oh': w.oh, 'bn': w.bn}
     if adversarial:
-      s_logits = inversion.student_logits(ctx, view)
+      s_logits = inversion_terms.student_logits(ctx, view)
       terms['adv'] = (losses.masked_adversarial_kl(s_logits, t.logits, 3.0) if cfg.adv_type == 'kl'
                       else losses.adi_competition_loss(s_logits, t.logits, 3.0))
       weights['adv'] = adv
@@ -111,7 +110,7 @@ def make_job(config, mesh):
     adv = adv_weight(ctx.epoch, **ramp)
     (loss, (batch_stats, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
         method_state['generator'], method_state['batch_stats'], ctx, key, adv)
-    params, opt = inversion.apply_adam(tx_g, method_state['generator'], method_state['opt'], grads)
+    params, opt = optim.apply_step(tx_g, method_state['generator'], method_state['opt'], grads)
     metrics['train/adv_weight'] = jnp.asarray(adv, jnp.float32)
     # No replay: nothing is kept from the iterates (an empty candidate).
     return inversion.Step(carry, {'generator': params, 'batch_stats': batch_stats, 'opt': opt}, loss, {}, metrics)

@@ -22,20 +22,19 @@ from __future__ import annotations
 import math
 
 from dfkd_jax import losses
-from dfkd_jax.errors import UserError
+from dfkd_jax.errors import check_choice
 from dfkd_jax.engines import generative
 
 
 def make_job(config, mesh):
-  if config.variant not in ('huawei', 'cmi'):
-    raise UserError(f"dafl variant must be 'huawei' or 'cmi', not {config.variant!r}")
+  check_choice('variant', config.variant, ('huawei', 'cmi'))
   w = config.loss
   log_base = 10.0 if config.variant == 'huawei' else math.e
 
   def generator_loss(t, student_logits, images):
     oh = losses.cross_entropy_onehot(t.logits)
     ie = losses.information_entropy(t.logits, log_base=log_base)
-    act = losses.activation_loss(t.features)
+    act = losses.activation_loss(t.penultimate)
     return w.oh * oh + w.ie * ie + w.a * act, {'train/loss_oh': oh, 'train/loss_ie': ie, 'train/loss_a': act}
 
   return generative.make_job(config, mesh, generator_loss, adversarial=False, bn_taps=False)

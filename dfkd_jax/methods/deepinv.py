@@ -11,7 +11,7 @@ with probability 1/2 if ``flip``):
        + adv · A(S(v), T(v))                                        competition with the student
        + tv_l1 · TV₁(p) + tv_l2 · TV₂(p) + l2 · ‖p‖₂                image priors on p = x or v
 
-and the student distils from the pool of kept batches (``methods/inversion.py``). Knobs
+and the student distils from the pool of kept batches (``engines/inversion.py``). Knobs
 (``config.loss`` and ``config.deepinv``) select between the two references:
 
 | | CMI framework (``DeepInvSyntheiszer``) | NVlabs (``deepinversion.py``; CIFAR script) |
@@ -42,11 +42,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dfkd_jax import data, losses
+from dfkd_jax import data, losses, optim
 from dfkd_jax.synth import augment
-from dfkd_jax.errors import UserError
+from dfkd_jax.errors import UserError, check_choice
 from dfkd_jax.engines import common
 from dfkd_jax.engines import inversion
+from dfkd_jax.engines import inversion_terms
 from dfkd_jax.models.layers import avg_pool
 
 _BEST = ('lowest_loss', 'post_step', 'last')
@@ -65,21 +66,17 @@ def cosine_with_warmup(base_lr: float, warmup: int, steps: int):
 def _targets(key, cfg, num: int, num_classes: int):
   if cfg.targets == 'cycle':
     return jnp.arange(num) % num_classes
-  if cfg.targets in ('random_sorted', 'random'):
-    return inversion.random_targets(key, num, num_classes, sort=cfg.targets == 'random_sorted')
-  raise UserError(f"deepinv.targets must be 'random_sorted', 'random' or 'cycle', not {cfg.targets!r}")
+  return inversion_terms.random_targets(key, num, num_classes, sort=cfg.targets == 'random_sorted')
 
 
 def make_job(config, mesh):
   s = common.setup(config, mesh)
-  inversion.abstract_view(s)
+  common.abstract_view(s)
   w, cfg = config.loss, config.deepinv
-  if cfg.best not in _BEST:
-    raise UserError(f"deepinv.best must be one of {', '.join(_BEST)}, not {cfg.best!r}")
-  if w.adv_form not in ('neg_js', 'adi'):
-    raise UserError(f"loss.adv_form must be 'neg_js' (CMI framework) or 'adi' (NVlabs), not {w.adv_form!r}")
-  if cfg.prior_on not in ('inputs', 'augmented'):
-    raise UserError(f"deepinv.prior_on must be 'inputs' or 'augmented', not {cfg.prior_on!r}")
+  check_choice('deepinv.targets', cfg.targets, ('random_sorted', 'random', 'cycle'))
+  check_choice('deepinv.best', cfg.best, _BEST)
+  check_choice('loss.adv_form', w.adv_form, ('neg_js', 'adi'))  # the CMI framework's, NVlabs'
+  check_choice('deepinv.prior_on', cfg.prior_on, ('inputs', 'augmented'))
   batch, shape = config.synthesis_batch_size, s.student_input_shape
   mean, std = data.preprocess.constants(config.dataset)
   pixel_low, pixel_high = -mean / std, (1 - mean) / std  # [0, 1] in the normalised space
@@ -88,20 +85,19 @@ def make_job(config, mesh):
   def optimizer(steps: int):
     opt = config.optimizer_g
     schedule = opt.get('schedule', 'constant')
+    check_choice('optimizer_g.schedule', schedule, ('constant', 'cosine'))
     if schedule == 'cosine':
-      return inversion.adam(cosine_with_warmup(opt.lr, opt.warmup_steps, steps), opt.betas)
-    if schedule != 'constant':
-      raise UserError(f"optimizer_g.schedule must be 'constant' or 'cosine', not {schedule!r}")
-    return inversion.adam(opt.lr, opt.betas)
+      return optim.torch_adam(cosine_with_warmup(opt.lr, opt.warmup_steps, steps), opt.betas)
+    return optim.torch_adam(opt.lr, opt.betas)
 
   def objective(x, targets, ctx, key, factor):
     view = avg_pool(x, factor) if factor > 1 else x
     view = augment.random_jitter_flip(key, view, cfg.jitter // factor, flip=cfg.flip)
-    t = inversion.teacher_view(teacher, ctx.teacher, view)
-    terms = {'bn': inversion.bn_loss(t, ctx.teacher, first_multiplier=w.first_bn_multiplier),
+    t = common.teacher_view(teacher, ctx.teacher, view)
+    terms = {'bn': losses.bn_statistics_loss(t.bn_moments, t.bn_running, first_multiplier=w.first_bn_multiplier),
              'oh': losses.cross_entropy(t.logits, targets)}
     if w.adv:
-      s_logits = inversion.student_logits(ctx, view)
+      s_logits = inversion_terms.student_logits(ctx, view)
       terms['adv'] = (-losses.jensen_shannon(s_logits, t.logits, 3.0) if w.adv_form == 'neg_js'
                       else losses.adi_competition_loss(s_logits, t.logits, 3.0))
     prior = view if cfg.prior_on == 'augmented' else x
@@ -117,7 +113,7 @@ def make_job(config, mesh):
   def step(carry, method_state, ctx, key, tx, factor):
     x = carry['x']
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(x, carry['targets'], ctx, key, factor)
-    stepped, opt_state = inversion.apply_adam(tx, x, carry['opt'], grads)
+    stepped, opt_state = optim.apply_step(tx, x, carry['opt'], grads)
     after = jnp.clip(stepped, pixel_low, pixel_high) if cfg.clip else stepped
     candidate = stepped if cfg.best == 'post_step' else x
     return inversion.Step(dict(carry, x=after, opt=opt_state), method_state, loss, candidate, metrics)

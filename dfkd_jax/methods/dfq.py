@@ -14,7 +14,6 @@ and the student learns KL(p_T ‖ p_S) for ``kd_steps`` (10) steps on fresh samp
 from __future__ import annotations
 
 from dfkd_jax import losses
-from dfkd_jax.engines import common
 from dfkd_jax.engines import generative
 
 
@@ -22,7 +21,7 @@ def make_job(config, mesh):
   w = config.loss
 
   def generator_loss(t, student_logits, images):
-    bn = common.bn_loss(t)
+    bn = losses.bn_statistics_loss(t.bn_moments, t.bn_running)
     oh = losses.cross_entropy_onehot(t.logits)
     adv = -losses.kd_kl(student_logits, t.logits, 1.0)
     balance = losses.information_entropy(t.logits)

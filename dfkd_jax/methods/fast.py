@@ -30,7 +30,7 @@ script) θ's ``l1.0`` Linear is re-drawn N(0, 0.02) with bias 0, and its first B
 optimiser's state is kept. The generator's running BN statistics are never read (synthesis runs
 train mode, the student reads the pool), so they are not kept.
 
-The student distils from the pool (KL at T = 20, ``methods/inversion.py``) except during the
+The student distils from the pool (KL at T = 20, ``engines/inversion.py``) except during the
 ``warmup_epochs`` synthesis-only epochs; its cosine (T_max 200, eta_min 2e-4) starts after them.
 
 ``fast.reference_teacher_as_student=True`` reproduces the documented Fast-Datafree bug
@@ -42,27 +42,28 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dfkd_jax import models
-from dfkd_jax.errors import UserError
+from dfkd_jax import models, optim
+from dfkd_jax.errors import check_choice
 from dfkd_jax.engines import common
 from dfkd_jax.engines import inversion
+from dfkd_jax.engines import inversion_terms
 from dfkd_jax.models.generators import reset_l0
 
 _META_RULES = ('fomaml', 'reptile')
 
 
-def inner_step(objective, carry, key, tx_g, tx_z, rule: str):
+def inner_step(objective, carry, key, tx, rule: str):
   """One inner step of a synthesis call on ``carry['variables'] = {'generator': θ', 'z': z}``:
   the loss and its gradients before the update, FOMAML's running sum of the θ' gradients
-  (``carry['meta_grad']``), then one inner Adam step of θ' (``tx_g``) and z (``tx_z``).
-  ``objective(variables, key) -> (loss, aux)``. Returns (carry, loss, aux)."""
+  (``carry['meta_grad']``), then one step of the inner Adam ``tx`` (a parameter group each for θ'
+  and z, ``optim.torch_adam_groups``). ``objective(variables, key) -> (loss, aux)``. Returns
+  (carry, loss, aux)."""
   variables = carry['variables']
   (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(variables, key)
   if rule == 'fomaml':
     carry = dict(carry, meta_grad=jax.tree.map(jnp.add, carry['meta_grad'], grads['generator']))
-  generator, opt_g = inversion.apply_adam(tx_g, variables['generator'], carry['opt_g'], grads['generator'])
-  z, opt_z = inversion.apply_adam(tx_z, variables['z'], carry['opt_z'], grads['z'])
-  return dict(carry, variables={'generator': generator, 'z': z}, opt_g=opt_g, opt_z=opt_z), loss, aux
+  variables, opt = optim.apply_step(tx, variables, carry['opt'], grads)
+  return dict(carry, variables=variables, opt=opt), loss, aux
 
 
 def meta_gradient(meta_params, carry, rule: str, reptile_scale: float):
@@ -75,24 +76,22 @@ def meta_gradient(meta_params, carry, rule: str, reptile_scale: float):
 
 def make_job(config, mesh):
   s = common.setup(config, mesh)
-  view_shapes = inversion.abstract_view(s)
+  view_shapes = common.abstract_view(s)
   w, cfg = config.loss, config.fast
-  if cfg.meta not in _META_RULES:
-    raise UserError(f"fast.meta must be one of {', '.join(_META_RULES)}, not {cfg.meta!r}")
+  check_choice('fast.meta', cfg.meta, _META_RULES)
   batch, teacher, g_steps = config.synthesis_batch_size, s.teacher.model, config.g_steps
   generator = models.create(config.generator.arch, **config.generator.kwargs)
   nz_shape = models.input_shape(config.generator.arch, **config.generator.kwargs)
-  _, stats_template = inversion.generator_template(generator, nz_shape)
+  _, stats_template = inversion_terms.generator_template(generator, nz_shape)
   betas = config.optimizer_g.betas
-  tx_g = inversion.adam(config.optimizer_g.lr, betas)
-  tx_z = inversion.adam(cfg.lr_z, betas)
-  tx_meta = inversion.adam(config.optimizer_g.lr * g_steps, betas)
+  tx_inner = optim.torch_adam_groups({'generator': config.optimizer_g.lr, 'z': cfg.lr_z}, betas)
+  tx_meta = optim.torch_adam(config.optimizer_g.lr * g_steps, betas)
   warmup_calls = config.warmup_epochs * config.iters_per_epoch
   reset_call = (cfg.reset_l0_epoch + config.warmup_epochs) * config.iters_per_epoch - 1
 
   def init(key):
     params = generator.init(key, jnp.zeros((2,) + nz_shape), train=False)['params']
-    return {'generator': params, 'meta_opt': tx_meta.init(params), 'bn_ema': inversion.bn_ema_init(view_shapes)}
+    return {'generator': params, 'meta_opt': tx_meta.init(params), 'bn_ema': inversion_terms.bn_ema_init(view_shapes)}
 
   def begin(method_state, ctx, key):
     reset_key, z_key, target_key = jax.random.split(key, 3)
@@ -100,9 +99,9 @@ def make_job(config, mesh):
     if cfg.reset_l0:
       meta = jax.lax.cond(ctx.call == reset_call, lambda p: reset_l0(p, reset_key), lambda p: p, meta)
     variables = {'generator': meta, 'z': common.latent(z_key, (batch,) + nz_shape, mesh)}
-    carry = {'meta': meta, 'variables': variables, 'opt_g': tx_g.init(meta), 'opt_z': tx_z.init(variables['z']),
-             'targets': inversion.random_targets(target_key, batch, config.num_classes, sort=False),
-             'moments': inversion.bn_ema_moments(method_state['bn_ema'])}
+    carry = {'meta': meta, 'variables': variables, 'opt': tx_inner.init(variables),
+             'targets': inversion_terms.random_targets(target_key, batch, config.num_classes, sort=False),
+             'moments': inversion_terms.bn_ema_moments(method_state['bn_ema'])}
     if cfg.meta == 'fomaml':
       carry['meta_grad'] = jax.tree.map(jnp.zeros_like, meta)
     return carry
@@ -111,24 +110,20 @@ def make_job(config, mesh):
     adversarial = ctx.call + 1 >= warmup_calls
 
     def objective(variables, key):
-      x, _ = inversion.generate(generator, variables['generator'], stats_template, variables['z'])
-      view = inversion.crop_flip_view(key, x, config.dataset, padding=cfg.crop_padding, flip=cfg.flip)
-      t = inversion.teacher_view(teacher, ctx.teacher, view)
-      moments = inversion.bn_moments(t)
-      terms = inversion.decision_adversarial_terms(
-          t, ctx, view, carry['targets'], adversarial=adversarial,
-          moments=inversion.bn_ema_blend(method_state['bn_ema'], moments, cfg.bn_mmt),
+      x, _ = inversion_terms.generate(generator, variables['generator'], stats_template, variables['z'])
+      terms, moments = inversion_terms.blended_bn_terms(
+          teacher, ctx, x, key, carry['targets'], method_state['bn_ema'], cfg, config.dataset, adversarial=adversarial,
           teacher_as_student=cfg.reference_teacher_as_student)
       total = sum(w[name] * value for name, value in terms.items())
-      return total, (x, jax.lax.stop_gradient(moments), {f'train/loss_{n}': v for n, v in terms.items()})
+      return total, (x, moments, {f'train/loss_{n}': v for n, v in terms.items()})
 
-    carry, loss, (x, moments, metrics) = inner_step(objective, carry, key, tx_g, tx_z, cfg.meta)
+    carry, loss, (x, moments, metrics) = inner_step(objective, carry, key, tx_inner, cfg.meta)
     return inversion.Step(dict(carry, moments=moments), method_state, loss, x, metrics)
 
   def finish(carry, method_state, best, ctx):
     grads = meta_gradient(carry['meta'], carry, cfg.meta, cfg.reptile_scale)
-    meta, meta_opt = inversion.apply_adam(tx_meta, carry['meta'], method_state['meta_opt'], grads)
-    bn_ema = inversion.bn_ema_update(method_state['bn_ema'], carry['moments'], cfg.bn_mmt)
+    meta, meta_opt = optim.apply_step(tx_meta, carry['meta'], method_state['meta_opt'], grads)
+    bn_ema = inversion_terms.bn_ema_update(method_state['bn_ema'], carry['moments'], cfg.bn_mmt)
     return {'generator': meta, 'meta_opt': meta_opt, 'bn_ema': bn_ema}, best
 
   synthesizer = inversion.Synthesizer(init=init, begin=begin, stages=[inversion.Stage(g_steps, step)], finish=finish)

@@ -16,7 +16,7 @@ batches; per synthesis batch (one engine synthesis call)
          + adv · (−(1/N) Σ_n [argmax S(v) = argmax T(v)]_n · KL(p_T ‖ p_S)_n)   (T = 1, S eval mode)
 
      with the ``bn_mmt`` blend (μ̃, σ̃²) = 0.1·(μ, σ²) + 0.9·EMA, the EMA updated after every batch
-     with its last step's statistics (as Fast; ``inversion.bn_ema_*``); the adversarial term only
+     with its last step's statistics (as Fast; ``inversion_terms.bn_ema_*``); the adversarial term only
      after the warm-up epochs;
   3. the lowest-loss pre-augmentation x (before its update) joins the replay pool; the generator
      keeps its final parameters for the next batch.
@@ -46,10 +46,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfkd_jax import models
+from dfkd_jax import models, optim
 from dfkd_jax.errors import UserError
 from dfkd_jax.engines import common
 from dfkd_jax.engines import inversion
+from dfkd_jax.engines import inversion_terms
 from dfkd_jax.models.generators import redraw_noisy_layers
 
 
@@ -110,7 +111,7 @@ class Schedule:
 
 def make_job(config, mesh):
   s = common.setup(config, mesh)
-  view_shapes = inversion.abstract_view(s)
+  view_shapes = common.abstract_view(s)
   w, cfg = config.loss, config.nayer
   batch, teacher, num_classes = config.synthesis_batch_size, s.teacher.model, config.num_classes
   kwargs = dict(config.generator.kwargs, nl=num_classes, sbz=batch)
@@ -119,14 +120,14 @@ def make_job(config, mesh):
   table = jnp.asarray(load_label_embedding(cfg.label_embedding, num_classes, le_size[0], config.seed))
   schedule = Schedule(config.warmup_epochs * config.iters_per_epoch, cfg.warmup_g_loops, config.iters_per_epoch,
                       cfg.g_life)
-  _, stats_template = inversion.generator_template(generator, le_size)
-  tx_g = inversion.adam(config.optimizer_g.lr, config.optimizer_g.betas)
+  _, stats_template = inversion_terms.generator_template(generator, le_size)
+  tx_g = optim.torch_adam(config.optimizer_g.lr, config.optimizer_g.betas)
 
   def fresh_generator(key):
     return generator.init(key, jnp.zeros((batch,) + le_size), train=False)['params']
 
   def init(key):
-    return {'generator': fresh_generator(key), 'bn_ema': inversion.bn_ema_init(view_shapes)}
+    return {'generator': fresh_generator(key), 'bn_ema': inversion_terms.bn_ema_init(view_shapes)}
 
   def begin(method_state, ctx, key):
     recreate_key, noise_key, target_key = jax.random.split(key, 3)
@@ -135,28 +136,24 @@ def make_job(config, mesh):
     params = redraw_noisy_layers(params, noise_key)
     return {'generator': params, 'opt': tx_g.init(params),
             'targets': balanced_targets(target_key, batch, num_classes),
-            'moments': inversion.bn_ema_moments(method_state['bn_ema'])}
+            'moments': inversion_terms.bn_ema_moments(method_state['bn_ema'])}
 
   def step(carry, method_state, ctx, key):
     adversarial = ctx.call >= schedule.warmup_calls
 
     def objective(params):
-      x, _ = inversion.generate(generator, params, stats_template, table[carry['targets']])
-      view = inversion.crop_flip_view(key, x, config.dataset, padding=cfg.crop_padding, flip=cfg.flip)
-      t = inversion.teacher_view(teacher, ctx.teacher, view)
-      moments = inversion.bn_moments(t)
-      terms = inversion.decision_adversarial_terms(
-          t, ctx, view, carry['targets'], adversarial=adversarial,
-          moments=inversion.bn_ema_blend(method_state['bn_ema'], moments, cfg.bn_mmt))
+      x, _ = inversion_terms.generate(generator, params, stats_template, table[carry['targets']])
+      terms, moments = inversion_terms.blended_bn_terms(
+          teacher, ctx, x, key, carry['targets'], method_state['bn_ema'], cfg, config.dataset, adversarial=adversarial)
       total = sum(w[name] * value for name, value in terms.items())
-      return total, (x, jax.lax.stop_gradient(moments), {f'train/loss_{n}': v for n, v in terms.items()})
+      return total, (x, moments, {f'train/loss_{n}': v for n, v in terms.items()})
 
     (loss, (x, moments, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(carry['generator'])
-    params, opt = inversion.apply_adam(tx_g, carry['generator'], carry['opt'], grads)
+    params, opt = optim.apply_step(tx_g, carry['generator'], carry['opt'], grads)
     return inversion.Step(dict(carry, generator=params, opt=opt, moments=moments), method_state, loss, x, metrics)
 
   def finish(carry, method_state, best, ctx):
-    bn_ema = inversion.bn_ema_update(method_state['bn_ema'], carry['moments'], cfg.bn_mmt)
+    bn_ema = inversion_terms.bn_ema_update(method_state['bn_ema'], carry['moments'], cfg.bn_mmt)
     return {'generator': carry['generator'], 'bn_ema': bn_ema}, best
 
   synthesizer = inversion.Synthesizer(init=init, begin=begin, stages=[inversion.Stage(config.g_steps, step)],

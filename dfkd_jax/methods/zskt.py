@@ -16,13 +16,12 @@ The generator seeks images where student and teacher disagree, and the student l
 from __future__ import annotations
 
 from dfkd_jax import losses
-from dfkd_jax.errors import UserError
+from dfkd_jax.errors import check_choice
 from dfkd_jax.engines import generative
 
 
 def make_job(config, mesh):
-  if config.variant not in ('original', 'cmi'):
-    raise UserError(f"zskt variant must be 'original' or 'cmi', not {config.variant!r}")
+  check_choice('variant', config.variant, ('original', 'cmi'))
   reduction = 'mean' if config.variant == 'original' else 'batchmean'
 
   def generator_loss(t, student_logits, images):

@@ -10,8 +10,9 @@ parameter draw and a deterministic application (``jitter_flip``, ``resized_crop`
 
 What each reference uses:
 - DeepInversion (NVlabs, CMI-fw ``jitter_and_flip``): ``random_jitter_flip``.
-- CMI's global view, Fast's synthesis view and the standard CIFAR train transform that reads the
-  replay pool (RandomCrop(size, padding=4) + RandomHorizontalFlip): ``padded_crop_flip``.
+- CMI's global view, Fast's and NAYER's synthesis view and the standard CIFAR train transform
+  (RandomCrop(size, padding=4) + RandomHorizontalFlip; the replay pool, teacher training, selected
+  real images): ``crop_flip``.
 - CMI's local view (RandomResizedCrop(size, scale=(0.25, 1)) + RandomHorizontalFlip):
   ``resized_crop_flip``.
 """
@@ -47,11 +48,19 @@ def random_flip(key: jax.Array, images: jax.Array, p: float = 0.5) -> jax.Array:
   return jnp.where(flip, images[:, :, ::-1], images)
 
 
-def padded_crop_flip(key: jax.Array, images: jax.Array, padding: int = 4) -> jax.Array:
-  """``random_crop(padding)`` then ``random_flip``, each per image: CMI's global view, Fast's
-  synthesis view and the standard CIFAR train augmentation applied to replay-pool samples."""
-  crop_key, flip_key = jax.random.split(key)
-  return random_flip(flip_key, random_crop(crop_key, images, padding))
+def crop_flip(crop_key: jax.Array, flip_key: jax.Array, images: jax.Array, *, padding: int = 4,
+              flip: bool = True) -> jax.Array:
+  """``random_crop(padding)`` (skipped at padding 0, where it is the identity) then ``random_flip``
+  if ``flip``, each per image: the standard CIFAR train augmentation (the replay pool's reads,
+  teacher training, selected real images), CMI's global view and Fast's/NAYER's synthesis view.
+
+  The crop and flip keys are separate arguments because callers derive them differently (the two
+  halves of ``jax.random.split(key)``, or CMI's ``key`` and ``fold_in(key, 1)``), and changing a
+  caller's derivation would change its random stream.
+  """
+  if padding:
+    images = random_crop(crop_key, images, padding)
+  return random_flip(flip_key, images) if flip else images
 
 
 # ------------------------------------------------------------------------------------------------
