@@ -56,6 +56,7 @@ def _identify_jitter(image, out, limit):
   return matches[0]
 
 
+@pytest.mark.slow
 def test_random_jitter_covers_the_range_with_one_draw_per_batch():
   image = jnp.tile(_ramp(h=6, w=7), (3, 1, 1, 1))
   outs = np.asarray(jax.jit(jax.vmap(lambda key: augment.random_jitter_flip(key, image, 2)))(_keys(300)))
@@ -93,6 +94,7 @@ def _identify_crop(image, out, padding):
   return matches[0]
 
 
+@pytest.mark.slow
 def test_random_crop_pads_with_zeros_and_draws_per_image():
   images = jnp.tile(_ramp(h=4, w=4), (400, 1, 1, 1))
   out = augment.random_crop(jax.random.key(0), images, 2)
@@ -147,6 +149,7 @@ def test_resized_crop_align_corners_hand_values():
   np.testing.assert_allclose(out[0, :, :, 0], [[4, 5, 6], [6, 7, 8], [8, 9, 10]], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resized_crop_half_pixel_hand_values_clamp_to_the_box():
   # Rows: (j + 1/2)·2/4 − 1/2 = −0.25, 0.25, 0.75, 1.25 → clamped into the box to 0, 0.25, 0.75, 1,
   # i.e. source rows 1, 1.25, 1.75, 2 (never row 0 or 3, outside the box). Columns: 0, 1, 2.
@@ -161,6 +164,7 @@ def test_resized_crop_nonlinear_hand_value():
   np.testing.assert_allclose(out[0, :, :, 0], [[1, 1.5, 2], [2.5, 3.75, 5], [4, 6, 8]], atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('align_corners', [True, False])
 def test_resized_crop_of_the_whole_image_is_the_identity(align_corners):
   images = jnp.asarray(np.random.default_rng(0).random((2, 5, 6, 3)), jnp.float32)
@@ -201,6 +205,7 @@ def _torchvision_boxes(rng, count, height, width, scale, ratio):
   return np.array(boxes)
 
 
+@pytest.mark.slow
 def test_resized_crop_boxes_stay_inside_and_match_torchvision_statistics():
   height, width, scale, ratio = 32, 32, (0.25, 1.0), (3 / 4, 4 / 3)
   sample = jax.jit(augment.sample_resized_crop_boxes, static_argnums=(1, 2), static_argnames=('scale', 'ratio'))
@@ -218,6 +223,7 @@ def test_resized_crop_boxes_stay_inside_and_match_torchvision_statistics():
     assert abs(ours.mean() - theirs.mean()) < 0.15 and abs(ours.std() - theirs.std()) < 0.15
 
 
+@pytest.mark.slow
 def test_resized_crop_fallback_when_no_trial_fits():
   key = jax.random.key(3)
   # Areas above the image: the aspect range contains the image's, so the whole image.
@@ -236,6 +242,7 @@ def test_resized_crop_rejects_bad_ranges(scale, ratio):
     augment.sample_resized_crop_boxes(jax.random.key(0), 2, (8, 8), scale=scale, ratio=ratio)
 
 
+@pytest.mark.slow
 def test_random_resized_crop_is_per_image_and_deterministic():
   images = jnp.tile(jnp.asarray(np.random.default_rng(2).random((1, 16, 16, 3)), jnp.float32), (8, 1, 1, 1))
   crop = jax.jit(augment.random_resized_crop)
@@ -248,6 +255,7 @@ def test_random_resized_crop_is_per_image_and_deterministic():
   np.testing.assert_array_equal(first, augment.resized_crop(images, boxes))
 
 
+@pytest.mark.slow
 def test_views_are_differentiable():
   images = jnp.asarray(np.random.default_rng(3).random((4, 8, 8, 3)), jnp.float32)
   for view in (lambda x: augment.resized_crop_flip(jax.random.key(0), x),
@@ -257,6 +265,7 @@ def test_views_are_differentiable():
     assert np.isfinite(grad).all() and np.abs(grad).sum() > 0
 
 
+@pytest.mark.slow
 def test_resized_crop_flip_keeps_shape_and_dtype():
   images = jnp.zeros((3, 12, 10, 3), jnp.float32)
   out = augment.resized_crop_flip(jax.random.key(0), images, scale=(0.5, 1.0))

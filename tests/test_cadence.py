@@ -171,6 +171,7 @@ def test_bad_values_are_one_line_errors(field, value, message):
   assert str(e.value) == message
 
 
+@pytest.mark.slow
 def test_a_short_run_evaluates_and_checkpoints_at_the_resolved_steps(tmp_path):
   """dafl_mnist:runlocal stretched to 3 epochs of 2 iterations: evaluation every epoch (2, 4, 6), a
   checkpoint twice in the run (3, 6), a log line every step."""

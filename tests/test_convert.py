@@ -350,17 +350,20 @@ def test_wrong_arch_suggests_the_right_one(store):
                                                                        arch='cmi_generator')
 
 
+@pytest.mark.slow
 def test_wrong_class_count_suggests_the_right_one(store):
   message = _mismatch(store, 'cmi__resnet20', 'legacy', arch='resnet20', num_classes=100)
   assert 'fc.weight: file (10, 64) vs expected (100, 64)' in message and 'did you mean num_classes=10?' in message
 
 
+@pytest.mark.slow
 def test_wrong_generator_size_suggests_the_right_one(store):
   message = _mismatch(store, 'huawei__dafl_generator_c3_nz1000', 'pickled_module_legacy', arch='dafl_generator',
                       model_kwargs={'nz': 100})
   assert 'l1.0.weight: file (8192, 1000) vs expected (8192, 100)' in message and 'nz=1000, nc=3' in message
 
 
+@pytest.mark.slow
 def test_sizes_the_file_cannot_tell_are_named(tmp_path):
   """img_size never appears as a dimension: the error says so, and giving it converts the file."""
   keys = list(identify.expected_shapes('cmi_generator', dict(nz=100, ngf=64, img_size=64, nc=3)).items())
@@ -375,6 +378,7 @@ def test_sizes_the_file_cannot_tell_are_named(tmp_path):
   assert [fit.arch for fit in fits] == ['cmi_generator']
 
 
+@pytest.mark.slow
 def test_depth_is_read_from_the_key_set(tmp_path):
   """A VDSR of 3 or 25 blocks (default 18) converts with or without arch, its depth read from which
   residual_layer keys the file holds, and evaluates like the model it was saved from."""
@@ -401,6 +405,7 @@ def test_bad_model_kwarg_value_is_a_user_error(store):
     api.convert_file(store.file('cmi__generator', 'state_dict'), arch='cmi_generator', model_kwargs={'ngf': 'wide'})
 
 
+@pytest.mark.slow
 def test_arch_detected_from_the_file(store):
   for name, fmt in [('huawei__lenet5', 'pickled_data_parallel'), ('cmi__wrn16_1', 'legacy'),
                     ('cmi__large_generator', 'legacy')]:
@@ -450,6 +455,7 @@ def _main(capsys, *args):
   return code, captured.err
 
 
+@pytest.mark.slow
 def test_cli_converts_and_exports(store, tmp_path):
   """The Huawei DAFL teacher (a legacy pickled module) through the CLI, and back like the original."""
   name = 'huawei__lenet5'

@@ -116,6 +116,7 @@ def test_stage_depth_and_inactive_blocks():
   assert float(kept['residual_layer.1.conv']['kernel'][0]) == 0
 
 
+@pytest.mark.slow
 def test_vdsr_depth_argument_is_the_shallower_network():
   deep, shallow = models.create('vdsr_half', num_blocks=4), models.create('vdsr_half', num_blocks=2)
   x = jax.random.uniform(jax.random.key(0), (1, 12, 12, 1))
@@ -145,6 +146,7 @@ def test_luma_and_patches():
     sr_eval.random_patches([np.zeros((5, 5, 1), np.float32)], 1, 8, np.random.default_rng(0))
 
 
+@pytest.mark.slow
 def test_sr_teacher_training_iterations():
   config = load_config('teacher_vdsr_local')
   config.model.kwargs.num_blocks = 1
@@ -154,6 +156,7 @@ def test_sr_teacher_training_iterations():
   assert all_changed(before['model'].params, after['model'].params)
 
 
+@pytest.mark.slow
 def test_psnr_evaluator_scores_the_identity_as_bicubic():
   evaluator = evaluation.PSNR('skimage:camera,chelsea,coffee', (2, 4), crop=48, max_images=2)
   prepared = evaluator.prepare(None, None)
@@ -163,6 +166,7 @@ def test_psnr_evaluator_scores_the_identity_as_bicubic():
   np.testing.assert_allclose(prepared.measure(lambda v, x: x, {})['psnr'], bicubic, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_dfsr_run_reports_psnr_during_training(tiny_teacher, tmp_path):
   """A whole (tiny) DFSR run: the student's PSNR at the evaluation cadence in metrics.jsonl and as
   best/final in summary.json; sr_eval.json and the summary hold the final evaluation."""

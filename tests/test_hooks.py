@@ -59,6 +59,7 @@ def wrn():
   return model, _random_variables(model, (1, 16, 16, 3))
 
 
+@pytest.mark.slow
 def test_taps_under_jit_and_grad(wrn):
   model, variables = wrn
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 16, 16, 3)), jnp.float32)

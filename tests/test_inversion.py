@@ -81,6 +81,7 @@ def toy_job(stage_steps, traces, **overrides):
   return inversion.make_job(config, mesh, s, toy_synthesizer(config, traces, stage_steps)), mesh, config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stage_steps', [(8,), (3, 5)])
 def test_best_iterate_is_the_first_lowest_loss_and_reaches_the_pool(stage_steps):
   traces = []
@@ -95,6 +96,7 @@ def test_best_iterate_is_the_first_lowest_loss_and_reaches_the_pool(stage_steps)
   np.testing.assert_array_equal(pool.latest(state['pool'], batch), np.full((batch, 32, 32, 1), 0.6, np.float32))
 
 
+@pytest.mark.slow
 def test_inner_loop_is_one_scan_compiled_once():
   counts = {}
   for g_steps in (2, 8):
@@ -109,6 +111,7 @@ def test_inner_loop_is_one_scan_compiled_once():
   assert counts[2] == counts[8] <= 3, counts
 
 
+@pytest.mark.slow
 def test_warmup_epochs_skip_distillation():
   job, mesh, config = toy_job((2,), [], warmup_epochs=1)  # runlocal: 2 iterations per epoch
   state, iteration, frozen = compile_and_init(job, mesh)
@@ -126,6 +129,7 @@ def test_warmup_epochs_skip_distillation():
 # DeepInversion: which iterate is kept
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_deepinversion_best_flags_on_one_step():
   kept = {}
   for best in ('lowest_loss', 'post_step', 'last'):
@@ -160,6 +164,7 @@ def _changed(a, b) -> bool:
   return all(jax.tree.leaves(jax.tree.map(lambda x, y: not np.array_equal(x, y), a, b)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['deepinv_mnist', 'cmi_mnist'])
 def test_method_iterations(name):
   config = small_config(name)
@@ -185,6 +190,7 @@ def test_method_iterations(name):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_cmi_resume_after_sigterm_is_bitwise(tmp_path, monkeypatch):
   config = small_config('cmi_mnist', **{'mesh.num_devices': 1, 'report.phase_timing_reps': 0,
                                         'checkpoint.every_steps': 1})
@@ -233,6 +239,7 @@ def test_masked_contrastive_loss_hand_values(valid):
   np.testing.assert_array_equal(grad[2:][~valid], 0.0)  # invalid rows get no gradient
 
 
+@pytest.mark.slow
 def test_bn_and_input_taps_from_one_forward():
   from dfkd_jax import models
   model = models.create('resnet8', num_classes=10, in_channels=1)
@@ -266,6 +273,7 @@ def test_projection_head_rows_are_unit_vectors():
 # Teacher logits cached in the pool
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize('views', [0, 2])
 def test_cached_teacher_logits_are_the_teacher_on_the_stored_images(views):
   """``pool.teacher_logits``: each pool entry's logits are the teacher's on that entry as the

@@ -221,6 +221,7 @@ def test_method_iterations(name):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_pu_selector_iterations_train_the_head_only():
   config = tiny_config('pu_mnist')
   config.pu.prior = 0.2

@@ -176,6 +176,7 @@ def teacher_run(tmp_path_factory):
   return workdir, config, summary
 
 
+@pytest.mark.slow
 def test_teacher_outputs(teacher_run):
   workdir, config, summary = teacher_run
   assert summary.stopped_by_signal is None
@@ -262,6 +263,7 @@ def test_teacher_resume_after_losing_the_last_checkpoint(teacher_run, tmp_path, 
   assert os.path.isfile(os.path.join(workdir, 'model', 'metadata.json'))
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_retrained(teacher_run, tmp_path, capsys):
   full, _, full_summary = teacher_run
   workdir = str(tmp_path / 'run')

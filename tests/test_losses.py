@@ -126,6 +126,7 @@ def test_information_entropy_hand_values_and_bases():
   np.testing.assert_allclose(losses.information_entropy(balanced), -LN2, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_information_entropy_is_minimised_by_uniform_mean():
   uniform_value = float(losses.information_entropy(jnp.zeros((4, 5))))
   np.testing.assert_allclose(uniform_value, -math.log(5), rtol=1e-6)
@@ -315,6 +316,7 @@ def test_total_variation_nhwc_equals_reference_on_nchw():
   np.testing.assert_allclose(losses.total_variation_l2(x_nhwc), tv_l2, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_total_variation_l2_gradient_finite_on_constant_image():
   grad = jax.grad(losses.total_variation_l2)(jnp.ones((1, 4, 4, 3)))
   np.testing.assert_array_equal(grad, np.zeros((1, 4, 4, 3)))
@@ -471,6 +473,7 @@ def test_cross_entropies_and_class_balance_match_torch(torch):
                              (-(mean_p3 * mean_p3.log()).sum()).numpy(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_image_priors_and_attention_match_torch(torch):
   x_nchw = torch.from_numpy(np.random.default_rng(19).normal(size=(3, 2, 6, 9)).astype(np.float32))
   x_nhwc = x_nchw.permute(0, 2, 3, 1).numpy()

@@ -22,6 +22,7 @@ def load_config(name, arg='runlocal'):
   return module.get_config(arg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['dafl_mnist', 'zskt_mnist', 'dfad_mnist', 'dfq_mnist'])
 def test_method_iterations(name):
   config = load_config(name)

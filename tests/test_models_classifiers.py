@@ -34,6 +34,7 @@ def _bn_terms(running, tapped):
                     for (rm, rv), t in zip(running, tapped)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fixture', FIXTURES)
 def test_classifier_matches_fixture(fixture):
   doc, ref, sd = rf.load(fixture)
@@ -156,6 +157,7 @@ class _InitSamples(nn.Module):
     return wide, vgg_net, resnet
 
 
+@pytest.mark.slow
 def test_initialisation_follows_the_references():
   params = jax.jit(_InitSamples().init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))['params']
   kaiming_fan_out = lambda k, out: np.sqrt(2 / (k * k * out))  # noqa: E731

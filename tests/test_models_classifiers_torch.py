@@ -78,6 +78,7 @@ def _torch_reference(tmodel, x):
   return logits_eval, features, bn_inputs, logits_train, running
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch,size', FORWARD, ids=[a for a, _ in FORWARD])
 def test_forward_matches_torch(arch, size):
   tmodel, sd = _torch_model(arch)
@@ -120,6 +121,7 @@ def _check_forward(arch, model, variables, x, reference):
         f'({worst}; {len(errs)} arrays)')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch,kw', [('mobilenetv2', {}), ('wrn10_1', {'dropout_rate': 0.3})])
 def test_dropout_only_in_train_mode(arch, kw):
   """MobileNetV2's classifier Dropout(0.2) and WRN's optional dropout: off in eval, rng-driven in train."""

@@ -59,6 +59,7 @@ FIXTURES = [('cmi__generator', 'cmi_generator', dict(nz=256)),
             ('huawei__dafl_generator_c3_nz1000', 'dafl_generator', dict(nz=1000, nc=3))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fixture,arch,kw', FIXTURES, ids=[f[0] for f in FIXTURES])
 def test_generator_matches_fixture(fixture, arch, kw):
   doc, ref, sd = rf.load(fixture)
@@ -112,6 +113,7 @@ NO_FIXTURE = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('what,arch,kw,build', NO_FIXTURE, ids=[c[0] for c in NO_FIXTURE])
 def test_matches_torch_module(tg, what, arch, kw, build):
   module = build(tg)
@@ -165,6 +167,7 @@ def _cmi_variables():
   return model.init(jax.random.key(0), jnp.zeros((2, 256)))
 
 
+@pytest.mark.slow
 def test_reset_params_is_cmi_reset_model():
   variables = _cmi_variables()
   params = jax.jit(generators.reset_params)(variables['params'], jax.random.key(1))
@@ -176,6 +179,7 @@ def test_reset_params_is_cmi_reset_model():
   assert jax.tree.structure(params) == jax.tree.structure(variables['params'])
 
 
+@pytest.mark.slow
 def test_reset_l0_touches_only_the_first_layers():
   params = _cmi_variables()['params']
   new = generators.reset_l0(params, jax.random.key(2))
@@ -188,6 +192,7 @@ def test_reset_l0_touches_only_the_first_layers():
     generators.reset_params(params, jax.random.key(0), modules=('l2.0',))
 
 
+@pytest.mark.slow
 def test_redraw_noisy_layers():
   model = models.create('nayer_generator', ngf=16, nl=3, sbz=8, le_emb_size=32, le_size=24)
   params = model.init(jax.random.key(0), jnp.zeros((8, 24)))['params']

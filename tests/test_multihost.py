@@ -68,6 +68,7 @@ def run_two_processes(workdir, cache_dir, *overrides: str) -> list[subprocess.Co
   return results
 
 
+@pytest.mark.slow
 def test_two_processes_train_evaluate_checkpoint_and_resume(tmp_path):
   workdir, cache = tmp_path / 'run', tmp_path / 'xla_cache'
   first = run_two_processes(workdir, cache, '--config.num_epochs=1')

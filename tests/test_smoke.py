@@ -65,6 +65,7 @@ def _assert_clean(result):
   assert 'Traceback' not in result.stderr and 'error:' not in result.stderr
 
 
+@pytest.mark.slow
 def test_readme_main_command_runlocal(tmp_path):
   workdir = tmp_path / 'dafl_mnist'
   result = _run('configs/dafl_mnist.py:runlocal', workdir)
@@ -95,6 +96,7 @@ def teacher_cli_run(tmp_path_factory):
   return workdir, result
 
 
+@pytest.mark.slow
 def test_teacher_config_runlocal(teacher_cli_run):
   workdir, result = teacher_cli_run
   _assert_clean(result)
@@ -108,6 +110,7 @@ def test_teacher_config_runlocal(teacher_cli_run):
   assert model['arch'] == 'lenet5' and model['dataset'] == 'mnist'
 
 
+@pytest.mark.slow
 def test_sigterm_then_rerun_resumes_bitwise(teacher_cli_run, tmp_path):
   full, full_result = teacher_cli_run
   _assert_clean(full_result)

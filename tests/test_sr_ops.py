@@ -264,6 +264,7 @@ def test_matlab_uint8_rounds_half_away_from_zero_and_saturates():
   assert sr_ops.matlab_uint8(x).dtype == jnp.uint8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scale', [0.5, 2.0, 1 / 3, (2.0, 0.5), (0.5, 3.0)])
 def test_uint8_rounds_between_passes_in_matlab_order(scale):
   image = np.random.default_rng(4).integers(0, 256, size=(15, 12)).astype(np.uint8)
@@ -309,6 +310,7 @@ def test_psnr_constant_offset_and_shave():
   assert np.all(np.isposinf(sr_ops.psnr(base, base)))
 
 
+@pytest.mark.slow
 def test_psnr_matches_skimage():
   metrics = pytest.importorskip('skimage.metrics')
   a, b = _random_image(7, (17, 13, 1), 255.0), _random_image(8, (17, 13, 1), 255.0)
@@ -316,6 +318,7 @@ def test_psnr_matches_skimage():
   np.testing.assert_allclose(sr_ops.psnr(jnp.asarray(a), jnp.asarray(b), shave=2), expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_ssim_identical_and_constant_images():
   a = jnp.asarray(_random_image(9, (1, 16, 14, 1), 255.0))
   np.testing.assert_allclose(sr_ops.ssim(a, a), [1.0], atol=1e-6)
@@ -335,6 +338,7 @@ def test_ssim_single_window_mean_shift():
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_ssim_matches_window_loop_and_shave():
   a = _random_image(11, (22, 19), 255.0)
   b = np.clip(a + np.random.default_rng(12).normal(0, 20, a.shape), 0, 255).astype(np.float32)
@@ -346,6 +350,7 @@ def test_ssim_matches_window_loop_and_shave():
     sr_ops.ssim(jnp.zeros((10, 30, 1)), jnp.zeros((10, 30, 1)))
 
 
+@pytest.mark.slow
 def test_ssim_matches_skimage_on_a_photograph():
   skimage = pytest.importorskip('skimage')
   from skimage.metrics import structural_similarity
@@ -357,6 +362,7 @@ def test_ssim_matches_skimage_on_a_photograph():
   np.testing.assert_allclose(sr_ops.ssim(_nhwc(hr), _nhwc(sr)), [expected], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_y_psnr_ssim_composes_and_jits():
   hr = jnp.asarray(_random_image(13, (2, 24, 20, 3)))
   sr = jnp.clip(sr_ops.imresize(sr_ops.imresize(hr, 0.5), 2.0), 0.0, 1.0)

@@ -86,6 +86,7 @@ def test_pool_keeps_the_newest_when_a_batch_exceeds_the_capacity():
   assert _contents(p) == _contents(q) == ([4, 5, 6], 0, 3)
 
 
+@pytest.mark.slow
 def test_uint8_pool_stores_codes_and_samples_decoded_images():
   p = pool.init(4, (2, 2, 3), jnp.uint8)
   x = jnp.asarray(np.random.default_rng(2).uniform(-0.1, 1.1, (2, 2, 2, 3)), jnp.float32)
@@ -113,6 +114,7 @@ def test_random_order_puts_a_permutation_of_the_filled_slots_first():
   assert len({tuple(o[:5]) for o in orders}) > 10
 
 
+@pytest.mark.slow
 def test_pool_epochs_visit_every_item_once_in_a_fresh_order():
   p = pool.add(pool.init(8, (1,)), _rows([10, 11, 12, 13, 14]))
   sample_epoch = lambda p, key, start, batch: pool.read(p, pool.epoch_indices(p, key, start, batch))
@@ -157,6 +159,7 @@ def test_bank_initialises_randn_and_counts_nothing_filled():
   assert abs(items.mean()) < 0.03 and abs(items.std() - 1) < 0.03
 
 
+@pytest.mark.slow
 def test_bank_fifo_and_sampling_from_the_filled_part():
   b = bank.init(jax.random.key(0), 8, 2)
   initial = np.asarray(b['items'])
@@ -221,6 +224,7 @@ def test_keep_best_all_nan_keeps_the_initial_zeros():
 # Checkpointing
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_pool_and_bank_resume_bitwise_from_a_checkpoint(tmp_path):
   state = {'step': jnp.int32(3),
            'pool': pool.add(pool.init(5, (2, 2, 3), jnp.uint8), jnp.full((7, 2, 2, 3), 0.7)),

@@ -99,6 +99,7 @@ def _optimizer_and_scheduler_state(torch) -> dict:
   return {'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('prefix', ['', 'module.'])
 @pytest.mark.parametrize('wrapping', ['raw', *torch_pickle.STATE_DICT_ENTRIES])
@@ -262,6 +263,7 @@ def user_nets(torch, tmp_path):
   return UserNets(torch, tmp_path / 'user_modules')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('name', USER_MODULES)
 @pytest.mark.parametrize('wrapping', ['module', 'DataParallel', "{'model': module}"])
@@ -296,6 +298,7 @@ def test_fixture_keys_round_trip(tmp_path, name):
   _assert_same(torch_pickle.load_state_dict(path), state_dict)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', FIXTURE_NAMES)
 def test_fixture_keys_with_torch(torch, tmp_path, name):
   """torch reads our file exactly, and we read torch's legacy files with the ``module.`` prefix."""
@@ -570,6 +573,7 @@ def test_unsupported_tensor_kind_is_named(torch, tmp_path):
 
 # --- torch-free -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_loader_never_imports_torch(torch, tmp_path, user_nets):
   """In a fresh interpreter, reading torch-written files (zip, legacy, a pickled module) and writing
   one leaves torch and the user's module unimported."""
