@@ -29,7 +29,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
-from dfkd_jax.run import evaluation, loop, parallel
+from dfkd_jax.run import evaluation, loop, parallel, timing
 from dfkd_jax.run.job import Job
 from dfkd_jax.run.timing import time_phases
 from dfkd_jax.train import train_and_evaluate
@@ -392,3 +392,15 @@ def test_dafl_resume_after_sigterm_is_bitwise(dafl_run, tmp_path, monkeypatch, c
   assert_same_run_metrics(read_metrics(workdir), read_metrics(full))
   for key in ('teacher_top1', 'student_top1_best', 'student_top1_final', 'steps'):
     assert summary.values[key] == full_summary.values[key]
+
+
+def test_phases_are_timed_once_per_run(tmp_path, monkeypatch):
+  """The first start measures the phase fractions and keeps them in the workdir; a resumed run
+  reads them back instead of compiling and timing every phase again."""
+  measured = []
+  monkeypatch.setattr(timing, 'time_phases', lambda *args: measured.append(1) or {'synth': 0.25, 'kd': 0.75})
+  args = (None, None, None, None, None, None, str(tmp_path))
+  assert timing.phase_fractions(*args, resumed=False) == {'synth': 0.25, 'kd': 0.75} and len(measured) == 1
+  assert timing.phase_fractions(*args, resumed=True) == {'synth': 0.25, 'kd': 0.75} and len(measured) == 1
+  assert read_json(str(tmp_path), 'phase_fractions.json') == {'synth': 0.25, 'kd': 0.75}
+  assert timing.phase_fractions(*args, resumed=False) and len(measured) == 2  # a new run measures again

@@ -5,6 +5,8 @@
   2 iterations, evaluate (each process reads half of the held-out digits), checkpoint, and stop;
   run again with a longer schedule, both resume from the shared checkpoint and train 2 more. Only
   process 0 writes the outputs.
+- SIGTERM to one process only: both stop after the same step, save one checkpoint, exit 0, and
+  resume from it.
 - The run outputs (config.json, metrics.jsonl, summary.json, sample grids) on an object-store
   workdir (``gs://``), through a stand-in file system with GCS's semantics (objects can be
   written whole but not appended to).
@@ -16,9 +18,12 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import fsspec
 import jax
@@ -35,6 +40,7 @@ from dfkd_jax.run.outputs import read_history
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAFL = 'configs/dafl_mnist.py:runlocal'
 TIMEOUT_S = 900  # per run of the two processes; a loaded 2-core machine needs a fraction of it
+STOP_TIMEOUT_S = 240  # from a stop signal to both processes' exit: a step and a checkpoint
 
 
 def free_port() -> int:
@@ -43,21 +49,33 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_two_processes(workdir, cache_dir, *overrides: str) -> list[subprocess.CompletedProcess]:
-  """Runs the DAFL CLI as processes 0 and 1 of one job; returns both, checked for exit code 0."""
+def start_two_processes(workdir, cache_dir, *overrides: str) -> list[subprocess.Popen]:
+  """Starts the DAFL CLI as processes 0 and 1 of one job."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   coordinator = f'127.0.0.1:{free_port()}'
-  procs = [subprocess.Popen(
+  return [subprocess.Popen(
       [sys.executable, '-m', 'dfkd_jax.main', '--config', DAFL, '--workdir', str(workdir), '--jax_distributed',
        '--coordinator_address', coordinator, '--num_processes', '2', '--process_id', str(i),
        '--config.report.phase_timing_reps=0', *overrides],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def finish(procs: list[subprocess.Popen], timeout_s: float = TIMEOUT_S) -> list[subprocess.CompletedProcess]:
+  """Waits for both processes (killed after ``timeout_s``: a hang fails the test); returns both,
+  checked for exit code 0."""
   results = []
   try:
     for p in procs:
-      out, err = p.communicate(timeout=TIMEOUT_S)
+      try:
+        out, err = p.communicate(timeout=timeout_s)
+      except subprocess.TimeoutExpired:
+        for q in procs:
+          q.kill()
+        outputs_so_far = [q.communicate() for q in procs]
+        pytest.fail(f'the processes did not finish within {timeout_s} s (a deadlock?); their stderr:\n' +
+                    '\n'.join(err[-2000:] for _, err in outputs_so_far))
       results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
   finally:
     for p in procs:
@@ -66,6 +84,11 @@ def run_two_processes(workdir, cache_dir, *overrides: str) -> list[subprocess.Co
   for i, r in enumerate(results):
     assert r.returncode == 0, f'process {i} exited with {r.returncode}:\n{r.stdout}\n{r.stderr[-3000:]}'
   return results
+
+
+def run_two_processes(workdir, cache_dir, *overrides: str) -> list[subprocess.CompletedProcess]:
+  """Runs the DAFL CLI as processes 0 and 1 of one job; returns both, checked for exit code 0."""
+  return finish(start_two_processes(workdir, cache_dir, *overrides))
 
 
 @pytest.mark.slow
@@ -79,7 +102,7 @@ def test_two_processes_train_evaluate_checkpoint_and_resume(tmp_path):
   assert [r['step'] for r in records] == [0, 1, 2]  # written once, by process 0
   assert records[0] == {'step': 0, 'eval/teacher_top1': 0.984}
   assert 'eval/student_top1' in records[2]
-  assert sorted(d for d in os.listdir(workdir / 'checkpoints') if d.isdigit()) == ['2']
+  assert sorted(d for d in os.listdir(workdir / 'checkpoints') if d.isdigit()) == ['1', '2']  # twice a run
   assert json.loads((workdir / 'summary.json').read_text())['steps'] == 2
 
   second = run_two_processes(workdir, cache)
@@ -93,7 +116,7 @@ def test_two_processes_train_evaluate_checkpoint_and_resume(tmp_path):
   summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['steps'] == 4 and summary['finished'] is True and summary['teacher_top1'] == 0.984
   assert summary['student_top1_final'] == student_top1[-1]
-  assert sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit()) == [2, 4]
+  assert sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit()) == [1, 2, 4]
   for step in (2, 4):
     with Image.open(workdir / 'samples' / f'step_{step:07d}.png') as grid:
       assert grid.size == (8 * 34 + 2, 8 * 34 + 2)
@@ -104,6 +127,35 @@ def test_two_processes_train_evaluate_checkpoint_and_resume(tmp_path):
   _, variables, meta = model_dir.load(str(workdir / 'student'))
   assert meta['arch'] == 'lenet5_half'
   assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(variables))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path):
+  """A preemption notice reaches only process 1. Both processes must agree on the step to stop
+  after: acting alone, process 1 would enter the (collective) checkpoint save while process 0
+  enters the next step's collectives, and both would wait for ever."""
+  workdir, cache = tmp_path / 'run', tmp_path / 'xla_cache'
+  procs = start_two_processes(workdir, cache, '--config.num_epochs=500')  # 1,000 iterations: still training
+  deadline = time.monotonic() + TIMEOUT_S
+  while not any('train/student_loss' in r for r in outputs.read_metrics(workdir)):  # process 0 logs every step
+    assert time.monotonic() < deadline and all(p.poll() is None for p in procs), 'training did not start'
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)
+  first = finish(procs, timeout_s=STOP_TIMEOUT_S)
+  stopped = [re.search(r'stopped at step (\d+) \(checkpoint saved\)', r.stdout) for r in first]
+  assert all(stopped), [r.stdout for r in first]
+  step = int(stopped[0].group(1))
+  assert int(stopped[1].group(1)) == step < 1000
+  assert max(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit()) == step  # saved once, by both
+  assert outputs.read_metrics(workdir)[-1]['step'] == step
+
+  total = 2 * (step // 2 + 2)  # a shorter run (whole epochs of 2 iterations), so that the resumed part is short
+  second = run_two_processes(workdir, cache, f'--config.num_epochs={total // 2}')
+  for i, r in enumerate(second):
+    assert f'resuming from the checkpoint at step {step} in {workdir}' in r.stdout + r.stderr, f'process {i}'
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['steps'] == total and summary['finished'] is True
+  assert [r['step'] for r in outputs.read_metrics(workdir)][-(total - step):] == list(range(step + 1, total + 1))
 
 
 class ObjectStore(MemoryFileSystem):

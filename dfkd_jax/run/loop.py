@@ -45,7 +45,7 @@ from dfkd_jax.run.job import (
   frozen_variables,
 )
 from dfkd_jax.run.signals import StopSignals
-from dfkd_jax.run.timing import time_phases
+from dfkd_jax.run.timing import phase_fractions
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
     if teacher_record:
       writer.write(start, teacher_record)
 
-  phase_fraction = time_phases(job, state, frozen, timing_key, mesh, config) if start < job.num_steps else {}
+  phase_fraction = (phase_fractions(job, state, frozen, timing_key, mesh, config, workdir, resumed=restored is not None)
+                    if start < job.num_steps else {})
   progress = outputs.Progress(job.num_steps, start)
   elapsed_before, train_before = history['elapsed_s'], history['train_s']
   guard = numerics.FiniteGuard(check=on_nonfinite == 'stop')

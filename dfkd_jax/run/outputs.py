@@ -4,6 +4,8 @@
 - ``metrics.jsonl``: one JSON object per logged step, ``{"step": s, "<group>/<name>": value, ...}``;
 - ``summary.json``: written at the end (``teacher_top1``, ``student_top1_best``,
   ``student_top1_final``, ``steps``, ``wall_s``, ``peak_rss_mb``, ...);
+- ``phase_fractions.json``: ``{phase: fraction of an iteration's time}``, measured when the run
+  first starts (``run.timing``) and read back when it resumes;
 - ``samples/step_XXXXXXX.png``: grids of synthetic samples.
 
 Only process 0 writes. The workdir may be local or in an object store (``gs://bucket/run``, through
@@ -117,6 +119,20 @@ def read_metrics(workdir) -> list[dict]:
     except ValueError:
       continue
   return records
+
+
+PHASE_FRACTIONS = 'phase_fractions.json'
+
+
+def read_phase_fractions(workdir) -> dict[str, float] | None:
+  """The phase fractions an earlier start of this run measured (None if there are none)."""
+  path = epath.Path(workdir) / PHASE_FRACTIONS
+  return read_json(path) if path.exists() else None
+
+
+def write_phase_fractions(workdir, fractions: Mapping[str, float]) -> None:
+  if is_writer():
+    write_json(epath.Path(workdir) / PHASE_FRACTIONS, dict(fractions))
 
 
 def read_history(workdir) -> dict:

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import signal
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from dfkd_jax.errors import StopRequested
 
 
@@ -30,6 +34,17 @@ class StopSignals:
     if self.received is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C stops at once
     self.received = signum
+
+  def agreed(self) -> int | None:
+    """The signal every process stops on after this step, the same in all of them: with several
+    processes, the largest signal any of them has received (a tiny all-gather of each one's flag,
+    called by all at every step). A process acting on its own flag alone would enter the collective
+    checkpoint save while the others enter the next step's collectives: a deadlock. One process
+    pays nothing."""
+    if jax.process_count() == 1:
+      return self.received
+    flags = multihost_utils.process_allgather(np.int32(self.received or 0))
+    return int(np.max(flags)) or None
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():

@@ -5,8 +5,21 @@ import time
 
 import jax
 
-from dfkd_jax.run import parallel
+from dfkd_jax.run import outputs, parallel
 from dfkd_jax.run.job import Job, device_batch, phases_on
+
+
+def phase_fractions(job: Job, state, frozen, timing_key, mesh, config, workdir: str, *,
+                    resumed: bool) -> dict[str, float]:
+  """``time_phases``, once per run: measured when the run first starts and kept in the workdir
+  (``outputs.PHASE_FRACTIONS``); a resumed run reads them back instead of compiling and timing every
+  phase again (a minute or more for a synthesis phase)."""
+  saved = outputs.read_phase_fractions(workdir) if resumed else None
+  if saved is not None:
+    return saved
+  fractions = time_phases(job, state, frozen, timing_key, mesh, config)
+  outputs.write_phase_fractions(workdir, fractions)
+  return fractions
 
 
 def time_phases(job: Job, state, frozen, timing_key, mesh, config) -> dict[str, float]:
