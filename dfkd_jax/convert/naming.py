@@ -60,45 +60,47 @@ def _module(path):
   return '.'.join(path[1:-1])
 
 
-def to_flax_leaf(value: np.ndarray, path: tuple[str, ...], flatten_inputs, view_outputs) -> np.ndarray:
-  """Converts one torch tensor to the layout of the Flax leaf at ``path``."""
+def _reorder_chw(value: np.ndarray, axis: int, chw: tuple[int, int, int], to_flax: bool) -> np.ndarray:
+  """Reorders the flattened ``axis`` of ``value`` from torch's (C, H, W) order to Flax's (H, W, C)
+  (``to_flax``) or back: a torch ``view``/``flatten`` of a feature map next to an NHWC one."""
+  c, h, w = chw
+  moved = np.moveaxis(value, axis, 0)
+  rest = moved.shape[1:]
+  order = (1, 2, 0) if to_flax else (2, 0, 1)
+  grid = moved.reshape(((c, h, w) if to_flax else (h, w, c)) + rest)
+  moved = grid.transpose(order + tuple(range(3, grid.ndim))).reshape((c * h * w,) + rest)
+  return np.moveaxis(moved, 0, axis)
+
+
+def _convert_leaf(value, path: tuple[str, ...], flatten_inputs, view_outputs, to_flax: bool) -> np.ndarray:
+  """One tensor between torch's layout and the Flax leaf's at ``path``: conv kernels
+  (O, I, kh, kw) <-> (kh, kw, I, O), linear kernels (out, in) <-> (in, out), with any flattened
+  (C, H, W) axis of a module in ``flatten_inputs`` (its input) or ``view_outputs`` (its output)
+  reordered to (H, W, C)."""
   value = np.asarray(value, np.float32)
   leaf, module = path[-1], _module(path)
   if leaf == 'kernel' and value.ndim == 4:
-    return value.transpose(2, 3, 1, 0)
+    return value.transpose((2, 3, 1, 0) if to_flax else (3, 2, 0, 1))
   if leaf == 'kernel' and value.ndim == 2:
+    in_axis, out_axis = (1, 0) if to_flax else (0, 1)  # torch (out, in); Flax (in, out)
     if module in flatten_inputs:
-      c, h, w = flatten_inputs[module]
-      value = value.reshape(-1, c, h, w).transpose(0, 2, 3, 1).reshape(value.shape[0], -1)
+      value = _reorder_chw(value, in_axis, flatten_inputs[module], to_flax)
     if module in view_outputs:
-      c, h, w = view_outputs[module]
-      value = value.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(c * h * w, -1)
+      value = _reorder_chw(value, out_axis, view_outputs[module], to_flax)
     return value.T
   if leaf == 'bias' and module in view_outputs:
-    c, h, w = view_outputs[module]
-    return value.reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
+    return _reorder_chw(value, 0, view_outputs[module], to_flax)
   return value
+
+
+def to_flax_leaf(value: np.ndarray, path: tuple[str, ...], flatten_inputs, view_outputs) -> np.ndarray:
+  """Converts one torch tensor to the layout of the Flax leaf at ``path``."""
+  return _convert_leaf(value, path, flatten_inputs, view_outputs, to_flax=True)
 
 
 def to_torch_leaf(value: np.ndarray, path: tuple[str, ...], flatten_inputs, view_outputs) -> np.ndarray:
   """Inverse of ``to_flax_leaf``."""
-  value = np.asarray(value, np.float32)
-  leaf, module = path[-1], _module(path)
-  if leaf == 'kernel' and value.ndim == 4:
-    return value.transpose(3, 2, 0, 1)
-  if leaf == 'kernel' and value.ndim == 2:
-    value = value.T
-    if module in view_outputs:
-      c, h, w = view_outputs[module]
-      value = value.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(c * h * w, -1)
-    if module in flatten_inputs:
-      c, h, w = flatten_inputs[module]
-      value = value.reshape(-1, h, w, c).transpose(0, 3, 1, 2).reshape(value.shape[0], -1)
-    return value
-  if leaf == 'bias' and module in view_outputs:
-    c, h, w = view_outputs[module]
-    return value.reshape(h, w, c).transpose(2, 0, 1).reshape(-1)
-  return value
+  return _convert_leaf(value, path, flatten_inputs, view_outputs, to_flax=False)
 
 
 def torch_shape(flax_shape, path) -> tuple[int, ...]:
