@@ -97,13 +97,13 @@ def _imports(path: str) -> Iterator[Import]:
         yield Import(source, submodule if _is_module(submodule) else base, rel_path, node.lineno)
 
 
+def _module_paths() -> list[str]:
+  return sorted(os.path.join(directory, name) for directory, _, files in os.walk(_ROOT)
+                for name in files if name.endswith('.py'))
+
+
 def all_imports() -> list[Import]:
-  found = []
-  for directory, _, files in os.walk(_ROOT):
-    for name in sorted(files):
-      if name.endswith('.py'):
-        found.extend(_imports(os.path.join(directory, name)))
-  return found
+  return [imp for path in _module_paths() for imp in _imports(path)]
 
 
 def _longest_prefix(module: str, prefixes) -> str | None:
@@ -149,6 +149,15 @@ def test_imports_follow_the_layering():
   found = violations(imports)
   if found:
     pytest.fail('import layering violated (rules at the top of tests/test_layering.py):\n' + '\n'.join(found))
+
+
+def test_every_module_has_a_layer():
+  """A new top-level module or package must join LAYERS (and BLOCK_ORDER if it is a building block)."""
+  modules = [_module_name(path) for path in _module_paths()]
+  unplaced = [f'{PACKAGE}.{m}' for m in modules if m and _layer_rank(m) is None]
+  assert not unplaced, f'modules in no layer of LAYERS: {unplaced}'
+  blocks = [p for _, prefixes in LAYERS[:2] for p in prefixes]
+  assert sorted(blocks) == sorted(BLOCK_ORDER), 'BLOCK_ORDER must list exactly the base and building-block packages'
 
 
 def test_the_rules_catch_each_kind_of_violation():
