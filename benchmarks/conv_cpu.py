@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from dfkd_jax.models import layers  # noqa: E402
+from dfkd_jax.models import cpu_kernels, layers  # noqa: E402
 
 # (batch, size, c_in, c_out, kernel, stride, padding): ResNet-18/WRN/LeNet/generator layers.
 KERNEL_GRAD_SHAPES = [
@@ -49,12 +49,13 @@ def main():
     out = (size + 2 * p - k) // s + 1
     dy = jax.random.normal(key, (n, out, out, c_out))
     shape = (k, k, c_in, c_out)
-    xla = jax.jit(lambda x, dy: jax.vjp(lambda w: layers._xla_conv(x, w, s, p), jnp.zeros(shape))[1](dy)[0])
-    gemm = jax.jit(lambda x, dy: layers._kernel_grad_by_gemm(x, dy, shape, s, p))
+    xla = jax.jit(lambda x, dy: jax.vjp(lambda w: cpu_kernels.xla_conv(x, w, s, p), jnp.zeros(shape))[1](dy)[0])
+    gemm = jax.jit(lambda x, dy: cpu_kernels._kernel_grad_by_gemm(x, dy, shape, s, p))
     ours = jax.jit(lambda x, dy: jax.vjp(lambda w: layers.conv2d(x, w, s, p), jnp.zeros(shape))[1](dy)[0])
     a, b, c = (statistics.median(timed_ms(f, x, dy) for _ in range(args.rounds)) for f in (xla, gemm, ours))
     print(f'| {n}, {size}x{size}, {c_in}->{c_out}, {k}, {s} | {a:.1f} | {b:.1f} | {c:.1f} | {a / c:.2f} |', flush=True)
-  print('\nupsample x2 + conv3x3, forward + backward\n| shape (N, HxW, Cin->Cout) | upsample then conv ms | fused ms | ratio |\n|---|---|---|---|')
+  print('\nupsample x2 + conv3x3, forward + backward\n'
+        '| shape (N, HxW, Cin->Cout) | upsample then conv ms | fused ms | ratio |\n|---|---|---|---|')
   for n, size, c_in, c_out in UPSAMPLE_SHAPES:
     x = jax.random.normal(key, (n, size, size, c_in))
     w = jax.random.normal(key, (3, 3, c_in, c_out))

@@ -21,9 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def jax_iteration(batch: int, devices: int):
   import jax
+
   from dfkd_jax import methods
-  from dfkd_jax.run.job import compile_job
   from dfkd_jax.run import parallel
+  from dfkd_jax.run.job import compile_job
   spec = importlib.util.spec_from_file_location('dafl_mnist', os.path.join(ROOT, 'configs', 'dafl_mnist.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -45,8 +46,8 @@ def jax_iteration(batch: int, devices: int):
 
 def torch_iteration(batch: int):
   import torch
-  from torch import nn
   import torch.nn.functional as F
+  from torch import nn
   torch.set_num_threads(os.cpu_count() or 1)
 
   class Generator(nn.Module):  # DAFL-train.py's generator, MNIST setting

@@ -31,9 +31,10 @@ def measure(batch: int, iters: int) -> float:
   """Milliseconds per DAFL iteration on a mesh of every device of this process."""
   sys.path.insert(0, ROOT)
   import jax
+
   from dfkd_jax import methods
-  from dfkd_jax.run.job import compile_job, frozen_sharding
   from dfkd_jax.run import parallel
+  from dfkd_jax.run.job import compile_job, frozen_sharding
   spec = importlib.util.spec_from_file_location('dafl_mnist', os.path.join(ROOT, 'configs', 'dafl_mnist.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -56,9 +56,11 @@ def table(results: dict) -> str:
     n = len(runs)
     mean = lambda k: statistics.mean(r.get(k) or 0.0 for r in runs)
     rows.append(f"| {method} | {n} | {mean_std([r['teacher_top1'] for r in runs])} | "
-                f"{mean_std([r['student_top1_best'] for r in runs])} | {mean_std([r['student_top1_final'] for r in runs])} | "
+                f"{mean_std([r['student_top1_best'] for r in runs])} | "
+                f"{mean_std([r['student_top1_final'] for r in runs])} | "
                 f"{mean('wall_s'):.0f} | {mean('synth_s'):.0f} | {mean('kd_s'):.0f} | "
-                f"{statistics.mean(r['steps'] / r['train_s'] for r in runs):.2f} | {max(r['peak_rss_mb'] for r in runs):.0f} |")
+                f"{statistics.mean(r['steps'] / r['train_s'] for r in runs):.2f} | "
+                f"{max(r['peak_rss_mb'] for r in runs):.0f} |")
   return '\n'.join(rows)
 
 

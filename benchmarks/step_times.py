@@ -49,6 +49,7 @@ def build(method: str, batch: int, g_steps: int, kd_steps: int, devices: int):
   """(synth phase, kd phase), each a no-argument callable running one compiled call."""
   import jax
   import jax.numpy as jnp
+
   from dfkd_jax import methods
   from dfkd_jax.run import parallel
   config = load_config(method)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 _TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests')
 sys.path[:0] = [_TESTS, os.path.join(_TESTS, 'fixtures')]  # torch_generators imports fixtures/weights_rule
 from torch_classifiers import WideResNet  # noqa: E402
-from torch_generators import _View, _torch_cmi_stack  # noqa: E402
+from torch_generators import _torch_cmi_stack, _View  # noqa: E402
 
 # CIFAR-10 normalisation, as the CMI framework's.
 CIFAR10_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 # torch_dafl_wrn puts the tests' PyTorch models (written from the reference structures) on the path.
-from torch_dafl_wrn import CIFAR10_MEAN as _MEAN, CIFAR10_STD as _STD, WideResNet, _View, _torch_cmi_stack
+from torch_dafl_wrn import CIFAR10_MEAN as _MEAN
+from torch_dafl_wrn import CIFAR10_STD as _STD
+from torch_dafl_wrn import WideResNet, _torch_cmi_stack, _View
 
 NUM_CLASSES = 10
 

@@ -6,7 +6,7 @@ LeNet-5-half, distilled from a pool of digits made by a generator re-initialised
 
 The CMI loss (bn·BN-statistics + oh·CE + adv·masked-KL + cr·contrastive over BN-input features
 with a 40,960-row memory bank) with the scratch script's weights, a 1-channel CMI generator, and
-MNIST-sized schedules (see the README for what is measured); digits are not flipped
+MNIST-sized schedules (docs/results.md has what is measured); digits are not flipped
 in any view. ``:runlocal`` for a smoke test.
 """
 from dfkd_jax import configlib

@@ -8,7 +8,7 @@ schedule: about 13 hours in the reference code on a 2-core CPU). The default is 
 under 10 minutes on a 2-core CPU: 600 iterations at batch 64, each one generator step and ten
 student steps on that iteration's batch (the student step is ~10x cheaper than the generator's),
 both learning rates annealed by a cosine over the run (measured on the real MNIST test set: see
-the README and benchmarks/results/mnist_methods.md).
+docs/results.md and benchmarks/results/mnist_methods.md).
 """
 from dfkd_jax import configlib
 

@@ -7,7 +7,7 @@ LeNet-5-half, distilled from a pool of inverted digits.
 The CMI framework's DeepInversion loss (bn·BN-statistics + oh·CE + adv·(−JS) + tv·TV-L1) and
 Adam(0.5, 0.99) on the pixels, with MNIST-sized schedules: 64 synthesis calls of 256 digits x 200
 pixel steps, each followed by 50 student steps on the pool (batch 128; crop-pad 2, no flips for
-digits). See the README for what is measured. ``:runlocal`` for a smoke test.
+digits). docs/results.md has what is measured. ``:runlocal`` for a smoke test.
 """
 from dfkd_jax import configlib
 

@@ -14,9 +14,10 @@ after 9 epochs (the reference's 120 of 200). Changed from the reference for this
 lr_g 1e-2 (not 3e-3) and oh 1.0 (not 0.4); and the student's crops are drawn when a digit enters
 the pool (4 per digit, each stored with the teacher's logits on it) instead of at every read, so
 a student step needs no teacher forward (``--config.pool.insert_views=0
---config.pool.teacher_logits=False`` for the reference's read-time crops). ``--config.fast.meta=reptile`` for the Reptile variant;
+--config.pool.teacher_logits=False`` for the reference's read-time crops). ``--config.fast.meta=reptile``
+for the Reptile variant;
 ``--config.fast.reference_teacher_as_student=True`` for the reference bug (adversarial term 0).
-See the README for what is measured. ``:runlocal`` for a smoke test.
+docs/results.md has what is measured. ``:runlocal`` for a smoke test.
 """
 from dfkd_jax import configlib
 
@@ -35,7 +36,7 @@ def get_config(arg=None):
   c.kd_steps = 80
   # lr_g and oh above the reference's (3e-3, 0.4): in this short schedule the meta-generator must
   # make class-confident digits within a few calls (55% top-1 with the reference's, 89.9% with
-  # these; see the README).
+  # these; see docs/results.md).
   c.optimizer_g = dict(lr=1e-2, betas=(0.5, 0.999))
   c.loss = dict(bn=10.0, oh=1.0, adv=1.1)
   c.fast = dict(meta='fomaml', reptile_scale=67.0, lr_z=0.01, bn_mmt=0.9, reset_l0=True, reset_l0_epoch=9,

@@ -12,7 +12,8 @@ adversarial term; ``warmup_epochs=4`` engine epochs of 2 batches), then 34 epoch
 crop-pad 2, no flips for digits). As in ``fast_mnist.py``, the crops are drawn when a digit enters
 the pool (4 per digit, each stored with the teacher's logits on it), so a student step runs no
 teacher forward (``--config.pool.insert_views=0 --config.pool.teacher_logits=False`` for the
-reference's read-time crops; that and 20 epochs reached 70.85% in 603 s, see the README). Label embeddings: ``--config.nayer.label_embedding=FILE.npy``
+reference's read-time crops; that and 20 epochs reached 70.85% in 603 s, see docs/results.md). Label
+embeddings: ``--config.nayer.label_embedding=FILE.npy``
 ([10, le_size] float; see ``dfkd_jax/methods/nayer.py``), by default the seeded orthonormal
 fallback. ``:runlocal`` for a smoke test.
 """

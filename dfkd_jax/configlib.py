@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from dfkd_jax.errors import UserError
+from dfkd_jax.errors import UserError, check_choice
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -121,10 +121,8 @@ def cifar_distillation(method: str, arg: str | None, **extra_args) -> tuple[ml_c
   teacher and tiny batches so the config can be smoke-tested anywhere.
   """
   arg = parse_arg(arg, dataset='cifar10', pair='wrn40_2-wrn16_1', runlocal=False, **extra_args)
-  if arg.dataset not in ('cifar10', 'cifar100'):
-    raise UserError(f"dataset must be cifar10 or cifar100, not {arg.dataset!r}")
-  if arg.pair not in CIFAR_PAIRS:
-    raise UserError(f"pair must be one of {', '.join(CIFAR_PAIRS)}, not {arg.pair!r}")
+  check_choice('dataset', arg.dataset, ('cifar10', 'cifar100'))
+  check_choice('pair', arg.pair, CIFAR_PAIRS)
   teacher, student = arg.pair.split('-')
   c = base(method=method, dataset=arg.dataset, num_classes=10 if arg.dataset == 'cifar10' else 100,
            image_size=32, in_channels=3, eval_data=f'tfds:{arg.dataset}')

@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 
 from dfkd_jax import data, losses, models, optim
-from dfkd_jax.run.job import Evaluated, Export
-from dfkd_jax.run import parallel
-from dfkd_jax.models import hooks
 from dfkd_jax.convert import teachers
 from dfkd_jax.errors import UserError, check_choice
+from dfkd_jax.models import hooks
 from dfkd_jax.optim import TrainState
+from dfkd_jax.run import parallel
+from dfkd_jax.run.job import Evaluated, Export
 
 
 class TeacherView(NamedTuple):
@@ -108,7 +108,8 @@ def setup(config, mesh) -> Setup:
   student = models.create(config.student.arch, num_classes=config.num_classes, **config.student.get('kwargs', {}))
   shape = (config.image_size, config.image_size, config.in_channels)
   if tuple(teacher.metadata.get('input_shape', shape)) != shape:
-    raise UserError(f"teacher {config.teacher.checkpoint} takes inputs of shape {tuple(teacher.metadata['input_shape'])} "
+    raise UserError(f"teacher {config.teacher.checkpoint} takes inputs of shape "
+                    f"{tuple(teacher.metadata['input_shape'])} "
                     f"but the config has image_size={config.image_size}, in_channels={config.in_channels}")
   parallel.check_batch(config.batch_size, mesh, 'batch_size')
   if config.get('generator', None) is not None and config.generator.get('output') == 'unit':

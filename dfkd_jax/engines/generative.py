@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from dfkd_jax import losses, models, optim
-from dfkd_jax.run.job import Job
-from dfkd_jax.models import hooks
 from dfkd_jax.engines import common
+from dfkd_jax.models import hooks
+from dfkd_jax.run.job import Job
 
 # generator_loss(teacher_output, student_logits_or_None, images) -> (loss, metrics dict)
 GeneratorLoss = Callable[[common.TeacherView, jax.Array | None, jax.Array], tuple[jax.Array, dict]]

@@ -55,12 +55,12 @@ import jax
 import jax.numpy as jnp
 
 from dfkd_jax import data, optim, synth
-from dfkd_jax.synth import augment
-from dfkd_jax.run.job import Job
-from dfkd_jax.run import parallel
-from dfkd_jax.errors import UserError, check_choice
 from dfkd_jax.engines import common
+from dfkd_jax.errors import UserError, check_choice
 from dfkd_jax.optim import TrainState
+from dfkd_jax.run import parallel
+from dfkd_jax.run.job import Job
+from dfkd_jax.synth import augment
 from dfkd_jax.synth import pool as pool_lib
 
 _POOL_DTYPES = {'uint8': jnp.uint8, 'float32': jnp.float32}

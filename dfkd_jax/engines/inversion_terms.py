@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from dfkd_jax import data, losses
-from dfkd_jax.synth import augment
 from dfkd_jax.engines import common
 from dfkd_jax.engines.common import TeacherView
+from dfkd_jax.synth import augment
 
 
 def bn_ema_init(view: TeacherView) -> dict:

@@ -19,11 +19,11 @@ import numpy as np
 import optax
 
 from dfkd_jax import data, optim
-from dfkd_jax.synth import augment
-from dfkd_jax.run.job import Job
-from dfkd_jax.run import parallel
 from dfkd_jax.data import preprocess, unlabelled
 from dfkd_jax.engines import common
+from dfkd_jax.run import parallel
+from dfkd_jax.run.job import Job
+from dfkd_jax.synth import augment
 
 LossFn = Callable[[jax.Array, jax.Array, object], tuple[jax.Array, dict]]
 

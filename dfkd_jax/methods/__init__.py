@@ -6,7 +6,8 @@ import importlib
 
 from dfkd_jax.errors import UserError
 
-METHODS = ('supervised', 'dafl', 'zskt', 'dfad', 'dfq', 'deepinv', 'cmi', 'fast', 'cudfkd', 'nayer', 'pu', 'dfnd', 'dfsr', 'sr_supervised')
+METHODS = ('supervised', 'dafl', 'zskt', 'dfad', 'dfq', 'deepinv', 'cmi', 'fast', 'cudfkd', 'nayer', 'pu', 'dfnd',
+           'dfsr', 'sr_supervised')
 
 
 def get(name: str):

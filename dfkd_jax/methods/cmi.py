@@ -34,13 +34,11 @@ import jax
 import jax.numpy as jnp
 
 from dfkd_jax import data, losses, models, optim
-from dfkd_jax.synth import augment
+from dfkd_jax.engines import common, inversion, inversion_terms
 from dfkd_jax.models import hooks
-from dfkd_jax.engines import common
-from dfkd_jax.engines import inversion
-from dfkd_jax.engines import inversion_terms
 from dfkd_jax.models.generators import reset_params
 from dfkd_jax.models.layers import Linear
+from dfkd_jax.synth import augment
 from dfkd_jax.synth import bank as bank_lib
 
 

@@ -40,10 +40,8 @@ import jax
 import jax.numpy as jnp
 
 from dfkd_jax import data, losses, models, optim
+from dfkd_jax.engines import common, inversion, inversion_terms
 from dfkd_jax.errors import check_choice
-from dfkd_jax.engines import common
-from dfkd_jax.engines import inversion
-from dfkd_jax.engines import inversion_terms
 from dfkd_jax.models.generators import reset_params
 
 _CURRICULA = ('log', 'none')

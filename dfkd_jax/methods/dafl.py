@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 
 from dfkd_jax import losses
-from dfkd_jax.errors import check_choice
 from dfkd_jax.engines import generative
+from dfkd_jax.errors import check_choice
 
 
 def make_job(config, mesh):

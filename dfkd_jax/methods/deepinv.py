@@ -43,12 +43,10 @@ import jax
 import jax.numpy as jnp
 
 from dfkd_jax import data, losses, optim
-from dfkd_jax.synth import augment
+from dfkd_jax.engines import common, inversion, inversion_terms
 from dfkd_jax.errors import UserError, check_choice
-from dfkd_jax.engines import common
-from dfkd_jax.engines import inversion
-from dfkd_jax.engines import inversion_terms
 from dfkd_jax.models.layers import avg_pool
+from dfkd_jax.synth import augment
 
 _BEST = ('lowest_loss', 'post_step', 'last')
 

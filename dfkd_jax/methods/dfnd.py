@@ -35,9 +35,8 @@ import numpy as np
 
 from dfkd_jax import data, losses, optim
 from dfkd_jax.data import unlabelled
+from dfkd_jax.engines import common, selected_kd
 from dfkd_jax.errors import UserError
-from dfkd_jax.engines import common
-from dfkd_jax.engines import selected_kd
 
 
 def select_confident(logits: np.ndarray, num_select: int) -> np.ndarray:

@@ -51,13 +51,12 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from dfkd_jax import models, optim
+from dfkd_jax.engines import common
+from dfkd_jax.errors import UserError
 from dfkd_jax.run import evaluation
 from dfkd_jax.run.job import Evaluated, Job
 from dfkd_jax.sr import evaluation as sr_evaluation
 from dfkd_jax.sr import ops as sr_ops
-from dfkd_jax.errors import UserError
-from dfkd_jax.engines import common
-
 
 EVAL_IMAGES_DURING_TRAINING = 2
 

@@ -43,10 +43,8 @@ import jax
 import jax.numpy as jnp
 
 from dfkd_jax import models, optim
+from dfkd_jax.engines import common, inversion, inversion_terms
 from dfkd_jax.errors import check_choice
-from dfkd_jax.engines import common
-from dfkd_jax.engines import inversion
-from dfkd_jax.engines import inversion_terms
 from dfkd_jax.models.generators import reset_l0
 
 _META_RULES = ('fomaml', 'reptile')

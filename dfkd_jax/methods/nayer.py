@@ -47,10 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfkd_jax import models, optim
+from dfkd_jax.engines import common, inversion, inversion_terms
 from dfkd_jax.errors import UserError
-from dfkd_jax.engines import common
-from dfkd_jax.engines import inversion
-from dfkd_jax.engines import inversion_terms
 from dfkd_jax.models.generators import redraw_noisy_layers
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -45,14 +44,13 @@ import numpy as np
 import optax
 
 from dfkd_jax import data, losses, optim
+from dfkd_jax.data import unlabelled
+from dfkd_jax.engines import common, selected_kd
+from dfkd_jax.errors import UserError
+from dfkd_jax.models import hooks
+from dfkd_jax.models.layers import Linear
 from dfkd_jax.run import parallel
 from dfkd_jax.run.job import Job, Stage, Stages
-from dfkd_jax.models import hooks
-from dfkd_jax.data import unlabelled
-from dfkd_jax.errors import UserError
-from dfkd_jax.engines import common
-from dfkd_jax.engines import selected_kd
-from dfkd_jax.models.layers import Linear
 
 
 class SEHead(nn.Module):

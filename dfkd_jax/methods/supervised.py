@@ -14,10 +14,10 @@ import numpy as np
 import optax
 
 from dfkd_jax import data, models, optim
-from dfkd_jax.synth import augment
-from dfkd_jax.run.job import Evaluated, Export, Job
-from dfkd_jax.run import parallel
 from dfkd_jax.optim import TrainState
+from dfkd_jax.run import parallel
+from dfkd_jax.run.job import Evaluated, Export, Job
+from dfkd_jax.synth import augment
 
 
 def classifier_step(state: TrainState, images, labels):

@@ -16,8 +16,8 @@ The generator seeks images where student and teacher disagree, and the student l
 from __future__ import annotations
 
 from dfkd_jax import losses
-from dfkd_jax.errors import check_choice
 from dfkd_jax.engines import generative
+from dfkd_jax.errors import check_choice
 
 
 def make_job(config, mesh):

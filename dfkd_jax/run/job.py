@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfkd_jax.errors import UserError
+from dfkd_jax.errors import check_choice
 from dfkd_jax.run import evaluation, numerics, parallel
 
 State = Any  # a pytree (dict) holding at least 'step'
@@ -136,8 +136,7 @@ def compile_job(job: Job, mesh, init_key, on_nonfinite: str = 'stop',
   pinned to the input shardings so that every iteration reuses one compiled program. Train-mode
   BatchNorm follows ``mesh_config.batch_norm`` (``config.mesh``; None: the defaults). The state
   gets a ``skipped_updates`` counter in every mode, so that a run can switch modes when it resumes."""
-  if on_nonfinite not in numerics.ON_NONFINITE:
-    raise UserError(f"numerics.on_nonfinite must be one of {', '.join(numerics.ON_NONFINITE)}, not {on_nonfinite!r}")
+  check_choice('numerics.on_nonfinite', on_nonfinite, numerics.ON_NONFINITE)
   mesh_config = mesh_config or {}
   repl = parallel.replicated(mesh)
   init_fn = lambda key: dict(job.init(key), **{numerics.SKIPPED: jnp.zeros((), jnp.int32)})

@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 _held: dict[str, list] = {}  # real path of the lock file -> [file descriptor, claim count]
 
 
-def is_local(workdir: str) -> bool:
-  return '://' not in workdir
+def is_local(path) -> bool:
+  """Local paths can be locked and appended to; object-store objects (``gs://...``) can only be
+  rewritten. (Here, not in ``outputs``: this module is imported before jax, to lock early.)"""
+  return '://' not in str(path)
 
 
 def prepare(workdir: str) -> None:

@@ -34,9 +34,8 @@ import numpy as np
 from etils import epath
 
 from dfkd_jax.convert import model_dir
-from dfkd_jax.run import cadence
+from dfkd_jax.run import cadence, lock, numerics, outputs, parallel
 from dfkd_jax.run import checkpoint as ckpt_lib
-from dfkd_jax.run import lock, numerics, outputs, parallel
 from dfkd_jax.run.job import (
   Job,
   compile_job,

@@ -27,6 +27,8 @@ import jax
 import numpy as np
 from etils import epath
 
+from dfkd_jax.run.lock import is_local
+
 
 def is_writer() -> bool:
   return jax.process_index() == 0
@@ -42,11 +44,6 @@ def _jsonable(v):
     v = np.asarray(v)
     return v.item() if v.ndim == 0 else v.tolist()
   return v
-
-
-def is_local(path) -> bool:
-  """Local paths can be appended to; object-store objects (``gs://...``) can only be rewritten."""
-  return '://' not in str(path)
 
 
 def _write_text(path: epath.Path, text: str) -> None:

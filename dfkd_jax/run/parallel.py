@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dfkd_jax.errors import UserError
+from dfkd_jax.errors import UserError, check_choice
 from dfkd_jax.models.bn_groups import batch_stat_groups
 
 DATA_AXIS = 'data'
@@ -79,8 +79,7 @@ def array_shardings(tree: Any, mesh, fsdp_min_mb: float = 0.0) -> Any:
 
 def batch_norm_groups(mode: str, mesh) -> int:
   """How many slices of the global batch train-mode BatchNorm takes statistics over."""
-  if mode not in BATCH_NORM_MODES:
-    raise UserError(f"mesh.batch_norm must be one of {', '.join(BATCH_NORM_MODES)}, not {mode!r}")
+  check_choice('mesh.batch_norm', mode, BATCH_NORM_MODES)
   return 1 if mode == 'global' else mesh.devices.size
 
 

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfkd_jax.sr import ops as sr_ops
 from dfkd_jax.data import unlabelled
 from dfkd_jax.errors import UserError
+from dfkd_jax.sr import ops as sr_ops
 
 _IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 
