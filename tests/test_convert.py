@@ -417,6 +417,7 @@ def test_arch_detected_from_the_file(store):
   assert 'fits arch=dafl_generator; arch=dfad_generator, nz=100, nc=1; choose one' in message
 
 
+@pytest.mark.slow
 def test_unknown_model_kwarg_and_unfit_file(store, tmp_path):
   with pytest.raises(UserError, match='cmi_generator takes no model kwarg nzz; it takes '):
     api.convert_file(store.file('cmi__generator', 'state_dict'), arch='cmi_generator', model_kwargs={'nzz': 3})
