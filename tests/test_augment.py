@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax.synth import augment
 from dfkd_jax.errors import UserError
+from dfkd_jax.synth import augment
 
 
 def _ramp(n=1, h=4, w=5, c=1):

@@ -14,6 +14,7 @@ import sys
 import ml_collections
 import pytest
 
+from cli_output import one_line_error
 from dfkd_jax import configlib, methods
 from dfkd_jax.errors import UserError
 from dfkd_jax.run import cadence
@@ -146,13 +147,10 @@ def _cli(args, devices=None, timeout=120):
 
 
 def _assert_one_line_error(result, *fragments):
-  lines = result.stderr.strip().splitlines()
-  assert result.returncode == 2, (result.returncode, result.stderr)
-  assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
-  assert 'Traceback' not in result.stderr and 'Traceback' not in result.stdout
+  line = one_line_error(result)
   for fragment in fragments:
-    assert fragment in lines[0], (fragment, lines[0])
-  return lines[0]
+    assert fragment in line, (fragment, line)
+  return line
 
 
 @pytest.mark.parametrize('args,fragments', [

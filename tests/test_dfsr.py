@@ -9,16 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import compilations
 from dfkd_jax import methods, models
-from dfkd_jax.run.job import compile_job
-from dfkd_jax.run import evaluation, outputs, parallel
-from dfkd_jax.sr import evaluation as sr_eval
-from dfkd_jax.sr import ops as sr_ops
 from dfkd_jax.convert import model_dir
 from dfkd_jax.errors import UserError
 from dfkd_jax.methods import dfsr
+from dfkd_jax.run import evaluation, outputs, parallel
+from dfkd_jax.run.job import compile_job
+from dfkd_jax.sr import evaluation as sr_eval
+from dfkd_jax.sr import ops as sr_ops
 from dfkd_jax.train import train_and_evaluate
-from conftest import compilations
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dfkd_jax import models
-from dfkd_jax.models import hooks
 from dfkd_jax.errors import UserError
+from dfkd_jax.models import hooks
 from dfkd_jax.models.layers import BatchNorm
 
 

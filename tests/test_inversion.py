@@ -22,19 +22,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_loop import assert_bitwise_equal, compile_once, load_config, restore_arrays, stop_at  # noqa: F401
 
+from conftest import compilations
 from dfkd_jax import data, losses, methods
-from dfkd_jax.run.job import compile_job
-from dfkd_jax.run import parallel
-from dfkd_jax.models import hooks
+from dfkd_jax.engines import common, inversion
 from dfkd_jax.errors import UserError
 from dfkd_jax.methods import cmi, deepinv
-from dfkd_jax.engines import common
-from dfkd_jax.engines import inversion
+from dfkd_jax.models import hooks
+from dfkd_jax.run import parallel
+from dfkd_jax.run.job import compile_job
 from dfkd_jax.synth import pool
 from dfkd_jax.train import train_and_evaluate
-from conftest import compilations
-from test_loop import assert_bitwise_equal, compile_once, load_config, restore_arrays, stop_at  # noqa: F401
 
 
 def small_config(name='deepinv_mnist', **overrides):
@@ -233,7 +232,7 @@ def test_masked_contrastive_loss_hand_values(valid):
   if valid.all():
     np.testing.assert_allclose(got, losses.cmi_contrastive_loss(local, global_, temperature=0.5, num_current=2),
                                rtol=1e-6)
-  grad = jax.grad(lambda l: losses.cmi_contrastive_loss(l, global_, temperature=0.5, num_current=2,
+  grad = jax.grad(lambda loc: losses.cmi_contrastive_loss(loc, global_, temperature=0.5, num_current=2,
                                                         cached_valid=jnp.asarray(valid)))(jnp.asarray(local))
   assert np.isfinite(grad).all()
   np.testing.assert_array_equal(grad[2:][~valid], 0.0)  # invalid rows get no gradient

@@ -23,18 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from dfkd_jax import losses, methods, optim
-from dfkd_jax.run import parallel
-from dfkd_jax.errors import UserError
-from dfkd_jax.methods import cudfkd, fast, nayer
-from dfkd_jax.engines import common
-from dfkd_jax.engines import inversion_terms
-from dfkd_jax.train import train_and_evaluate
-from conftest import compilations
 from test_inversion import compile_and_init, small_config
 from test_loop import assert_bitwise_equal, compile_once, restore_arrays, stop_at  # noqa: F401
 
+from conftest import compilations
+from dfkd_jax import losses, methods, optim
+from dfkd_jax.engines import common, inversion_terms
+from dfkd_jax.errors import UserError
+from dfkd_jax.methods import cudfkd, fast, nayer
+from dfkd_jax.run import parallel
+from dfkd_jax.train import train_and_evaluate
 
 # ------------------------------------------------------------------------------------------------
 # Loss terms and the bn_mmt EMA
@@ -65,7 +63,7 @@ def test_curriculum_weight_hand_values():
   for loss, lam in [(1.0, 2.0), (0.0, 1.0), (5.0, 2.0)]:
     expected = (1 + math.exp(-lam)) / (1 + math.exp(loss - lam))
     np.testing.assert_allclose(losses.curriculum_weight(jnp.asarray(loss), lam), expected, rtol=1e-6)
-  grad = jax.grad(lambda l: losses.curriculum_weight(l, 2.0) * l)(jnp.asarray(1.0))
+  grad = jax.grad(lambda x: losses.curriculum_weight(x, 2.0) * x)(jnp.asarray(1.0))
   np.testing.assert_allclose(grad, (1 + math.exp(-2)) / (1 + math.exp(-1)), rtol=1e-6)  # v is a constant
 
 

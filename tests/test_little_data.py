@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import compilations
 from dfkd_jax import losses, methods
 from dfkd_jax.data import unlabelled
 from dfkd_jax.engines import selected_kd
@@ -20,7 +21,6 @@ from dfkd_jax.methods import dfnd, pu
 from dfkd_jax.run import loop, outputs, parallel, stages
 from dfkd_jax.run.job import compile_job
 from dfkd_jax.train import train_and_evaluate
-from conftest import compilations
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 

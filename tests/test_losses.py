@@ -151,7 +151,7 @@ def test_curriculum_weight_hand_values_and_no_gradient():
   np.testing.assert_allclose(losses.curriculum_weight(jnp.array([1.0]), 1.0), [(1 + math.exp(-1)) / 2], rtol=1e-6)
   # The weight is a constant for the backward pass: d(v·ℓ)/dℓ = v.
   loss = jnp.array(0.7)
-  grad = jax.grad(lambda l: losses.curriculum_weight(l, 0.3) * l)(loss)
+  grad = jax.grad(lambda x: losses.curriculum_weight(x, 0.3) * x)(loss)
   np.testing.assert_allclose(grad, losses.curriculum_weight(loss, 0.3), rtol=1e-6)
 
 

@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from dfkd_jax.run.job import compile_job
-from dfkd_jax.run import parallel
-from dfkd_jax import methods
 from conftest import compilations
+from dfkd_jax import methods
+from dfkd_jax.run import parallel
+from dfkd_jax.run.job import compile_job
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 

@@ -4,11 +4,11 @@ iteration, evaluated on abstract values (``jax.eval_shape``: every Python line o
 nothing), maps the state to a state of the same shapes and dtypes, as the donated loop state needs."""
 import jax
 import pytest
+from test_methods import load_config
 
 from dfkd_jax import methods
 from dfkd_jax.run import parallel
 from dfkd_jax.run.job import compile_job
-from test_methods import load_config
 
 
 @pytest.mark.parametrize('name', ['dafl_mnist', 'zskt_mnist', 'dfad_mnist', 'dfq_mnist', 'teacher_lenet5_mnist',

@@ -16,10 +16,9 @@ import pytest
 
 import reference_fixtures as rf
 from dfkd_jax import models
-from dfkd_jax.models import hooks
 from dfkd_jax.convert import naming
 from dfkd_jax.errors import UserError
-from dfkd_jax.models import layers, resnet_blocks, vgg, wrn
+from dfkd_jax.models import hooks, layers, resnet_blocks, vgg, wrn
 
 FIXTURES = ['cmi__resnet18', 'cmi__resnet20', 'cmi__resnet34', 'cmi__vgg11', 'cmi__wrn16_1', 'cmi__wrn40_2']
 

@@ -22,8 +22,8 @@ import pytest
 import reference_fixtures as rf
 import weights_rule
 from dfkd_jax import models
-from dfkd_jax.models import hooks
 from dfkd_jax.convert import naming
+from dfkd_jax.models import hooks
 
 torch = pytest.importorskip('torch')
 import torch_classifiers  # noqa: E402  (needs torch)

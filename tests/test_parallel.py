@@ -112,7 +112,8 @@ def compile_once(tmp_path_factory):
 
 
 def load_config(case: Case, mesh_fields: dict):
-  spec = importlib.util.spec_from_file_location(f'cfg_{case.config}', os.path.join(REPO, 'configs', f'{case.config}.py'))
+  path = os.path.join(REPO, 'configs', f'{case.config}.py')
+  spec = importlib.util.spec_from_file_location(f'cfg_{case.config}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config('runlocal')

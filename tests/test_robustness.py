@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import pickle
-import re
 import shutil
 import signal
 import socket
@@ -38,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from cli_output import logged, one_line_error
 from dfkd_jax import configlib
 from dfkd_jax.convert import api, model_dir, teachers
 from dfkd_jax.errors import StopRequested, UserError
@@ -82,26 +82,6 @@ def run(workdir, env, *extra, **kw) -> subprocess.CompletedProcess:
 def assert_clean(result):
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Traceback' not in result.stderr and 'error:' not in result.stderr, result.stderr[-3000:]
-
-
-# An absl log record's first line: severity, date, time, thread, file:line.
-LOG_RECORD = re.compile(r'([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w.]+:\d+\] (.*)')
-
-
-def logged(stderr: str, severity: str = 'IW') -> list[str]:
-  """The messages of the log records in ``stderr`` of the given severities."""
-  return [m.group(2) for m in map(LOG_RECORD.fullmatch, stderr.splitlines()) if m and m.group(1) in severity]
-
-
-def one_line_error(result, code: int = 2) -> str:
-  """The single stderr line of a failed run (the progress bar and notes and warnings logged before
-  aside), after checking the exit code and that no traceback was printed."""
-  lines = [line for line in result.stderr.splitlines()
-           if line.strip() and not line.startswith('[') and not LOG_RECORD.fullmatch(line)]
-  assert result.returncode == code, (result.returncode, result.stderr[-3000:])
-  assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-3000:]
-  assert 'Traceback' not in result.stderr + result.stdout
-  return lines[0]
 
 
 @pytest.fixture(scope='module')

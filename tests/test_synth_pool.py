@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax.run import checkpoint
 from dfkd_jax.errors import UserError
+from dfkd_jax.run import checkpoint
 from dfkd_jax.synth import bank, init_best, keep_best, pool
 
 
