@@ -151,7 +151,7 @@ def cmi_generator_settings(c: ml_collections.ConfigDict, nz: int) -> None:
 
 
 def inversion_settings(c: ml_collections.ConfigDict, *, crop_padding: int = 4, flip: bool = True) -> None:
-  """What the inversion methods (``methods/inversion.py``) share in the CMI framework: the student
+  """What the inversion methods (``engines/inversion.py``) share in the CMI framework: the student
   distils at T=20 from a replay pool of every synthesised image (uint8: the references' 8-bit PNG
   round trip) read with the standard train augmentation (RandomCrop(padding) + horizontal flip),
   SGD(0.1, momentum 0.9, wd 1e-4) with a per-epoch cosine; no synthesis-only warm-up."""
