@@ -1,4 +1,4 @@
-"""The inversion engine (``methods/inversion.py``) and its methods (DeepInversion, CMI).
+"""The inversion engine (``engines/inversion.py``) and its methods (DeepInversion, CMI).
 
 - The engine, on a toy synthesizer whose losses are a hand-written table: the inner loop is one
   ``lax.scan`` traced independently of ``g_steps`` and the iteration compiled once; the best

@@ -84,7 +84,7 @@ def sgd(*optimizers: str) -> dict:
   return {f'{name}.{field}': value for name in optimizers for field, value in (('name', 'sgd'), ('momentum', 0.9))}
 
 
-# The generator-adversarial engine (methods/generative.py) runs DAFL, ZSKT, DFAD and DFQ: the rows
+# The generator-adversarial engine (engines/generative.py) runs DAFL, ZSKT, DFAD and DFQ: the rows
 # cover its student batches ('reuse': DAFL; 'fresh': DFAD) and the mesh options; the methods differ
 # only in their losses.
 GAN = {'batch_size': 16, **sgd('optimizer_g', 'optimizer_s'), 'optimizer_g.lr': 0.01, 'kd_steps': 2}
