@@ -1,9 +1,12 @@
 r"""Benchmark: convolution kernel gradients on CPU, XLA's own versus the per-offset GEMMs and
 versus what ``dfkd_jax.models.layers.conv2d`` picks for the shape (GEMMs, shifted products for
 narrow outputs from wide inputs, or XLA's own), and nearest-x2 upsampling + 3x3 conv versus the fused
-``upsample2_conv3x3``, for the layer shapes of the zoo. Prints milliseconds and ratios.
+``upsample2_conv3x3``, for the layer shapes of the zoo. Prints the machine (``machine.py``), then
+milliseconds and ratios.
 
-  python benchmarks/conv_cpu.py [--rounds 3]
+  python benchmarks/conv_cpu.py [--rounds 3] [--batch N]
+
+``--batch`` runs every shape at batch N instead of its own (``--batch 2 --rounds 1``: a quick check).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import machine  # noqa: E402
 
 from dfkd_jax.models import cpu_kernels, layers  # noqa: E402
 
@@ -40,11 +44,14 @@ def timed_ms(fn, *args, reps=3):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--batch', type=int, default=None, help="every shape's batch (default: the shape's own)")
   args = parser.parse_args()
   key = jax.random.key(0)
+  print(machine.markdown(machine.describe()) + '\n')
   print('kernel gradient\n| shape (N, HxW, Cin->Cout, k, stride) | XLA ms | GEMM ms | conv2d ms | XLA / conv2d |\n'
         '|---|---|---|---|---|')
   for n, size, c_in, c_out, k, s, p in KERNEL_GRAD_SHAPES:
+    n = args.batch or n
     x = jax.random.normal(key, (n, size, size, c_in))
     out = (size + 2 * p - k) // s + 1
     dy = jax.random.normal(key, (n, out, out, c_out))
@@ -57,6 +64,7 @@ def main():
   print('\nupsample x2 + conv3x3, forward + backward\n'
         '| shape (N, HxW, Cin->Cout) | upsample then conv ms | fused ms | ratio |\n|---|---|---|---|')
   for n, size, c_in, c_out in UPSAMPLE_SHAPES:
+    n = args.batch or n
     x = jax.random.normal(key, (n, size, size, c_in))
     w = jax.random.normal(key, (3, 3, c_in, c_out))
     naive = jax.jit(jax.grad(lambda x, w: jnp.sum(layers.conv2d(layers.upsample_nearest(x, 2), w, 1, 1) ** 2), (0, 1)))

@@ -8,7 +8,9 @@ the layers of each network, and the same passes through the whole networks (the 
 mode: forward, and forward + input gradient; the student in train mode: forward + parameter
 gradients), which add BatchNorm, ReLU and the rest. Needs torch (``pip install -e '.[torch]'``).
 
-  python benchmarks/conv_vs_torch.py [--rounds 5] [--out benchmarks/results/conv_vs_torch.md]
+  python benchmarks/conv_vs_torch.py [--rounds 5] [--reps 5] [--batch 64] [--out benchmarks/results/conv_vs_torch.md]
+
+(a quick check that it runs: ``--batch 2 --rounds 1 --reps 1 --out /tmp/x.md``).
 
 Why it exists: at WRN-40-2 -> WRN-16-1, batch 64, the step times (``step_times.py --torch``) are
 almost all convolution time, so this table says how much of the gap to PyTorch the convolution
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
+import machine  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -41,7 +43,6 @@ WRN40_2 = {(32, 3, 16, 1): 1, (32, 16, 32, 1): 1, (32, 32, 32, 1): 11, (32, 32, 
            (16, 64, 128, 2): 1, (8, 128, 128, 1): 11}
 WRN16_1 = {(32, 3, 16, 1): 1, (32, 16, 16, 1): 4, (32, 16, 32, 2): 1, (16, 32, 32, 1): 3, (16, 32, 64, 2): 1,
            (8, 64, 64, 1): 3}
-BATCH = 64
 
 
 def _median_ms(fn, reps):
@@ -86,9 +87,9 @@ def _torch_fns(x, k, stride, channels_last):
   return {'forward': forward, 'input grad': input_grad, 'input+kernel grad': both_grads}
 
 
-def _network_fns(rng):
-  """Whole-network passes at batch 64 on CIFAR shapes: {row name: {implementation: callable}}."""
-  x = rng.standard_normal((BATCH, 32, 32, 3), np.float32)
+def _network_fns(rng, batch):
+  """Whole-network passes on CIFAR shapes: {row name: {implementation: callable}}."""
+  x = rng.standard_normal((batch, 32, 32, 3), np.float32)
   xj = jax.numpy.asarray(x)
   teacher, student = registry.create('wrn40_2', num_classes=10), registry.create('wrn16_1', num_classes=10)
   tv, sv = teacher.init(jax.random.key(0), xj), student.init(jax.random.key(0), xj)
@@ -124,6 +125,7 @@ def _network_fns(rng):
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--reps', type=int, default=5, help='timed calls per round')
   parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'conv_vs_torch.md'))
   args = parser.parse_args()
@@ -135,11 +137,11 @@ def main():
   fns = {}
   for shape in shapes:
     size, c_in, c_out, stride = shape
-    x = rng.standard_normal((BATCH, size, size, c_in), np.float32)
+    x = rng.standard_normal((args.batch, size, size, c_in), np.float32)
     k = (rng.standard_normal((3, 3, c_in, c_out)) / np.sqrt(9 * c_in)).astype(np.float32)
     fns[shape] = {'dfkd_jax': _jax_fns(jax.numpy.asarray(x), jax.numpy.asarray(k), stride),
                   'torch NCHW': _torch_fns(x, k, stride, False), 'torch channels_last': _torch_fns(x, k, stride, True)}
-  networks = _network_fns(rng)
+  networks = _network_fns(rng, args.batch)
   samples = {(s, i, o): [] for s in shapes for i in impls for o in ops}
   net_samples = {(row, impl): [] for row, by_impl in networks.items() for impl in by_impl}
   for r in range(args.rounds):  # interleaved: machine drift hits every implementation alike
@@ -154,11 +156,11 @@ def main():
   ms = {key: statistics.median(v) for key, v in samples.items()}
   net_ms = {key: statistics.median(v) for key, v in net_samples.items()}
 
-  lines = [f'One 3x3 convolution (padding 1) at batch {BATCH}, float32, {platform.machine()} CPU with '
-           f'{os.cpu_count()} cores; torch {torch.__version__} with {torch.get_num_threads()} threads, jax '
-           f'{jax.__version__}; median ms over {args.rounds} interleaved rounds of {args.reps} calls. Ratio: '
+  lines = [machine.markdown(machine.describe()), '',
+           f'One 3x3 convolution (padding 1) at batch {args.batch}, float32; torch with {torch.get_num_threads()} '
+           f'threads; median ms over {args.rounds} interleaved rounds of {args.reps} calls. Ratio: '
            'dfkd_jax / the faster PyTorch layout (> 1: dfkd_jax slower).',
-           f'`python benchmarks/conv_vs_torch.py --rounds {args.rounds}`', '',
+           f'`python benchmarks/conv_vs_torch.py {" ".join(sys.argv[1:])}`', '',
            '| HxW, C_in -> C_out, stride | op | dfkd_jax | torch NCHW | torch channels_last | ratio |',
            '|---|---|---|---|---|---|']
   for shape in shapes:

@@ -1,9 +1,11 @@
 r"""Benchmark: one DAFL MNIST training iteration (generator step + student step, LeNet-5 ->
 LeNet-5-half) in dfkd_jax versus a PyTorch implementation of the original DAFL loop
 (``DAFL-train.py`` semantics: one combined backward, two Adam steps), same batch, same machine,
-interleaved rounds; prints milliseconds per iteration and the ratio.
+interleaved rounds; prints the machine (``machine.py``), then milliseconds per iteration and the ratio.
 
   python benchmarks/dafl_iteration_vs_torch.py [--batches 64,256] [--rounds 3] [--iters 5] [--devices 1]
+
+(a quick check that it runs: ``--batches 2 --rounds 1 --iters 1``).
 
 Needs torch (``pip install torch==2.13.0``). Timings on a shared machine drift: compare the ratio.
 """
@@ -15,6 +17,8 @@ import os
 import statistics
 import sys
 import time
+
+import machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,6 +123,7 @@ def main():
   if '--xla_cpu_ftz' not in os.environ.get('XLA_FLAGS', ''):  # as the CLI does
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_ftz=true').strip()
   sys.path.insert(0, ROOT)
+  print(machine.markdown(machine.describe()) + '\n')
   print('| batch | dfkd_jax ms/iter | torch ms/iter | jax / torch |\n|---|---|---|---|')
   for batch in (int(b) for b in args.batches.split(',')):
     jax_step, torch_step = jax_iteration(batch, args.devices), torch_iteration(batch)

@@ -10,7 +10,8 @@ paid once per count: a persistent compilation cache serves the later rounds.
 
   python benchmarks/devices.py [--devices 1,2,4] [--batches 64,256] [--rounds 3] [--iters 10]
 
-Prints a Markdown table (devices, ms per iteration, iterations per second, speed-up over 1 device).
+Prints the machine (``machine.py``) and a Markdown table (devices, ms per iteration, iterations per
+second, speed-up over 1 device). A quick check that it runs: ``--devices 1,2 --batches 4 --rounds 1 --iters 1``.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +81,8 @@ def main():
     print(json.dumps({'ms': measure(int(args.batches), args.iters)}))
     return
   counts = [int(d) for d in args.devices.split(',')]
-  print(f'{os.cpu_count()} CPU cores; median of {args.rounds} interleaved rounds of {args.iters} iterations\n')
+  print(machine.markdown(machine.describe()) + '\n')
+  print(f'Median of {args.rounds} interleaved rounds of {args.iters} iterations\n')
   print('| batch | devices | ms / iteration | iterations / s | speed-up over 1 device | rounds (ms) |\n'
         '|---|---|---|---|---|---|')
   with tempfile.TemporaryDirectory() as cache_dir:

@@ -2,7 +2,11 @@ r"""Benchmark: the little-data methods on MNIST (PU compression, DFND; DAFL from
 comparison) and DFSR on held-out photographs. Prints a table and writes a results file.
 
   python benchmarks/little_data.py --mnist ../shared/data/mnist [--runs pu,dfnd,dafl,dfsr] [--seed 0]
-      [--out benchmarks/results/little_data.json]
+      [--override key=value ...] [--out benchmarks/results/little_data.json]
+
+A quick check that it runs (a few iterations, written aside): ``--runs dafl --override num_epochs=1
+--override iters_per_epoch=2 --out /tmp/little_data.json``. The machine (``machine.py``) is printed above
+the table and stored in the .json.
 
 Each run is a fresh ``python -m dfkd_jax.main`` process in its own workdir under ``benchmarks/runs/``.
 MNIST runs are evaluated on the real 10,000-image test set; their rows give the selection (selected
@@ -18,6 +22,8 @@ import os
 import subprocess
 import sys
 import time
+
+import machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,10 +71,13 @@ def main():
   parser.add_argument('--mnist', required=True, help='directory with the real MNIST t10k IDX files')
   parser.add_argument('--runs', default='pu,dfnd,dafl,dfsr')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--override', action='append', default=[],
+                      help='config override key=value (every distillation run; not the DFSR teacher)')
   parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'little_data.json'))
   parser.add_argument('--runs-dir', default=os.path.join(ROOT, 'benchmarks', 'runs'))
   args = parser.parse_args()
   stamp = int(time.time())
+  where = machine.describe()
   mnist_eval = [f'eval.data=idx:{os.path.abspath(args.mnist)}', 'eval.split=test', f'seed={args.seed}']
   results = {}
   for name in args.runs.split(','):
@@ -76,14 +85,15 @@ def main():
     if name == 'dfsr':
       teacher = run('teacher_vdsr_local.py', workdir + '_teacher', [f'seed={args.seed}'])
       results[name] = run('dfsr_vdsr_local.py', workdir, [f'seed={args.seed}',
-                                                          f"teacher.checkpoint={teacher['workdir']}/model"])
+                                                          f"teacher.checkpoint={teacher['workdir']}/model"]
+                          + args.override)
     else:
-      results[name] = run(f'{name}_mnist.py', workdir, mnist_eval)
-  text = table(results)
+      results[name] = run(f'{name}_mnist.py', workdir, mnist_eval + args.override)
+  text = machine.markdown(where) + '\n\n' + table(results)
   print(text)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w') as f:
-    json.dump({'results': results, 'table': text, 'argv': sys.argv[1:]}, f, indent=2)
+    json.dump({'machine': where, 'results': results, 'table': text, 'argv': sys.argv[1:]}, f, indent=2)
 
 
 if __name__ == '__main__':
