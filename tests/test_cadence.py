@@ -9,11 +9,11 @@
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 
 import pytest
 
+import config_files
 from dfkd_jax.errors import UserError
 from dfkd_jax.run import cadence
 from dfkd_jax.run.outputs import read_metrics
@@ -83,10 +83,7 @@ OLD = {
 
 
 def load_config(name: str, arg: str | None = None):
-  spec = importlib.util.spec_from_file_location(f'cfg_{name}', os.path.join(REPO, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_files.load_config(name, arg)
 
 
 def resolve(config) -> cadence.Cadences:

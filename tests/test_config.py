@@ -5,7 +5,6 @@ exactly one stderr line starting with ``error:``, a non-zero exit, no traceback)
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import re
 import subprocess
@@ -15,6 +14,7 @@ import ml_collections
 import pytest
 
 from cli_output import one_line_error
+from config_files import load_module
 from dfkd_jax import configlib, methods
 from dfkd_jax.errors import UserError
 from dfkd_jax.run import cadence
@@ -55,13 +55,6 @@ def test_parse_arg_errors(arg, message):
 
 # --- configs/*.py -------------------------------------------------------------------------------
 
-def _load(path):
-  spec = importlib.util.spec_from_file_location(f'cfg_{os.path.basename(path)[:-3]}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _accepted_args(module) -> list[str]:
   """The argument names a config accepts, as its own error message lists them."""
   with pytest.raises(UserError) as e:
@@ -85,7 +78,7 @@ def _documented_values(module, name) -> list[str]:
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
 def test_config_file(path):
-  module = _load(path)
+  module = load_module(path)
   name = os.path.relpath(path, REPO)
   assert f'python -m dfkd_jax.main --config {name}' in module.__doc__  # a runnable command
   default = module.get_config()
@@ -125,10 +118,10 @@ def test_config_file(path):
 
 
 def test_runlocal_sizes():
-  teacher = _load(os.path.join(REPO, TEACHER)).get_config('runlocal')
+  teacher = load_module(os.path.join(REPO, TEACHER)).get_config('runlocal')
   assert teacher.num_epochs == 1 and teacher.batch_size == 64  # 4,500 // 64 = 70 steps
   assert cadence.resolve(teacher, num_steps=70) == cadence.Cadences(log=10, eval=35, checkpoint=35)
-  dafl = _load(os.path.join(REPO, 'configs', 'dafl_mnist.py'))
+  dafl = load_module(os.path.join(REPO, 'configs', 'dafl_mnist.py'))
   small, paper = dafl.get_config('runlocal'), dafl.get_config('paper')
   assert (small.num_epochs, small.iters_per_epoch, cadence.resolve(small, num_steps=4).checkpoint) == (2, 2, 2)
   assert (paper.batch_size, paper.num_epochs, paper.iters_per_epoch) == (512, 200, 120)

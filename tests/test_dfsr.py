@@ -1,7 +1,6 @@
 """DFSR and SR teacher training: generator sizes, progressive depth, the reference rounding's zero
 gradient, SR evaluation against bicubic, the PSNR evaluator, a few fused iterations on tiny configs,
 and a whole tiny DFSR run."""
-import importlib.util
 import os
 
 import jax
@@ -9,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from config_files import load_config
 from conftest import compilations
 from dfkd_jax import methods, models
 from dfkd_jax.convert import model_dir
@@ -19,15 +19,6 @@ from dfkd_jax.run.job import compile_job
 from dfkd_jax.sr import evaluation as sr_eval
 from dfkd_jax.sr import ops as sr_ops
 from dfkd_jax.train import train_and_evaluate
-
-CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
-
-
-def load_config(name, arg='runlocal'):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 @pytest.fixture(scope='module')

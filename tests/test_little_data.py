@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from config_files import load_config
 from conftest import compilations
 from dfkd_jax import losses, methods
 from dfkd_jax.data import unlabelled
@@ -21,15 +22,6 @@ from dfkd_jax.methods import dfnd, pu
 from dfkd_jax.run import loop, outputs, parallel, stages
 from dfkd_jax.run.job import compile_job
 from dfkd_jax.train import train_and_evaluate
-
-CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
-
-
-def load_config(name, arg='runlocal'):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def sig(x):

@@ -15,7 +15,6 @@ temporary directory (every run builds new closures, so jit's in-memory cache can
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
+from config_files import load_config
 from dfkd_jax.run import evaluation, loop, parallel, timing
 from dfkd_jax.run.job import Job
 from dfkd_jax.run.timing import time_phases
@@ -50,20 +50,6 @@ def compile_once(tmp_path_factory):
   for name, value in saved.items():
     jax.config.update(name, value)
   compilation_cache.reset_cache()
-
-
-def load_config(name: str, arg: str = 'runlocal', **overrides):
-  spec = importlib.util.spec_from_file_location(f'cfg_{name}', os.path.join(REPO, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  for path, value in overrides.items():
-    *parents, leaf = path.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
 
 
 def teacher_config(**overrides):

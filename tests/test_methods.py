@@ -1,25 +1,15 @@
 """Each generator-adversarial method runs a few fused iterations on a tiny config: metrics are
 finite, generator and student change, the teacher does not, and the step is traced once."""
-import importlib.util
-import os
 
 import jax
 import numpy as np
 import pytest
 
+from config_files import load_config
 from conftest import compilations
 from dfkd_jax import methods
 from dfkd_jax.run import parallel
 from dfkd_jax.run.job import compile_job
-
-CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
-
-
-def load_config(name, arg='runlocal'):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 @pytest.mark.slow

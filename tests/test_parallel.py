@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import importlib.util
 import os
 from typing import Any
 
@@ -46,6 +45,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import PartitionSpec as P
 
+import config_files
 from dfkd_jax import methods
 from dfkd_jax.engines import common
 from dfkd_jax.errors import UserError
@@ -111,19 +111,9 @@ def compile_once(tmp_path_factory):
   compilation_cache.reset_cache()
 
 
-def load_config(case: Case, mesh_fields: dict):
-  path = os.path.join(REPO, 'configs', f'{case.config}.py')
-  spec = importlib.util.spec_from_file_location(f'cfg_{case.config}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('runlocal')
-  for path, value in dict(case.overrides, **{f'mesh.{k}': v for k, v in mesh_fields.items()}).items():
-    *parents, leaf = path.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+def case_config(case: Case, mesh_fields: dict):
+  mesh_overrides = {f'mesh.{k}': v for k, v in mesh_fields.items()}
+  return config_files.load_config(case.config, **dict(case.overrides, **mesh_overrides))
 
 
 @dataclasses.dataclass
@@ -148,7 +138,7 @@ def run(case: Case, num_devices: int, initial=None) -> Run:
   """``ITERATIONS`` iterations of ``case`` on the first ``num_devices`` devices, from ``initial``
   (host arrays) or from the job's own initialisation."""
   mesh_fields = case.mesh if num_devices > 1 else {}
-  config = load_config(case, mesh_fields)
+  config = case_config(case, mesh_fields)
   mesh = parallel.make_mesh(num_devices)
   job = methods.get(config.method).make_job(config, mesh)
   if num_devices == 1 and case.mesh.get('batch_norm') == 'per_device':
@@ -174,7 +164,7 @@ def runs(case: Case) -> tuple[Run, Run]:
   from the 1-device run's initial state (initialisation itself is compared in
   ``test_initialisation_is_the_same_on_8_devices``); both are compiled concurrently."""
   if case.id not in _RUNS:
-    config = load_config(case, {})
+    config = case_config(case, {})
     mesh = parallel.make_mesh(1)
     job = methods.get(config.method).make_job(config, mesh)
     init, _, _ = compile_job(job, mesh, jax.random.key(0), mesh_config=config.mesh)
@@ -247,7 +237,7 @@ def test_per_device_batch_norm_differs_from_global():
 def test_initialisation_is_the_same_on_8_devices():
   case = CASES[0]
   one, _ = runs(case)
-  config = load_config(case, {})
+  config = case_config(case, {})
   mesh = parallel.make_mesh(8)
   job = methods.get(config.method).make_job(config, mesh)
   init, _, _ = compile_job(job, mesh, jax.random.key(0), mesh_config=config.mesh)
