@@ -1,6 +1,6 @@
 """dfkd_jax.synth.augment: hand-built examples (pixel moves, zero borders, mirrors, bilinear values),
-per-sample vs batch-wide parameters, determinism, jit and gradients, and (when torch is installed)
-bilinear resampling against ``torch.nn.functional.interpolate``."""
+per-sample vs batch-wide parameters, determinism, jit and gradients, and bilinear resampling against
+``torch.nn.functional.interpolate`` (its values committed; computed live in the ``torch`` group)."""
 import itertools
 
 import jax
@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import torch_files
 from dfkd_jax.errors import UserError
 from dfkd_jax.synth import augment
 
@@ -173,20 +174,37 @@ def test_resized_crop_of_the_whole_image_is_the_identity(align_corners):
   np.testing.assert_allclose(out, images, atol=1e-6)
 
 
-@pytest.mark.parametrize('align_corners', [True, False])
-def test_resized_crop_matches_torch_interpolate(align_corners):
-  torch = pytest.importorskip('torch')
-  rng = np.random.default_rng(1)
-  images = rng.random((6, 9, 11, 3), dtype=np.float32)
-  boxes = np.array([[0, 0, 9, 11], [2, 3, 4, 5], [1, 0, 8, 2], [5, 7, 4, 4], [0, 4, 3, 7], [3, 3, 1, 1]])
-  resize = jax.jit(augment.resized_crop, static_argnums=2, static_argnames='align_corners')
-  for size in [(9, 11), (5, 4), (16, 13)]:
-    out = resize(jnp.asarray(images), jnp.asarray(boxes), size, align_corners=align_corners)
-    for image, (top, left, h, w), o in zip(images, boxes, np.asarray(out)):
+_RESIZE_IMAGES = np.random.default_rng(1).random((6, 9, 11, 3), dtype=np.float32)
+_RESIZE_BOXES = np.array([[0, 0, 9, 11], [2, 3, 4, 5], [1, 0, 8, 2], [5, 7, 4, 4], [0, 4, 3, 7], [3, 3, 1, 1]])
+_RESIZE_SIZES = [(9, 11), (5, 4), (16, 13)]
+
+
+def torch_reference(torch) -> dict:
+  """``F.interpolate(bilinear)`` of each box of _RESIZE_IMAGES to each size, NHWC: 'align_corners=<bool>/<h>x<w>'
+  -> the batch (committed as fixtures/torch_files/augment.npz by fixtures/make_torch_files.py)."""
+  out = {}
+  for align_corners, size in itertools.product([True, False], _RESIZE_SIZES):
+    resized = []
+    for image, (top, left, h, w) in zip(_RESIZE_IMAGES, _RESIZE_BOXES):
       patch = torch.from_numpy(image[top:top + h, left:left + w].transpose(2, 0, 1).copy())[None]
-      expected = torch.nn.functional.interpolate(patch, size=size, mode='bilinear',
-                                                 align_corners=align_corners)
-      np.testing.assert_allclose(o, expected[0].numpy().transpose(1, 2, 0), atol=2e-6)
+      expected = torch.nn.functional.interpolate(patch, size=size, mode='bilinear', align_corners=align_corners)
+      resized.append(expected[0].numpy().transpose(1, 2, 0))
+    out[f'align_corners={align_corners}/{size[0]}x{size[1]}'] = np.stack(resized)
+  return out
+
+
+@pytest.fixture(scope='module', params=torch_files.SOURCES)
+def reference(request):
+  """torch_reference's values: committed, or (the torch group) computed by the installed torch."""
+  return torch_files.values('augment', request.param, torch_reference)
+
+
+@pytest.mark.parametrize('align_corners', [True, False])
+def test_resized_crop_matches_torch_interpolate(reference, align_corners):
+  resize = jax.jit(augment.resized_crop, static_argnums=2, static_argnames='align_corners')
+  for size in _RESIZE_SIZES:
+    out = resize(jnp.asarray(_RESIZE_IMAGES), jnp.asarray(_RESIZE_BOXES), size, align_corners=align_corners)
+    np.testing.assert_allclose(out, reference[f'align_corners={align_corners}/{size[0]}x{size[1]}'], atol=2e-6)
 
 
 def _torchvision_boxes(rng, count, height, width, scale, ratio):

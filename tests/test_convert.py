@@ -1,29 +1,33 @@
 """The converter's front door (``dfkd_jax.convert``: the API and ``python -m dfkd_jax.convert``) on
 real ``.pth`` files.
 
-Every reference fixture is rebuilt with weights_rule and written by torch in the formats the
-references use (a state_dict, the CMI-fw ``{'state_dict': ...}`` training checkpoint, ``module.``
-prefixes, legacy serialisation, and for the Huawei fixtures a whole pickled ``nn.Module`` with the
-reference module names, plain or in ``DataParallel``). Each file goes through the public API (the
-CLI for one) and its eval output is compared with the stored reference; every converted model is
-exported back, loaded by torch with ``weights_only=True`` and ``strict=True``, and re-converted
-exactly. Errors: wrong arch or class count (with the right one suggested), a malicious pickle,
-and the CLI's one-line messages.
+Every reference fixture's weights (weights_rule) as torch wrote them in the formats the references use
+(a state_dict, the CMI-fw ``{'state_dict': ...}`` training checkpoint, ``module.`` prefixes, legacy
+serialisation, and for the Huawei fixtures a whole pickled ``nn.Module`` with the reference module
+names, plain or in ``DataParallel``): fixtures/make_torch_files.py wrote them with torch_convert.py,
+and they are rebuilt byte for byte from the committed templates (torch_files.py). Each file goes
+through the public API (the CLI for one) and its eval output is compared with the stored reference;
+every converted model is exported back, read with the exact values and re-converted exactly, and
+(the ``torch`` group) loaded by torch with ``weights_only=True`` and ``strict=True`` into the
+reference layout. Errors: wrong arch or class count (with the right one suggested), a malicious
+pickle, and the CLI's one-line messages.
 """
 import collections
 import functools
 import hashlib
 import os
+import pickle
 import shutil
 import subprocess
 import sys
-import types
+import zipfile
 
 import jax
 import numpy as np
 import pytest
 
 import reference_fixtures as rf
+import torch_files
 import weights_rule
 from dfkd_jax import models
 from dfkd_jax.convert import __main__ as cli
@@ -31,11 +35,6 @@ from dfkd_jax.convert import api, identify, load_teacher, model_dir, naming, tor
 from dfkd_jax.data import NORMALIZATION
 from dfkd_jax.errors import UserError
 
-torch = pytest.importorskip('torch')
-import torch_classifiers  # noqa: E402  (needs torch)
-import torch_generators  # noqa: E402
-
-tnn = torch.nn
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # fixture -> (arch, dataset, sizes the metadata must record, formats written; the first is also exported)
@@ -60,126 +59,9 @@ CASES = [(name, fmt) for name, (*_, formats) in FIXTURES.items() for fmt in form
 WORST = collections.defaultdict(float)  # arch -> worst relative error through the file path
 
 
-# --- torch modules with the reference module names --------------------------------------------
+def _template(name, fmt):
+  return torch_files.path('convert', f'{name}.{fmt}.pth.gz')
 
-class _LeNet5(tnn.Module):
-  """The Huawei DAFL ``lenet.LeNet5`` layout: conv1..conv3, fc1, fc2 with their ReLU/pool modules."""
-  widths = (6, 16, 120, 84)
-
-  def __init__(self):
-    super().__init__()
-    c1, c2, c3, f = self.widths
-    self.conv1, self.relu1, self.maxpool1 = tnn.Conv2d(1, c1, 5), tnn.ReLU(), tnn.MaxPool2d(2, 2)
-    self.conv2, self.relu2, self.maxpool2 = tnn.Conv2d(c1, c2, 5), tnn.ReLU(), tnn.MaxPool2d(2, 2)
-    self.conv3, self.relu3 = tnn.Conv2d(c2, c3, 5), tnn.ReLU()
-    self.fc1, self.relu4, self.fc2 = tnn.Linear(c3, f), tnn.ReLU(), tnn.Linear(f, 10)
-
-  def forward(self, img):
-    x = self.maxpool1(self.relu1(self.conv1(img)))
-    x = self.maxpool2(self.relu2(self.conv2(x)))
-    x = self.relu3(self.conv3(x)).view(img.shape[0], -1)
-    return self.fc2(self.relu4(self.fc1(x)))
-
-
-class LeNet5(_LeNet5):
-  __module__, __qualname__ = 'lenet', 'LeNet5'  # pickled as the reference's lenet.LeNet5
-
-
-class LeNet5Half(_LeNet5):
-  __module__, __qualname__ = 'lenet', 'LeNet5Half'
-  widths = (3, 8, 60, 42)
-
-
-class CmiLeNet5(tnn.Module):
-  """CMI-fw ``lenet.py`` naming: ``features`` and ``fc`` Sequentials."""
-
-  def __init__(self, half=False):
-    super().__init__()
-    c1, c2, c3, f = (3, 8, 60, 42) if half else (6, 16, 120, 84)
-    self.features = tnn.Sequential(tnn.Conv2d(1, c1, 5), tnn.ReLU(), tnn.MaxPool2d(2, 2), tnn.Conv2d(c1, c2, 5),
-                                   tnn.ReLU(), tnn.MaxPool2d(2, 2), tnn.Conv2d(c2, c3, 5), tnn.ReLU())
-    self.fc = tnn.Sequential(tnn.Linear(c3, f), tnn.ReLU(), tnn.Linear(f, 10))
-
-  def forward(self, img):
-    return self.fc(self.features(img).view(img.shape[0], -1))
-
-
-class CmiGenerator(tnn.Module):
-  """CMI-fw ``Generator`` / ``LargeGenerator``: ``l1`` Linear -> view(N, C, 8, 8) -> ``conv_blocks``."""
-
-  def __init__(self, nz, widths):
-    super().__init__()
-    self.c = widths[0]
-    self.l1 = tnn.Sequential(tnn.Linear(nz, self.c * 8 * 8))
-    self.conv_blocks = torch_generators._torch_cmi_stack(widths, 3)
-
-  def forward(self, z):
-    return self.conv_blocks(self.l1(z).view(z.shape[0], self.c, 8, 8))
-
-
-def torch_module(name, canonical=False):
-  """A torch module with the state_dict names of fixture ``name``'s reference class (``canonical``:
-  of the registry's canonical naming, which differs for the Huawei LeNets)."""
-  doc = rf.load(name)[0]
-  arch = FIXTURES[name][0]
-  if name.startswith('huawei__lenet5') and not canonical:
-    return LeNet5Half() if name.endswith('half') else LeNet5()
-  if arch.startswith('lenet5'):
-    return CmiLeNet5(half=name.endswith('half'))
-  if name.startswith('huawei__dafl_generator'):
-    return torch_generators.TorchDaflLayout(doc['input_shape'][1], FIXTURES[name][2]['nc'], 32, 0.8, False)
-  if arch == 'cmi_generator':
-    return CmiGenerator(256, (128, 128, 64))
-  if arch == 'cmi_large_generator':
-    return CmiGenerator(512, (256, 128, 64))
-  return torch_classifiers.build(arch, num_classes=doc['num_classes'])
-
-
-def _torch_state_dict(sd):
-  return collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in sd.items())
-
-
-def _loaded(name, state_dict=None, canonical=False):
-  """torch_module(name, canonical) with ``state_dict`` (default: the fixture's weights), strict."""
-  module = torch_module(name, canonical)
-  module.load_state_dict(_torch_state_dict(rf.load(name)[2]) if state_dict is None else state_dict, strict=True)
-  return module.eval()
-
-
-def _torch_save_module(module, path, legacy):
-  # Pickling lenet.LeNet5 needs a module 'lenet' that holds the class, as the reference run had.
-  lenet = types.ModuleType('lenet')
-  lenet.__file__ = __file__
-  lenet.LeNet5, lenet.LeNet5Half = LeNet5, LeNet5Half
-  sys.modules['lenet'] = lenet
-  try:
-    torch.save(module, path, _use_new_zipfile_serialization=not legacy)
-  finally:
-    del sys.modules['lenet']
-
-
-def write_file(name, fmt, path):
-  """Fixture ``name``'s weights written by torch in format ``fmt``."""
-  sd = _torch_state_dict(rf.load(name)[2])
-  if fmt == 'state_dict':
-    torch.save(sd, path)
-  elif fmt == 'legacy':
-    torch.save(sd, path, _use_new_zipfile_serialization=False)
-  elif fmt == 'module_prefix':
-    torch.save(collections.OrderedDict((f'module.{k}', v) for k, v in sd.items()), path)
-  elif fmt == 'checkpoint':  # train_scratch.py of CMI-fw
-    first = next(iter(sd.values()))
-    torch.save({'epoch': 200, 'arch': FIXTURES[name][0], 'state_dict': sd, 'best_acc1': 95.7,
-                'optimizer': {'state': {0: {'momentum_buffer': torch.zeros_like(first)}},
-                              'param_groups': [{'lr': 0.1, 'momentum': 0.9, 'params': [0]}]},
-                'scheduler': {'last_epoch': 200}}, path)
-  elif fmt.startswith('pickled_'):
-    module = _loaded(name)
-    _torch_save_module(tnn.DataParallel(module) if fmt == 'pickled_data_parallel' else module, path,
-                       legacy=fmt.endswith('legacy'))
-  else:
-    raise KeyError(fmt)
-  return path
 
 
 class Store:
@@ -188,10 +70,13 @@ class Store:
   def __init__(self, root):
     self.root = root
     self.files, self.converted = {}, {}
+    self.recipes = torch_files.load_json('convert')  # '<name>.<fmt>' -> where its storages were cut
 
   def file(self, name, fmt):
+    """Fixture ``name`` as torch wrote it in format ``fmt``, rebuilt from its committed template."""
     if (name, fmt) not in self.files:
-      self.files[name, fmt] = write_file(name, fmt, str(self.root / f'{name}.{fmt}.pth'))
+      self.files[name, fmt] = torch_files.rebuild(_template(name, fmt), self.recipes[f'{name}.{fmt}'], rf.load(name)[2],
+                                                  str(self.root / f'{name}.{fmt}.pth'))
     return self.files[name, fmt]
 
   def convert(self, name):
@@ -265,51 +150,82 @@ def test_reference_file_converts_exactly(store, name, fmt):
   assert meta == model_dir.load(out)[2]  # what was written is what is returned
 
 
+# Who reads an exported file back: our reader, or (the torch group) torch.load(weights_only=True).
+READERS = ['torch_pickle', pytest.param('torch', marks=pytest.mark.torch)]
+
+
+def _read_export(reader, path):
+  """The exported file as name -> numpy array, in file order; with torch also the torch tensors."""
+  if reader == 'torch_pickle':
+    return torch_pickle.load_state_dict(path), None
+  loaded = torch_files.import_torch().load(path, weights_only=True)
+  return {k: v.numpy() for k, v in loaded.items()}, loaded
+
+
+def _torch_output(module, ref):
+  torch = torch_files.import_torch()
+  with torch.no_grad():
+    y = module.eval()(torch.from_numpy(ref['input']))
+  return (y[0] if isinstance(y, tuple) else y).numpy()
+
+
+def _reference_output(doc, ref):
+  return ref['out_eval' if doc['kind'] == 'generator' else 'logits_eval']
+
+
+def _assert_values(loaded, sd, prefix=''):
+  """``loaded`` holds ``sd``'s entries (names prefixed) in its order, with its values (num_batches_tracked 0)."""
+  assert [(k, v.shape) for k, v in loaded.items()] == [(prefix + k, np.shape(v)) for k, v in sd.items()]
+  for key, value in sd.items():
+    expected = 0 if key.endswith('num_batches_tracked') else value
+    np.testing.assert_array_equal(loaded[prefix + key], expected, err_msg=key)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize('reader', READERS)
 @pytest.mark.parametrize('name', list(FIXTURES))
-def test_export_round_trip(store, name, tmp_path):
-  """Directory -> .pth: torch loads it (weights_only, strict) into the reference layout and
-  reproduces the reference output; the values are the original ones; converting it again gives
-  the same variables bit for bit."""
-  arch = FIXTURES[name][0]
+def test_export_round_trip(store, name, reader, tmp_path):
+  """Directory -> .pth: the values are the original ones; converting it again gives the same
+  variables bit for bit; torch loads it (weights_only, strict) into the reference layout and
+  reproduces the reference output."""
+  arch, _, sizes, _ = FIXTURES[name]
   out, _ = store.convert(name)
   exported = str(tmp_path / 'exported.pth')
   meta = api.export(out, exported)
   assert meta['arch'] == arch
   doc, ref, sd = rf.load(name)
-  loaded = torch.load(exported, weights_only=True)
+  loaded, tensors = _read_export(reader, exported)
   sd = naming.canonical_keys(sd, models.get_spec(arch).torch)  # the Huawei LeNets' conv1.. -> features.0..
-  assert {k: tuple(v.shape) for k, v in loaded.items()} == {k: np.shape(v) for k, v in sd.items()}
-  for key, value in loaded.items():
-    expected = 0 if key.endswith('num_batches_tracked') else sd[key]
-    np.testing.assert_array_equal(value.numpy(), expected, err_msg=key)
-  with torch.no_grad():
-    y = _loaded(name, loaded, canonical=True)(torch.from_numpy(ref['input']))
-  rf.assert_close((y[0] if isinstance(y, tuple) else y).numpy(),
-                  ref['out_eval' if doc['kind'] == 'generator' else 'logits_eval'], f'{name} torch(exported)')
+  assert {k: v.shape for k, v in loaded.items()} == {k: np.shape(v) for k, v in sd.items()}
+  _assert_values(loaded, {k: sd[k] for k in loaded})
+  if reader == 'torch':
+    import torch_convert
+    module = torch_convert.loaded(name, arch, sizes, tensors, canonical=True)
+    rf.assert_close(_torch_output(module, ref), _reference_output(doc, ref), f'{name} torch(exported)')
   _, variables, _ = model_dir.load(out)
   _, again, _ = load_teacher(exported, arch=arch)
   jax.tree.map(np.testing.assert_array_equal, again, variables)
 
 
+@pytest.mark.parametrize('reader', READERS)
 @pytest.mark.parametrize('name,like_fmt', [('huawei__lenet5', 'pickled_module'),
                                            ('huawei__lenet5_half', 'pickled_data_parallel')])
-def test_export_like_reference_file(store, name, like_fmt, tmp_path):
+def test_export_like_reference_file(store, name, like_fmt, reader, tmp_path):
   """``like=`` a Huawei pickled module gives its conv1..fc2 names (with ``module.`` for
-  DataParallel) and order; the Huawei class loads the result strictly and reproduces the
+  DataParallel), order and values; the Huawei class loads the result strictly and reproduces the
   reference logits."""
   out, _ = store.convert(name)
   exported = str(tmp_path / 'student.pth')
   api.export(out, exported, like=store.file(name, like_fmt))
-  doc, ref, _ = rf.load(name)
-  loaded = torch.load(exported, weights_only=True)
+  _, ref, sd = rf.load(name)  # sd: the reference names in the reference order
+  loaded, tensors = _read_export(reader, exported)
   prefix = 'module.' if like_fmt == 'pickled_data_parallel' else ''
-  assert [(k, tuple(v.shape)) for k, v in loaded.items()] == [(prefix + k, tuple(s)) for k, s in doc['keys']]
-  module = torch_module(name)
-  (tnn.DataParallel(module) if prefix else module).load_state_dict(loaded, strict=True)
-  with torch.no_grad():
-    logits = module.eval()(torch.from_numpy(ref['input'])).numpy()
-  rf.assert_close(logits, ref['logits_eval'], f'{name} torch(exported like the reference)')
+  _assert_values(loaded, sd, prefix)
+  if reader == 'torch':
+    import torch_convert
+    module = torch_convert.torch_module(name, FIXTURES[name][0], FIXTURES[name][2])
+    (torch_convert.tnn.DataParallel(module) if prefix else module).load_state_dict(tensors, strict=True)
+    rf.assert_close(_torch_output(module, ref), ref['logits_eval'], f'{name} torch(exported like the reference)')
 
 
 def test_export_like_other_architecture_fails(store, tmp_path):
@@ -470,10 +386,7 @@ def test_cli_converts_and_exports(store, tmp_path):
   _check_eval(name, model, variables, f'{name} [pickled_module_legacy, CLI]')
   proc = _run_cli('export', '--model', str(out), '--out', str(exported), '--like', source)
   assert proc.returncode == 0, proc.stderr
-  ref = rf.load(name)[1]
-  with torch.no_grad():
-    logits = _loaded(name, torch.load(exported, weights_only=True))(torch.from_numpy(ref['input'])).numpy()
-  rf.assert_close(logits, ref['logits_eval'], 'CLI export')
+  _assert_values(torch_pickle.load_state_dict(exported), rf.load(name)[2])  # the Huawei names, order and values
 
 
 def test_cli_help(capsys):
@@ -516,19 +429,13 @@ def test_parse_model_kwargs():
 
 # --- malicious files ---------------------------------------------------------------------------
 
-class _Payload:
-  def __init__(self, marker):
-    self.marker = marker
-
-  def __reduce__(self):
-    return os.system, (f'touch {self.marker}',)
-
-
-def test_malicious_pickle_is_refused_by_api_and_cli(tmp_path, capsys):
+def test_malicious_pickle_is_refused_by_api_and_cli(tmp_path, capsys, monkeypatch):
+  """torch.save of a checkpoint whose state_dict unpickles as os.system('touch armed')."""
+  monkeypatch.chdir(tmp_path)
   armed = tmp_path / 'armed'
-  path = str(tmp_path / 'evil.pth')
-  torch.save({'state_dict': _Payload(armed)}, path)
-  torch.load(path, weights_only=False)  # the payload is real: torch runs it
+  path = torch_files.path('convert', 'malicious.pth')
+  with zipfile.ZipFile(path) as archive:  # the payload is real: a plain unpickler runs it
+    pickle.loads(archive.read(next(n for n in archive.namelist() if n.endswith('/data.pkl'))))
   assert armed.exists()
   armed.unlink()
   with pytest.raises(torch_pickle.UnsafeCheckpointError, match='refusing to load'):

@@ -1,6 +1,8 @@
-"""dfkd_jax.losses: hand-computed values, identities, gradient signs, layout equivalence, and (when
-torch is installed) the reference formulas written with torch.nn.functional."""
+"""dfkd_jax.losses: hand-computed values, identities, gradient signs, layout equivalence, and the
+reference formulas written with torch.nn.functional (their values committed; computed live in the
+``torch`` group)."""
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 
 import reference_fixtures as rf
+import torch_files
 from dfkd_jax import losses
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
@@ -419,96 +422,127 @@ def test_every_term_jits_and_differentiates(name):
 # Against the reference formulas written with torch
 # ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope='module')
-def torch():
-  return pytest.importorskip('torch')
+_TEMPERATURES = (1.0, 3.0, 20.0)
 
 
-def _t(torch, x):
-  return torch.from_numpy(np.array(x, np.float32))
+def _image_inputs():
+  """(x, y) in NCHW for the image priors and attention transfer."""
+  x = np.random.default_rng(19).normal(size=(3, 2, 6, 9)).astype(np.float32)
+  return x, x[::-1].copy()
 
 
-@pytest.mark.filterwarnings('ignore:reduction')  # torch's note on its elementwise 'mean'
-def test_kl_terms_match_torch(torch):
+def _statistics_inputs():
+  rng = np.random.default_rng(20)
+  features = rng.normal(size=(4, 3, 5, 5)).astype(np.float32)
+  running = rng.normal(size=3).astype(np.float32), rng.uniform(0.5, 1.5, size=3).astype(np.float32)
+  local, global_ = (rng.normal(size=(6, 4)).astype(np.float32) for _ in range(2))
+  return features, running, local, global_
+
+
+def torch_reference(torch) -> dict:
+  """The reference formulas with torch.nn.functional on the inputs above: name -> value (committed as
+  fixtures/torch_files/losses.npz by fixtures/make_torch_files.py)."""
   F = torch.nn.functional
-  s, t = _t(torch, _S), _t(torch, _T)
-  for temperature in (1.0, 3.0, 20.0):
+  s, t = torch.from_numpy(np.array(_S)), torch.from_numpy(np.array(_T))
+  out = {}
+  for temperature in _TEMPERATURES:
     log_q, p = F.log_softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1)
-    batchmean = F.kl_div(log_q, p, reduction='batchmean') * temperature**2
-    np.testing.assert_allclose(losses.kd_kl(_S, _T, temperature), batchmean.numpy(), rtol=1e-5)
-    elementwise = F.kl_div(log_q, p, reduction='mean') * temperature**2
-    np.testing.assert_allclose(losses.kd_kl(_S, _T, temperature, reduction='mean'), elementwise.numpy(), rtol=1e-5)
+    out[f'kd_kl/batchmean/{temperature}'] = F.kl_div(log_q, p, reduction='batchmean') * temperature**2
+    with warnings.catch_warnings():
+      warnings.filterwarnings('ignore', 'reduction')  # torch's note on its elementwise 'mean'
+      out[f'kd_kl/mean/{temperature}'] = F.kl_div(log_q, p, reduction='mean') * temperature**2
     mask = (s.max(1)[1] == t.max(1)[1]).float()
-    adversarial = -(F.kl_div(log_q, p, reduction='none').sum(1) * temperature**2 * mask).mean()
-    np.testing.assert_allclose(losses.masked_adversarial_kl(_S, _T, temperature), adversarial.numpy(),
-                               rtol=1e-5)
-  assert 0 < float(mask.sum()) < len(mask)  # the inputs exercise both masked and unmasked rows
-
-
-def test_js_and_adi_match_torch(torch):
-  F = torch.nn.functional
-  s, t = _t(torch, _S), _t(torch, _T)
-  big_s, big_t = 4 * s, 4 * t  # saturates some probabilities so the clamps act
-  for student, teacher in ((s, t), (big_s, big_t)):
-    p, q = F.softmax(student / 3, dim=1), F.softmax(teacher / 3, dim=1)
+    out['argmax_agrees'] = mask
+    out[f'masked_adversarial_kl/{temperature}'] = -(F.kl_div(log_q, p, reduction='none').sum(1) * temperature**2
+                                                    * mask).mean()
+  for scale in (1, 4):  # 4 saturates some probabilities so the clamps act
+    p, q = F.softmax(scale * s / 3, dim=1), F.softmax(scale * t / 3, dim=1)
     m = (0.5 * (p + q)).clamp(0.01, 0.99)
     p, q = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99)
     js = 0.5 * F.kl_div(p.log(), m, reduction='batchmean') + 0.5 * F.kl_div(q.log(), m, reduction='batchmean')
-    np.testing.assert_allclose(losses.jensen_shannon(student.numpy(), teacher.numpy()), js.numpy(), rtol=1e-5)
-    np.testing.assert_allclose(losses.adi_competition_loss(student.numpy(), teacher.numpy()),
-                               (1 - js.clamp(0, 1)).numpy(), rtol=1e-5)
-
-
-def test_cross_entropies_and_class_balance_match_torch(torch):
-  F = torch.nn.functional
-  s, t = _t(torch, _S), _t(torch, _T)
-  np.testing.assert_allclose(losses.cross_entropy_onehot(_S), F.cross_entropy(s, s.max(1)[1]).numpy(), rtol=1e-6)
-  soft = torch.mean(torch.sum(-F.softmax(t, 1) * F.log_softmax(s, dim=-1), dim=-1))
-  np.testing.assert_allclose(losses.soft_cross_entropy(_S, jax.nn.softmax(_T)), soft.numpy(), rtol=1e-5)
+    out[f'jensen_shannon/{scale}'], out[f'adi_competition/{scale}'] = js, 1 - js.clamp(0, 1)
+  out['cross_entropy_onehot'] = F.cross_entropy(s, s.max(1)[1])
+  out['soft_cross_entropy'] = torch.mean(torch.sum(-F.softmax(t, 1) * F.log_softmax(s, dim=-1), dim=-1))
   mean_p = F.softmax(s, dim=1).mean(0)
-  np.testing.assert_allclose(losses.information_entropy(_S, log_base=10.0),
-                             (mean_p * torch.log10(mean_p)).sum().numpy(), rtol=1e-5)
+  out['information_entropy/log10'] = (mean_p * torch.log10(mean_p)).sum()
   mean_p3 = F.softmax(s / 3, dim=1).mean(0)
-  np.testing.assert_allclose(losses.batch_mean_entropy(_S, temperature=3.0),
-                             (-(mean_p3 * mean_p3.log()).sum()).numpy(), rtol=1e-5)
+  out['batch_mean_entropy/3'] = -(mean_p3 * mean_p3.log()).sum()
+
+  x, y = map(torch.from_numpy, _image_inputs())
+  diffs = [x[:, :, :, :-1] - x[:, :, :, 1:], x[:, :, :-1, :] - x[:, :, 1:, :],
+           x[:, :, 1:, :-1] - x[:, :, :-1, 1:], x[:, :, :-1, :-1] - x[:, :, 1:, 1:]]
+  out['total_variation_l1'] = sum((d.abs() / 255.0).mean() for d in diffs) * 255.0
+  out['total_variation_l2'] = sum(torch.norm(d) for d in diffs)
+  out['l2_prior/per_example'] = torch.norm(x.view(3, -1), dim=1).mean()
+  out['l2_prior/whole'] = torch.norm(x, 2)
+  at = lambda f: F.normalize(f.pow(2).mean(1).view(f.size(0), -1))
+  out['attention_transfer'] = (at(x) - at(y)).pow(2).mean()
+
+  features, running, local, global_ = _statistics_inputs()
+  features, (run_mean, run_var) = torch.from_numpy(features), map(torch.from_numpy, running)
+  out['bn/mean'] = mean = features.mean([0, 2, 3])
+  out['bn/var'] = var = features.permute(1, 0, 2, 3).contiguous().view([3, -1]).var(1, unbiased=False)
+  out['bn/hook'] = torch.norm(run_var - var, 2) + torch.norm(run_mean - mean, 2)
+  out['contrastive/local'] = local = F.normalize(torch.from_numpy(local), dim=1)
+  out['contrastive/global'] = global_ = F.normalize(torch.from_numpy(global_), dim=1)
+  per_row = F.cross_entropy(torch.mm(local, global_.T) / 0.1, torch.arange(6), reduction='none')
+  out['contrastive/6'], out['contrastive/4'] = per_row.mean(), per_row[:4].mean() + per_row[4:].mean()
+  return {name: value.numpy() for name, value in out.items()}
+
+
+@pytest.fixture(scope='module', params=torch_files.SOURCES)
+def reference(request):
+  """torch_reference's values: committed, or (the torch group) computed by the installed torch."""
+  return torch_files.values('losses', request.param, torch_reference)
+
+
+def test_kl_terms_match_torch(reference):
+  for temperature in _TEMPERATURES:
+    np.testing.assert_allclose(losses.kd_kl(_S, _T, temperature), reference[f'kd_kl/batchmean/{temperature}'],
+                               rtol=1e-5)
+    np.testing.assert_allclose(losses.kd_kl(_S, _T, temperature, reduction='mean'),
+                               reference[f'kd_kl/mean/{temperature}'], rtol=1e-5)
+    np.testing.assert_allclose(losses.masked_adversarial_kl(_S, _T, temperature),
+                               reference[f'masked_adversarial_kl/{temperature}'], rtol=1e-5)
+  mask = reference['argmax_agrees']
+  assert 0 < float(mask.sum()) < len(mask)  # the inputs exercise both masked and unmasked rows
+
+
+def test_js_and_adi_match_torch(reference):
+  for scale in (1, 4):
+    student, teacher = scale * np.asarray(_S), scale * np.asarray(_T)
+    np.testing.assert_allclose(losses.jensen_shannon(student, teacher), reference[f'jensen_shannon/{scale}'],
+                               rtol=1e-5)
+    np.testing.assert_allclose(losses.adi_competition_loss(student, teacher), reference[f'adi_competition/{scale}'],
+                               rtol=1e-5)
+
+
+def test_cross_entropies_and_class_balance_match_torch(reference):
+  np.testing.assert_allclose(losses.cross_entropy_onehot(_S), reference['cross_entropy_onehot'], rtol=1e-6)
+  np.testing.assert_allclose(losses.soft_cross_entropy(_S, jax.nn.softmax(_T)), reference['soft_cross_entropy'],
+                             rtol=1e-5)
+  np.testing.assert_allclose(losses.information_entropy(_S, log_base=10.0), reference['information_entropy/log10'],
+                             rtol=1e-5)
+  np.testing.assert_allclose(losses.batch_mean_entropy(_S, temperature=3.0), reference['batch_mean_entropy/3'],
+                             rtol=1e-5)
 
 
 @pytest.mark.slow
-def test_image_priors_and_attention_match_torch(torch):
-  x_nchw = torch.from_numpy(np.random.default_rng(19).normal(size=(3, 2, 6, 9)).astype(np.float32))
-  x_nhwc = x_nchw.permute(0, 2, 3, 1).numpy()
-  diffs = [x_nchw[:, :, :, :-1] - x_nchw[:, :, :, 1:], x_nchw[:, :, :-1, :] - x_nchw[:, :, 1:, :],
-           x_nchw[:, :, 1:, :-1] - x_nchw[:, :, :-1, 1:], x_nchw[:, :, :-1, :-1] - x_nchw[:, :, 1:, 1:]]
-  tv_l1 = sum((d.abs() / 255.0).mean() for d in diffs) * 255.0
-  tv_l2 = sum(torch.norm(d) for d in diffs)
-  np.testing.assert_allclose(losses.total_variation_l1(x_nhwc), tv_l1.numpy(), rtol=1e-5)
-  np.testing.assert_allclose(losses.total_variation_l2(x_nhwc), tv_l2.numpy(), rtol=1e-5)
-  np.testing.assert_allclose(losses.l2_prior(x_nhwc), torch.norm(x_nchw.view(3, -1), dim=1).mean().numpy(),
-                             rtol=1e-5)
-  np.testing.assert_allclose(losses.l2_prior(x_nhwc, per_example=False), torch.norm(x_nchw, 2).numpy(), rtol=1e-5)
-  y_nchw = x_nchw.flip(0)
-  at = lambda f: torch.nn.functional.normalize(f.pow(2).mean(1).view(f.size(0), -1))
-  attention = (at(x_nchw) - at(y_nchw)).pow(2).mean()
-  np.testing.assert_allclose(losses.attention_transfer([x_nhwc], [y_nchw.permute(0, 2, 3, 1).numpy()]),
-                             attention.numpy(), rtol=1e-5)
+def test_image_priors_and_attention_match_torch(reference):
+  x, y = (f.transpose(0, 2, 3, 1) for f in _image_inputs())
+  np.testing.assert_allclose(losses.total_variation_l1(x), reference['total_variation_l1'], rtol=1e-5)
+  np.testing.assert_allclose(losses.total_variation_l2(x), reference['total_variation_l2'], rtol=1e-5)
+  np.testing.assert_allclose(losses.l2_prior(x), reference['l2_prior/per_example'], rtol=1e-5)
+  np.testing.assert_allclose(losses.l2_prior(x, per_example=False), reference['l2_prior/whole'], rtol=1e-5)
+  np.testing.assert_allclose(losses.attention_transfer([x], [y]), reference['attention_transfer'], rtol=1e-5)
 
 
-def test_bn_loss_and_contrastive_match_torch(torch):
-  F = torch.nn.functional
-  rng = np.random.default_rng(20)
-  features = torch.from_numpy(rng.normal(size=(4, 3, 5, 5)).astype(np.float32))
-  run_mean, run_var = (torch.from_numpy(rng.normal(size=3).astype(np.float32)),
-                       torch.from_numpy(rng.uniform(0.5, 1.5, size=3).astype(np.float32)))
-  mean = features.mean([0, 2, 3])
-  var = features.permute(1, 0, 2, 3).contiguous().view([3, -1]).var(1, unbiased=False)
-  hook = torch.norm(run_var - var, 2) + torch.norm(run_mean - mean, 2)
-  ours = losses.bn_statistics_loss([(mean.numpy(), var.numpy())], [(run_mean.numpy(), run_var.numpy())])
-  np.testing.assert_allclose(ours, hook.numpy(), rtol=1e-6)
-
-  local = F.normalize(torch.from_numpy(rng.normal(size=(6, 4)).astype(np.float32)), dim=1)
-  global_ = F.normalize(torch.from_numpy(rng.normal(size=(6, 4)).astype(np.float32)), dim=1)
-  per_row = F.cross_entropy(torch.mm(local, global_.T) / 0.1, torch.arange(6), reduction='none')
-  for num_current, expected in ((6, per_row.mean()), (4, per_row[:4].mean() + per_row[4:].mean())):
+def test_bn_loss_and_contrastive_match_torch(reference):
+  running = _statistics_inputs()[1]
+  ours = losses.bn_statistics_loss([(reference['bn/mean'], reference['bn/var'])], [running])
+  np.testing.assert_allclose(ours, reference['bn/hook'], rtol=1e-6)
+  for num_current in (6, 4):
     np.testing.assert_allclose(
-        losses.cmi_contrastive_loss(local.numpy(), global_.numpy(), temperature=0.1, num_current=num_current),
-        expected.numpy(), rtol=1e-5)
+        losses.cmi_contrastive_loss(reference['contrastive/local'], reference['contrastive/global'], temperature=0.1,
+                                    num_current=num_current),
+        reference[f'contrastive/{num_current}'], rtol=1e-5)

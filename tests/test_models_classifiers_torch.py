@@ -10,8 +10,10 @@ Checked: state_dict keys and shapes (every architecture); then, for a set coveri
 code path (bottlenecks, x4 projections in layer1, the ImageNet stem, VGG's pool3 at 64x64,
 MobileNetV2's residual rules), eval and train logits, features, BN input statistics through the
 taps (names in torch ``named_modules`` order), running stats after one train forward, and the exact
-export back.
+export back. The torch side (layouts, parameter counts, outputs) is committed as
+fixtures/torch_files/classifiers.npz (``torch_reference``) and computed live in the ``torch`` group.
 """
+import functools
 import math
 
 import jax
@@ -20,25 +22,24 @@ import numpy as np
 import pytest
 
 import reference_fixtures as rf
+import torch_files
 import weights_rule
 from dfkd_jax import models
 from dfkd_jax.convert import naming
 from dfkd_jax.models import hooks
-
-torch = pytest.importorskip('torch')
-import torch_classifiers  # noqa: E402  (needs torch)
 
 ARCHS = [a for a in models.names('classifier') if not a.startswith('lenet') and a != 'wrn']
 FORWARD = [('resnet50', 32), ('resnet8', 32), ('resnet8x4', 32), ('resnet18_imagenet', 64), ('wrn16_2', 32),
            ('wrn40_1', 32), ('vgg8', 64), ('vgg19', 32), ('mobilenetv2', 32)]
 
 
-def _torch_model(arch, **kw):
-  """The torch counterpart of ``arch`` with weights_rule weights, and its state_dict as numpy."""
-  model = torch_classifiers.build(arch, **kw)
+def _torch_model(torch, arch):
+  """The torch counterpart of ``arch`` with weights_rule weights."""
+  import torch_classifiers
+  model = torch_classifiers.build(arch)
   sd = weights_rule.make_state_dict([(k, tuple(v.shape)) for k, v in model.state_dict().items()])
   model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()})
-  return model, sd
+  return model
 
 
 def _flax_model(arch, sd, **kw):
@@ -48,15 +49,16 @@ def _flax_model(arch, sd, **kw):
   return spec, model, naming.torch_to_flax(sd, abstract, spec.torch)
 
 
+@pytest.mark.parametrize('source', torch_files.SOURCES)
 @pytest.mark.parametrize('arch', ARCHS)
-def test_state_dict_layout_matches_torch(arch):
-  tmodel, sd = _torch_model(arch)
-  _, _, variables = _flax_model(arch, sd)  # raises listing every missing, unexpected or mis-shaped key
+def test_state_dict_layout_matches_torch(source, arch):
+  ref = _reference(arch, source, forward=False)
+  _, _, variables = _flax_model(arch, _state_dict(ref))  # raises listing every missing, unexpected or mis-shaped key
   flax_params = sum(math.prod(v.shape) for v in jax.tree.leaves(variables['params']))
-  assert flax_params == sum(p.numel() for p in tmodel.parameters())
+  assert flax_params == ref['num_params']
 
 
-def _torch_reference(tmodel, x):
+def _torch_outputs(torch, tmodel, x):
   """Eval logits/features, per-BN input (mean, biased var), train logits, running stats after it."""
   tmodel = tmodel.double()
   bn_modules = [(n, m) for n, m in tmodel.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -74,19 +76,56 @@ def _torch_reference(tmodel, x):
     for h in hooks:
       h.remove()
     logits_train, _ = tmodel.train()(x)
-  running = {n: (m.running_mean, m.running_var) for n, m in bn_modules}
-  return logits_eval, features, bn_inputs, logits_train, running
+  values = {'logits_eval': logits_eval, 'features': features, 'logits_train': logits_train}
+  for name, (mean, var) in bn_inputs.items():
+    values[f'bn_in_mean/{name}'], values[f'bn_in_var/{name}'] = mean, var
+  for name, m in bn_modules:
+    values[f'running_mean/{name}'], values[f'running_var/{name}'] = m.running_mean, m.running_var
+  return {name: value.numpy() for name, value in values.items()}
+
+
+def _torch_case(arch, forward, torch):
+  """``arch``'s torch state_dict layout and parameter count, and with ``forward`` its outputs on the
+  FORWARD input size."""
+  tmodel = _torch_model(torch, arch)
+  values = {**torch_files.layout_values(tmodel.state_dict()),
+            'num_params': np.array(sum(p.numel() for p in tmodel.parameters()))}
+  if forward:
+    values.update(_torch_outputs(torch, tmodel, _forward_input(arch)))
+  return values
+
+
+def _forward_input(arch):
+  size = dict(FORWARD)[arch]
+  return weights_rule.make_input((2, 3, size, size))
+
+
+def torch_reference(torch) -> dict:
+  """Every architecture's values, '<arch>/<name>' (committed as fixtures/torch_files/classifiers.npz by
+  fixtures/make_torch_files.py)."""
+  return {f'{arch}/{name}': value for arch in [*ARCHS, 'wrn10_1']  # wrn10_1: test_dropout_only_in_train_mode
+          for name, value in _torch_case(arch, arch in dict(FORWARD), torch).items()}
+
+
+def _reference(arch, source, forward):
+  return torch_files.case_values('classifiers', arch, source, functools.partial(_torch_case, arch, forward))
+
+
+def _state_dict(ref):
+  return weights_rule.make_state_dict(torch_files.layout(ref))
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('source', torch_files.SOURCES)
 @pytest.mark.parametrize('arch,size', FORWARD, ids=[a for a, _ in FORWARD])
-def test_forward_matches_torch(arch, size):
-  tmodel, sd = _torch_model(arch)
+def test_forward_matches_torch(source, arch, size):
+  ref = _reference(arch, source, forward=True)
+  sd = _state_dict(ref)
   spec, model, variables = _flax_model(arch, sd, **({'dropout_rate': 0.0} if arch == 'mobilenetv2' else {}))
-  x = weights_rule.make_input((2, 3, size, size))
+  x = _forward_input(arch)
+  assert x.shape[2:] == (size, size)
   with jax.enable_x64(True):
-    _check_forward(arch, model, jax.tree.map(np.float64, variables), rf.nhwc(x).astype(np.float64),
-                   _torch_reference(tmodel, x))
+    _check_forward(arch, model, jax.tree.map(np.float64, variables), rf.nhwc(x).astype(np.float64), ref)
   back = naming.flax_to_torch(variables, spec.torch)
   assert set(back) == set(sd)
   for k in back:
@@ -94,38 +133,38 @@ def test_forward_matches_torch(arch, size):
       np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
 
 
-def _check_forward(arch, model, variables, x, reference):
-  logits_eval, features, bn_inputs, logits_train, running = reference
+def _check_forward(arch, model, variables, x, ref):
   errs = {}
 
   def check(actual, reference, name):
-    errs[name] = rf.assert_close(actual, reference.numpy(), f'{arch} {name}')
+    errs[name] = rf.assert_close(actual, reference, f'{arch} {name}')
 
   # jit compiles each pass once, faster on CPU than the eager per-op compilation.
   eval_pass = jax.jit(lambda v, x: hooks.apply_with_bn_taps(model, v, x, train=False, return_features=True))
   train_pass = jax.jit(lambda v, x: hooks.apply_with_bn_taps(model, v, x, train=True, mutable=['batch_stats']))
   (logits, feats), bn = eval_pass(variables, x)
-  check(logits, logits_eval, 'logits_eval')
-  check(feats, features, 'features_eval')
-  assert [t.name for t in bn] == list(bn_inputs)
+  check(logits, ref['logits_eval'], 'logits_eval')
+  check(feats, ref['features'], 'features_eval')
+  assert [t.name for t in bn] == [name[len('bn_in_mean/'):] for name in ref if name.startswith('bn_in_mean/')]
   for t in bn:
-    check(t.mean, bn_inputs[t.name][0], f'bn_in_mean/{t.name}')
-    check(t.var, bn_inputs[t.name][1], f'bn_in_var/{t.name}')
+    check(t.mean, ref[f'bn_in_mean/{t.name}'], f'bn_in_mean/{t.name}')
+    check(t.var, ref[f'bn_in_var/{t.name}'], f'bn_in_var/{t.name}')
   (logits, state), bn = train_pass(variables, x)
-  check(logits, logits_train, 'logits_train')
+  check(logits, ref['logits_train'], 'logits_train')
   for t, (mean, var) in zip(bn, hooks.running_stats(state, bn)):
-    check(mean, running[t.name][0], f'running_mean/{t.name}')
-    check(var, running[t.name][1], f'running_var/{t.name}')
+    check(mean, ref[f'running_mean/{t.name}'], f'running_mean/{t.name}')
+    check(var, ref[f'running_var/{t.name}'], f'running_var/{t.name}')
   worst = max(errs, key=errs.get)
   print(f'\n{arch} ({x.shape[1]}x{x.shape[2]}, float64): worst relative error {errs[worst]:.3g} '
         f'({worst}; {len(errs)} arrays)')
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('source', torch_files.SOURCES)
 @pytest.mark.parametrize('arch,kw', [('mobilenetv2', {}), ('wrn10_1', {'dropout_rate': 0.3})])
-def test_dropout_only_in_train_mode(arch, kw):
+def test_dropout_only_in_train_mode(source, arch, kw):
   """MobileNetV2's classifier Dropout(0.2) and WRN's optional dropout: off in eval, rng-driven in train."""
-  _, sd = _torch_model(arch)
+  sd = _state_dict(_reference(arch, source, forward=False))
   name, extra = ('wrn', {'depth': 10}) if arch.startswith('wrn') else (arch, {})
   spec = models.get_spec(name)
   x = jnp.asarray(rf.nhwc(weights_rule.make_input((2, 3, 32, 32))))

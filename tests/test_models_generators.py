@@ -2,8 +2,11 @@
 
 Fixtures (CMI Generator/LargeGenerator, original DAFL generator) are checked against the stored
 reference outputs; the architectures without fixtures against small torch modules written in
-tests/torch_generators.py from the reference structure, with the same deterministic weights.
+tests/torch_generators.py from the reference structure, with the same deterministic weights: their
+state_dict layout and outputs are committed (fixtures/torch_files/generators.npz, made by
+``torch_reference``) and computed live in the ``torch`` group.
 """
+import functools
 import math
 
 import jax
@@ -12,6 +15,7 @@ import numpy as np
 import pytest
 
 import reference_fixtures as rf
+import torch_files
 import weights_rule
 from dfkd_jax import models
 from dfkd_jax.convert import naming
@@ -82,14 +86,6 @@ def test_vdsr_param_counts():
 # --------------------------------------------------------------------------------------------
 # Architectures without fixtures: torch modules following the reference structure.
 
-@pytest.fixture(scope='module')
-def tg():
-  """The torch reference modules (tests/torch_generators.py); skips without torch."""
-  pytest.importorskip('torch')
-  import torch_generators
-  return torch_generators
-
-
 def _nhwc_if_image(a):
   return rf.nhwc(a) if a.ndim == 4 else a
 
@@ -111,27 +107,76 @@ NO_FIXTURE = [
     ('vdsr', 'vdsr', dict(), lambda tg: tg.TorchVDSR(64, 18)),
     ('vdsr_half', 'vdsr_half', dict(), lambda tg: tg.TorchVDSR(32, 18)),
 ]
+_NEAREST = [(10, 1.6), (6, 1.7), (7, 1.3), (5, 2.5), (9, 0.7), (4, 2), (3, 3.0)]
+
+
+def _case_input(arch, kw):
+  """(NCHW or latent input, the model's input shape) of a NO_FIXTURE case."""
+  shape = models.input_shape(arch, **kw)
+  nchw = (shape[2], shape[0], shape[1]) if len(shape) == 3 else shape
+  return weights_rule.make_input((8 if len(shape) == 1 else 2,) + tuple(nchw)), shape
+
+
+def _module_outputs(module, x):
+  """A torch module's state_dict layout, parameter count, and reference_outputs as values."""
+  import torch_generators
+  sd, out_eval, out_train, running = torch_generators.reference_outputs(module, x)
+  return {**torch_files.layout_values(sd), 'num_params': np.array(sum(p.numel() for p in module.parameters())),
+          'out_eval': out_eval, 'out_train': out_train,
+          **{f'running_mean/{m}': mean for m, (mean, _) in running.items()},
+          **{f'running_var/{m}': var for m, (_, var) in running.items()}}
+
+
+def _torch_case(what, torch):
+  """The values of NO_FIXTURE case ``what``, or of 'vdsr_half_depth4', 'upsample_nearest', 'instance_norm'."""
+  import torch_generators as tg
+  if what == 'vdsr_half_depth4':
+    return _module_outputs(tg.TorchVDSR(32, 4), weights_rule.make_input((2, 1, 16, 16)))
+  if what == 'upsample_nearest':
+    return {f'{size},{factor}': tg.tnn.functional.interpolate(
+        torch.from_numpy(weights_rule.make_input((1, 2, size, size + 1))), scale_factor=factor).numpy()
+            for size, factor in _NEAREST}
+  if what == 'instance_norm':
+    return {'out': tg.tnn.functional.instance_norm(torch.from_numpy(weights_rule.make_input((2, 3, 5, 4))),
+                                                   eps=0.8).numpy()}
+  _, arch, kw, build = next(case for case in NO_FIXTURE if case[0] == what)
+  return _module_outputs(build(tg), _case_input(arch, kw)[0])
+
+
+def torch_reference(torch) -> dict:
+  """Every case's values, '<case>/<name>' (committed as fixtures/torch_files/generators.npz by
+  fixtures/make_torch_files.py)."""
+  cases = [case[0] for case in NO_FIXTURE] + ['vdsr_half_depth4', 'upsample_nearest', 'instance_norm']
+  return {f'{what}/{name}': value for what in cases for name, value in _torch_case(what, torch).items()}
+
+
+def _reference(what, source):
+  return torch_files.case_values('generators', what, source, functools.partial(_torch_case, what))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('what,arch,kw,build', NO_FIXTURE, ids=[c[0] for c in NO_FIXTURE])
-def test_matches_torch_module(tg, what, arch, kw, build):
-  module = build(tg)
-  shape = models.input_shape(arch, **kw)
-  nchw = (shape[2], shape[0], shape[1]) if len(shape) == 3 else shape
-  x = weights_rule.make_input((8 if len(shape) == 1 else 2,) + tuple(nchw))
-  sd, out_eval, out_train, running = tg.reference_outputs(module, x)
+@pytest.mark.parametrize('source', torch_files.SOURCES)
+@pytest.mark.parametrize('what,arch,kw', [case[:3] for case in NO_FIXTURE], ids=[c[0] for c in NO_FIXTURE])
+def test_matches_torch_module(source, what, arch, kw):
+  ref = _reference(what, source)
+  x, shape = _case_input(arch, kw)
+  sd = weights_rule.make_state_dict(torch_files.layout(ref))
   spec, model, variables = _convert(arch, kw, sd, shape)
-  assert _num_params(variables) == sum(p.numel() for p in module.parameters())
-  _check(model, variables, _nhwc_if_image(x), _nhwc_if_image(out_eval), _nhwc_if_image(out_train), running, what)
+  assert _num_params(variables) == ref['num_params']
+  running = {name[len('running_mean/'):]: (value, ref['running_var/' + name[len('running_mean/'):]])
+             for name, value in ref.items() if name.startswith('running_mean/')}
+  _check(model, variables, _nhwc_if_image(x), _nhwc_if_image(ref['out_eval']), _nhwc_if_image(ref['out_train']),
+         running, what)
   _assert_exports_back(spec, variables, kw, sd)
 
 
-def test_vdsr_progressive_depth(tg):
+@pytest.mark.parametrize('source', torch_files.SOURCES)
+def test_vdsr_progressive_depth(source):
   """A num_blocks=d student equals the reference NetHalf(block_num=d), also when applied to the
   variables of a deeper student, and warm_start keeps the shallower student's blocks."""
   x = weights_rule.make_input((2, 1, 16, 16))
-  sd, out_eval, _, _ = tg.reference_outputs(tg.TorchVDSR(32, 4), x)
+  ref = _reference('vdsr_half_depth4', source)
+  sd, out_eval = weights_rule.make_state_dict(torch_files.layout(ref)), ref['out_eval']
   shallow = models.create('vdsr_half', num_blocks=4)
   _, _, small_vars = _convert('vdsr_half', dict(num_blocks=4), sd, (16, 16, 1))
   rf.assert_close(shallow.apply(small_vars, rf.nhwc(x)), rf.nhwc(out_eval), 'vdsr_half depth 4')
@@ -145,18 +190,19 @@ def test_vdsr_progressive_depth(tg):
   rf.assert_close(shallow.apply(grown, rf.nhwc(x)), rf.nhwc(out_eval), 'depth 4 on 7-block variables')
 
 
-@pytest.mark.parametrize('size,factor', [(10, 1.6), (6, 1.7), (7, 1.3), (5, 2.5), (9, 0.7), (4, 2), (3, 3.0)])
-def test_upsample_nearest_follows_torch_index_rule(tg, size, factor):
+@pytest.mark.parametrize('source', torch_files.SOURCES)
+@pytest.mark.parametrize('size,factor', _NEAREST)
+def test_upsample_nearest_follows_torch_index_rule(source, size, factor):
   x = weights_rule.make_input((1, 2, size, size + 1))
-  expected = tg.tnn.functional.interpolate(tg.torch.from_numpy(x), scale_factor=factor).numpy()
+  expected = _reference('upsample_nearest', source)[f'{size},{factor}']
   np.testing.assert_array_equal(layers.upsample_nearest(rf.nhwc(x), factor), rf.nhwc(expected))
 
 
-def test_instance_norm_matches_torch(tg):
+@pytest.mark.parametrize('source', torch_files.SOURCES)
+def test_instance_norm_matches_torch(source):
   x = weights_rule.make_input((2, 3, 5, 4))
-  expected = tg.tnn.functional.instance_norm(tg.torch.from_numpy(x), eps=0.8).numpy()
   y = layers.InstanceNorm(epsilon=0.8).apply({}, rf.nhwc(x))
-  rf.assert_close(y, rf.nhwc(expected), 'instance_norm')
+  rf.assert_close(y, rf.nhwc(_reference('instance_norm', source)['out']), 'instance_norm')
 
 
 # --------------------------------------------------------------------------------------------

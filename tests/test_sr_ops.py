@@ -1,5 +1,6 @@
 """dfkd_jax.sr.ops: closed-form Keys weights, polynomial reproduction, an independent per-pixel loop
-implementation of MATLAB's bicubic imresize, PIL / torch on interior pixels, and hand-computed,
+implementation of MATLAB's bicubic imresize, PIL / torch (committed values; live in the ``torch``
+group) on interior pixels, and hand-computed,
 loop-computed and (when scikit-image is installed) scikit-image PSNR/SSIM/Y values.
 
 MATLAB is not available: no value here comes from MATLAB itself. The loop references below are
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import torch_files
 from dfkd_jax.sr import ops as sr_ops
 
 # Keys a = -1/2 sampled at distances 1.75, 1.25, 0.75, 0.25, 0.25, 0.75, 1.25, 1.75, times 128.
@@ -218,19 +220,43 @@ def test_output_size_and_scale_follow_matlab():
     sr_ops.imresize(_nhwc(image), 2.0, output_size=(74, 60))
 
 
-@pytest.mark.parametrize('scale', [2, 3, 4, 0.5, 1 / 3, 0.25, 0.75])
-def test_interior_matches_pil_and_torch(scale):
+_INTERIOR_SCALES = [2, 3, 4, 0.5, 1 / 3, 0.25, 0.75]
+
+
+def _interior_image():
+  return _random_image(2, (48, 36))
+
+
+def torch_reference(torch) -> dict:
+  """torch's antialiased bicubic resize of _interior_image() to imresize's output size at each of
+  _INTERIOR_SCALES: 'bicubic/<scale>' -> image (committed as fixtures/torch_files/sr_ops.npz by
+  fixtures/make_torch_files.py)."""
+  out = {}
+  for scale in _INTERIOR_SCALES:
+    size = sr_ops.resize_plan((48, 36), scale)[0]
+    out[f'bicubic/{scale:.6g}'] = torch.nn.functional.interpolate(
+        torch.from_numpy(_interior_image())[None, None], size=size, mode='bicubic', antialias=True,
+        align_corners=False)[0, 0].numpy()
+  return out
+
+
+@pytest.fixture(scope='module', params=torch_files.SOURCES)
+def reference(request):
+  """torch_reference's values: committed, or (the torch group) computed by the installed torch."""
+  return torch_files.values('sr_ops', request.param, torch_reference)
+
+
+@pytest.mark.parametrize('scale', _INTERIOR_SCALES)
+def test_interior_matches_pil_and_torch(reference, scale):
   # PIL's BICUBIC and torch's antialiased bicubic use the same a = −½ kernel, centre mapping and
   # (1/s)-stretched support; they renormalise truncated taps at the borders instead of mirroring,
   # so only pixels whose support lies inside the image are compared.
-  torch = pytest.importorskip('torch')
   from PIL import Image
-  image = _random_image(2, (48, 36))
+  image = _interior_image()
   out = _hw(sr_ops.imresize(_nhwc(image), scale))
   out_h, out_w = out.shape
   pil = np.asarray(Image.fromarray(image, mode='F').resize((out_w, out_h), Image.BICUBIC))
-  tch = torch.nn.functional.interpolate(torch.from_numpy(image)[None, None], size=(out_h, out_w),
-                                        mode='bicubic', antialias=True, align_corners=False)[0, 0].numpy()
+  tch = reference[f'bicubic/{scale:.6g}']
 
   def interior(out_size, in_size):
     centres = (np.arange(out_size) + 0.5) / scale - 0.5

@@ -1,6 +1,6 @@
 """dfkd_jax.synth: replay-pool FIFO semantics and sampling, the uint8 PNG round trip (against numpy,
-PIL and torch's ToTensor where installed), the CMI memory bank, best-iterate selection, and a
-bitwise checkpoint round trip of pool and bank."""
+PIL and torch's ToTensor: committed values, live in the ``torch`` group), the CMI memory bank,
+best-iterate selection, and a bitwise checkpoint round trip of pool and bank."""
 import io
 
 import jax
@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import torch_files
 from dfkd_jax.errors import UserError
 from dfkd_jax.run import checkpoint
 from dfkd_jax.synth import bank, init_best, keep_best, pool
@@ -48,18 +49,28 @@ def test_dequantize_is_float32_division_by_255():
   np.testing.assert_array_equal(pool.quantize(pool.dequantize(jnp.asarray(codes))), codes)
 
 
-def test_png_round_trip_matches_pil_and_to_tensor():
-  image = pytest.importorskip('PIL.Image')
-  torch = pytest.importorskip('torch')
-  x = np.random.default_rng(1).uniform(-0.05, 1.05, (8, 8, 3)).astype(np.float32)
-  # The reference: clamp in torch, ×255 and truncate in numpy, write a PNG, read it, ToTensor.
-  codes = (torch.from_numpy(x).clamp(0, 1).numpy() * 255).astype('uint8')
+def _png_input():
+  return np.random.default_rng(1).uniform(-0.05, 1.05, (8, 8, 3)).astype(np.float32)
+
+
+def torch_reference(torch) -> dict:
+  """The references' PNG round trip of _png_input(): clamp in torch, ×255 and truncate in numpy, write a
+  PNG with PIL, read it, ToTensor (committed as fixtures/torch_files/synth_pool.npz by
+  fixtures/make_torch_files.py)."""
+  from PIL import Image
+  codes = (torch.from_numpy(_png_input()).clamp(0, 1).numpy() * 255).astype('uint8')
   buffer = io.BytesIO()
-  image.fromarray(codes).save(buffer, format='png')
-  decoded = np.asarray(image.open(io.BytesIO(buffer.getvalue())))
-  to_tensor = torch.from_numpy(decoded.copy()).float().div(255).numpy()
-  np.testing.assert_array_equal(pool.quantize(jnp.asarray(x)), codes)
-  np.testing.assert_array_equal(pool.dequantize(pool.quantize(jnp.asarray(x))), to_tensor)
+  Image.fromarray(codes).save(buffer, format='png')
+  decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())))
+  return {'codes': codes, 'to_tensor': torch.from_numpy(decoded.copy()).float().div(255).numpy()}
+
+
+@pytest.mark.parametrize('source', torch_files.SOURCES)
+def test_png_round_trip_matches_pil_and_to_tensor(source):
+  reference = torch_files.values('synth_pool', source, torch_reference)
+  x = jnp.asarray(_png_input())
+  np.testing.assert_array_equal(pool.quantize(x), reference['codes'])
+  np.testing.assert_array_equal(pool.dequantize(pool.quantize(x)), reference['to_tensor'])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """dfkd_jax.convert.torch_pickle: reading every torch.save layout and content the reference repos
 produce, refusing pickles that would run code, and writing files torch.load reads back exactly.
 
-torch is only used here to write reference files and to read ours back; the loader never imports it.
+The files torch writes (``write_torch_files``) are read from the copies fixtures/make_torch_files.py
+committed, and, in the ``torch`` group, from files the installed torch writes at run time; reading
+ours back with torch is in the ``torch`` group only. The loader never imports torch.
 """
 from __future__ import annotations
 
@@ -10,17 +12,22 @@ import collections
 import importlib.util
 import json
 import os
+import pathlib
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
+import warnings
 import zipfile
 from typing import Mapping
 
 import numpy as np
 import pytest
 
+import torch_files
 import weights_rule
 from dfkd_jax.convert import torch_pickle
 from dfkd_jax.errors import UserError
@@ -34,6 +41,33 @@ LAYOUTS = {'zip': True, 'legacy': False}  # torch.save's _use_new_zipfile_serial
 @pytest.fixture
 def torch():
   return pytest.importorskip('torch')
+
+
+def write_torch_files(torch, directory: pathlib.Path) -> dict[str, dict[str, np.ndarray]]:
+  """Writes every torch-written file these tests read into ``directory``; returns file name -> the
+  state_dict load_state_dict must give (empty for files it must refuse). Committed gzipped."""
+  torch.manual_seed(0)
+  written = {}
+  for write in (_write_state_dicts, _write_legacy_views, _write_pickled_modules, _write_payloads,
+                _write_foreign_kinds):
+    written.update(write(torch, directory))
+  return {name: {k: _as_numpy(v) for k, v in state_dict.items()} for name, state_dict in written.items()}
+
+
+@pytest.fixture(scope='module', params=torch_files.SOURCES)
+def torch_written(request, tmp_path_factory):
+  """(directory, write_torch_files' answer): the committed files, or (the torch group) written now."""
+  if request.param == 'torch':
+    directory = tmp_path_factory.mktemp('torch_written')
+    return directory, write_torch_files(torch_files.import_torch(), directory)
+  directory = tmp_path_factory.mktemp('committed')
+  torch_files.gunzip_all(torch_files.path('torch_pickle'), directory)
+  state_dicts = collections.defaultdict(dict)  # the distinct ones, stored once
+  for name, value in torch_files.load_values('torch_pickle').items():
+    file, key = name.split('/', 1)
+    state_dicts[file][key] = value
+  return directory, {file: {prefix + k: v for k, v in state_dicts[source].items()}
+                     for file, (source, prefix) in torch_files.load_json('torch_pickle').items()}
 
 
 def _as_numpy(tensor) -> np.ndarray:
@@ -99,26 +133,43 @@ def _optimizer_and_scheduler_state(torch) -> dict:
   return {'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict()}
 
 
+PREFIXES = {'plain': '', 'prefixed': 'module.'}
+WRAPPINGS = ('raw', *torch_pickle.STATE_DICT_ENTRIES)
+
+
+def _state_dict_file(layout, prefix, wrapping):
+  return f'state_dict-{layout}-{prefix}-{wrapping}.pth'
+
+
+def _write_state_dicts(torch, directory) -> dict:
+  written = {}
+  for layout, prefix, wrapping in ((a, b, c) for a in LAYOUTS for b in PREFIXES for c in WRAPPINGS):
+    state_dict = collections.OrderedDict((PREFIXES[prefix] + k, v) for k, v in _mixed_state_dict(torch).items())
+    if wrapping == 'raw':
+      checkpoint = state_dict
+    else:  # the train_scratch.py layout: metadata, then weights, then optimizer tensors to ignore
+      checkpoint = {'epoch': 3, 'arch': 'resnet34', wrapping: state_dict, 'best_acc1': np.float64(91.5),
+                    'args': argparse.Namespace(lr=0.1, milestones={100, 150}), 'commit': b'\x00\xff',
+                    **_optimizer_and_scheduler_state(torch)}
+    name = _state_dict_file(layout, prefix, wrapping)
+    torch.save(checkpoint, directory / name, _use_new_zipfile_serialization=LAYOUTS[layout])
+    written[name] = state_dict
+  return written
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('layout', LAYOUTS)
-@pytest.mark.parametrize('prefix', ['', 'module.'])
-@pytest.mark.parametrize('wrapping', ['raw', *torch_pickle.STATE_DICT_ENTRIES])
-def test_state_dict_round_trip(torch, tmp_path, layout, prefix, wrapping):
-  state_dict = collections.OrderedDict((prefix + k, v) for k, v in _mixed_state_dict(torch).items())
-  if wrapping == 'raw':
-    checkpoint = state_dict
-  else:  # the train_scratch.py layout: metadata, then weights, then optimizer tensors to ignore
-    checkpoint = {'epoch': 3, 'arch': 'resnet34', wrapping: state_dict, 'best_acc1': np.float64(91.5),
-                  'args': argparse.Namespace(lr=0.1, milestones={100, 150}), 'commit': b'\x00\xff',
-                  **_optimizer_and_scheduler_state(torch)}
-  path = tmp_path / 'checkpoint.pth'
-  torch.save(checkpoint, path, _use_new_zipfile_serialization=LAYOUTS[layout])
-  _assert_same(torch_pickle.load_state_dict(path), state_dict)
+@pytest.mark.parametrize('prefix', PREFIXES)
+@pytest.mark.parametrize('wrapping', WRAPPINGS)
+def test_state_dict_round_trip(torch_written, layout, prefix, wrapping):
+  directory, expected = torch_written
+  name = _state_dict_file(layout, prefix, wrapping)
+  assert all(k.startswith(PREFIXES[prefix]) for k in expected[name])
+  _assert_same(torch_pickle.load_state_dict(directory / name), expected[name])
 
 
-def test_tensor_with_attributes_uses_rebuild_from_type(torch, tmp_path):
-  path = tmp_path / 'sd.pth'
-  torch.save(_mixed_state_dict(torch), path)
+def test_tensor_with_attributes_uses_rebuild_from_type(torch_written):
+  path = torch_written[0] / _state_dict_file('zip', 'plain', 'raw')
   with zipfile.ZipFile(path) as archive:
     data_pkl = archive.read(next(n for n in archive.namelist() if n.endswith('/data.pkl')))
   assert b'_rebuild_from_type_v2' in data_pkl  # so the round trip above covers it
@@ -158,12 +209,15 @@ def _legacy_file_with_storage_views(torch, path) -> None:
     file.write(struct.pack('<q', root.size) + root.tobytes())
 
 
-def test_legacy_storage_views_and_cuda_storage_types(torch, tmp_path):
-  path = tmp_path / 'views.pth'
-  _legacy_file_with_storage_views(torch, path)
-  reference = torch.load(path, map_location='cpu', weights_only=False)
-  loaded = torch_pickle.load_state_dict(path)
-  _assert_same(loaded, reference)
+def _write_legacy_views(torch, directory) -> dict:
+  _legacy_file_with_storage_views(torch, directory / 'legacy_views.pth')
+  return {'legacy_views.pth': torch.load(directory / 'legacy_views.pth', map_location='cpu', weights_only=False)}
+
+
+def test_legacy_storage_views_and_cuda_storage_types(torch_written):
+  directory, expected = torch_written
+  loaded = torch_pickle.load_state_dict(directory / 'legacy_views.pth')
+  _assert_same(loaded, expected['legacy_views.pth'])
   np.testing.assert_array_equal(loaded['middle'], [[3, 5], [4, 6]])
 
 
@@ -198,7 +252,7 @@ USER_MODULES = {
             self.conv1 = nn.Conv2d(1, 6, 5)
             self.bn1 = nn.BatchNorm2d(6)
             self.conv2 = nn.Conv2d(6, 16, 5, bias=False)
-            self.fc = nn.Sequential(nn.Linear(400, 84), nn.ReLU(), nn.Sequential(nn.Linear(84, 10)))
+            self.fc = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Sequential(nn.Linear(12, 10)))
             self.register_buffer('scratch', torch.zeros(2), persistent=False)
             self.register_buffer('unset', None)
             self.device = torch.device('cpu')
@@ -231,12 +285,12 @@ USER_CLASSES = {'lenet': 'LeNet5', 'resnet': 'ResNet'}
 
 
 class UserNets:
-  """Nets of USER_MODULES, built from module files that are never on sys.path; ``save`` puts their
-  modules in sys.modules only while torch.save pickles (it checks the classes are importable)."""
+  """Nets of USER_MODULES (no forward: only their structure is pickled), built from module files that
+  are never on sys.path; ``save`` puts their modules in sys.modules only while torch.save pickles (it
+  checks the classes are importable)."""
 
   def __init__(self, torch, directory):
     self.torch, self.modules, self.nets = torch, {}, {}
-    directory.mkdir()
     for name, source in USER_MODULES.items():
       assert name not in sys.modules
       (directory / f'{name}.py').write_text(textwrap.dedent(source))
@@ -258,30 +312,41 @@ class UserNets:
         del sys.modules[name]
 
 
-@pytest.fixture
-def user_nets(torch, tmp_path):
-  return UserNets(torch, tmp_path / 'user_modules')
+MODULE_WRAPPINGS = {'module': 'module', 'DataParallel': 'DataParallel', "{'model': module}": 'dict'}
+
+
+def _module_file(layout, name, wrapping):
+  return f'module-{layout}-{name}-{MODULE_WRAPPINGS[wrapping]}'
+
+
+def _write_pickled_modules(torch, directory) -> dict:
+  """The USER_MODULES nets, plain, in DataParallel or in a dict, as torch.save(net) writes them."""
+  written = {}
+  with tempfile.TemporaryDirectory() as sources:
+    user_nets = UserNets(torch, pathlib.Path(sources))
+    for layout, name, wrapping in ((a, b, c) for a in LAYOUTS for b in USER_MODULES for c in MODULE_WRAPPINGS):
+      net = user_nets.nets[name]
+      checkpoint = {'module': net, 'DataParallel': torch.nn.DataParallel(net),
+                    "{'model': module}": {'model': net, 'epoch': 1}}[wrapping]
+      user_nets.save(checkpoint, directory / _module_file(layout, name, wrapping), layout)
+      written[_module_file(layout, name, wrapping)] = (checkpoint if wrapping == 'DataParallel' else net).state_dict()
+  return written
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('name', USER_MODULES)
-@pytest.mark.parametrize('wrapping', ['module', 'DataParallel', "{'model': module}"])
-def test_pickled_module(torch, tmp_path, user_nets, layout, name, wrapping):
-  net = user_nets.nets[name]
-  checkpoint = {'module': net, 'DataParallel': torch.nn.DataParallel(net),
-                "{'model': module}": {'model': net, 'epoch': 1}}[wrapping]
-  path = tmp_path / 'teacher'
-  user_nets.save(checkpoint, path, layout)
-  expected = checkpoint.state_dict() if wrapping == 'DataParallel' else net.state_dict()
+@pytest.mark.parametrize('wrapping', MODULE_WRAPPINGS)
+def test_pickled_module(torch_written, layout, name, wrapping):
+  directory, expected = torch_written
+  expected = expected[_module_file(layout, name, wrapping)]
   assert any(k.startswith('module.') for k in expected) == (wrapping == 'DataParallel')
-  _assert_same(torch_pickle.load_state_dict(path), expected)
+  _assert_same(torch_pickle.load_state_dict(directory / _module_file(layout, name, wrapping)), expected)
   assert name not in sys.modules
 
 
-def test_pickled_module_uses_parameter_with_state(tmp_path, user_nets):
-  path = tmp_path / 'teacher'
-  user_nets.save(user_nets.nets['lenet'], path)
+def test_pickled_module_uses_parameter_with_state(torch_written):
+  path = torch_written[0] / _module_file('zip', 'lenet', 'module')
   with zipfile.ZipFile(path) as archive:
     data_pkl = archive.read(next(n for n in archive.namelist() if n.endswith('/data.pkl')))
   assert b'_rebuild_parameter_with_state' in data_pkl and b'lenet' in data_pkl
@@ -299,6 +364,7 @@ def test_fixture_keys_round_trip(tmp_path, name):
 
 
 @pytest.mark.slow
+@pytest.mark.torch
 @pytest.mark.parametrize('name', FIXTURE_NAMES)
 def test_fixture_keys_with_torch(torch, tmp_path, name):
   """torch reads our file exactly, and we read torch's legacy files with the ``module.`` prefix."""
@@ -352,6 +418,7 @@ def test_save_then_load(tmp_path):
   assert not os.path.exists(str(path) + '.partial')
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize('mmap', [False, True])
 def test_torch_reads_saved_file(torch, tmp_path, mmap):
   path = tmp_path / 'student.pth'
@@ -443,15 +510,20 @@ def test_malicious_legacy_header_is_refused(tmp_path, header):
   assert not marker.exists()
 
 
+def _write_payloads(torch, directory) -> dict:
+  """A state_dict with a payload (``touch pwned`` in the working directory) next to a tensor."""
+  for layout, new_zipfile in LAYOUTS.items():
+    state_dict = collections.OrderedDict(weight=torch.ones(2), extra=_Call(os.system, 'touch pwned'))
+    torch.save(state_dict, directory / f'payload-{layout}.pth', _use_new_zipfile_serialization=new_zipfile)
+  return {}
+
+
 @pytest.mark.parametrize('layout', LAYOUTS)
-def test_payload_next_to_real_tensors_is_refused(torch, tmp_path, layout):
-  marker = tmp_path / 'pwned'
-  path = tmp_path / 'evil.pth'
-  state_dict = collections.OrderedDict(weight=torch.ones(2), extra=_Call(os.system, f'touch {marker}'))
-  torch.save(state_dict, path, _use_new_zipfile_serialization=LAYOUTS[layout])
+def test_payload_next_to_real_tensors_is_refused(torch_written, tmp_path, monkeypatch, layout):
+  monkeypatch.chdir(tmp_path)
   with pytest.raises(torch_pickle.UnsafeCheckpointError, match='system'):
-    torch_pickle.load_state_dict(path)
-  assert not marker.exists()
+    torch_pickle.load_state_dict(torch_written[0] / f'payload-{layout}.pth')
+  assert not (tmp_path / 'pwned').exists()
 
 
 def test_pickled_classes_are_never_imported(tmp_path):
@@ -522,10 +594,9 @@ def test_damaged_files_give_one_line_errors(tmp_path, damage):
 
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('cut', [0.3, 0.6, 0.95])
-def test_truncated_torch_files(torch, tmp_path, layout, cut):
+def test_truncated_torch_files(torch_written, tmp_path, layout, cut):
+  data = (torch_written[0] / _state_dict_file(layout, 'plain', 'state_dict')).read_bytes()
   path = tmp_path / 'teacher.pth'
-  torch.save({'state_dict': _mixed_state_dict(torch)}, path, _use_new_zipfile_serialization=LAYOUTS[layout])
-  data = path.read_bytes()
   path.write_bytes(data[:int(len(data) * cut)])
   with pytest.raises(torch_pickle.CheckpointFormatError) as error:
     torch_pickle.load_state_dict(path)
@@ -554,18 +625,24 @@ def test_foreign_contents_are_named(tmp_path):
   _assert_one_line_error(error, metrics, "'epoch', 'acc'")
 
 
-@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # torch.jit is deprecated
-def test_torchscript_archive_is_named(torch, tmp_path):
-  path = tmp_path / 'scripted.pt'
-  torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+def _write_foreign_kinds(torch, directory) -> dict:
+  """A TorchScript archive and a sparse tensor: files the loader names and refuses."""
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', DeprecationWarning)  # torch.jit is deprecated
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), directory / 'scripted.pt')
+  torch.save({'w': torch.eye(3).to_sparse()}, directory / 'sparse.pth')
+  return {}
+
+
+def test_torchscript_archive_is_named(torch_written):
+  path = torch_written[0] / 'scripted.pt'
   with pytest.raises(torch_pickle.CheckpointFormatError) as error:
     torch_pickle.load_state_dict(path)
   _assert_one_line_error(error, path, 'TorchScript')
 
 
-def test_unsupported_tensor_kind_is_named(torch, tmp_path):
-  path = tmp_path / 'sparse.pth'
-  torch.save({'w': torch.eye(3).to_sparse()}, path)
+def test_unsupported_tensor_kind_is_named(torch_written):
+  path = torch_written[0] / 'sparse.pth'
   with pytest.raises(torch_pickle.CheckpointFormatError) as error:
     torch_pickle.load_state_dict(path)
   _assert_one_line_error(error, path, 'calls torch.', 'does not support')
@@ -574,15 +651,13 @@ def test_unsupported_tensor_kind_is_named(torch, tmp_path):
 # --- torch-free -----------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_loader_never_imports_torch(torch, tmp_path, user_nets):
+def test_loader_never_imports_torch(torch_written, tmp_path):
   """In a fresh interpreter, reading torch-written files (zip, legacy, a pickled module) and writing
   one leaves torch and the user's module unimported."""
   paths = []
-  for layout, new_zipfile in LAYOUTS.items():
-    paths.append(tmp_path / f'state_dict_{layout}.pth')
-    torch.save({'state_dict': _mixed_state_dict(torch)}, paths[-1], _use_new_zipfile_serialization=new_zipfile)
-    paths.append(tmp_path / f'module_{layout}.pth')
-    user_nets.save(user_nets.nets['lenet'], paths[-1], layout)
+  for layout in LAYOUTS:
+    for name in (_state_dict_file(layout, 'plain', 'state_dict'), _module_file(layout, 'lenet', 'module')):
+      paths.append(shutil.copy(torch_written[0] / name, tmp_path / name))
   script = textwrap.dedent('''
       import sys
       from dfkd_jax.convert import torch_pickle
