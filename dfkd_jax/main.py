@@ -54,6 +54,19 @@ def _flush_denormals_on_cpu() -> None:
     os.environ['XLA_FLAGS'] = f'{flags_env} --xla_cpu_ftz=true'.strip()
 
 
+def _no_compilation_cache_across_cpu_processes(jax) -> None:
+  """With several processes on CPU, programs that jax 0.12.1 reads back from the persistent
+  compilation cache hang in their cross-process collectives (a resumed two-process run stopped in
+  its first evaluation; the same run without the cache finishes; jax 0.10.2 is fine). Such runs
+  compile afresh instead: only jax versions known to work keep the cache there."""
+  cache_dir = jax.config.jax_compilation_cache_dir
+  if (cache_dir and jax.process_count() > 1 and jax.default_backend() == 'cpu'
+      and jax.__version_info__[:2] > (0, 10)):
+    jax.config.update('jax_enable_compilation_cache', False)
+    log.warning('the persistent compilation cache (%s) is off for this multi-process CPU run: with jax %s its '
+                'programs hang in cross-process collectives', cache_dir, jax.__version__)
+
+
 # OS errors that are the environment's, not a bug: one line instead of a traceback.
 _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
@@ -92,6 +105,7 @@ def main(argv) -> None:
           kw['local_device_ids'] = [int(i) for i in FLAGS.local_device_ids]
         jax.distributed.initialize(**kw)
         _set_up_logging(jax.process_index())
+        _no_compilation_cache_across_cpu_processes(jax)
       from dfkd_jax.train import train_and_evaluate
       summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except UserError as e:

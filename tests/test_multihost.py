@@ -11,7 +11,8 @@
   workdir (``gs://``), through a stand-in file system with GCS's semantics (objects can be
   written whole but not appended to).
 
-The second run reuses the first one's compiled programs through a persistent compilation cache.
+The second run reuses the first one's compiled programs through a persistent compilation cache
+(jax 0.10; with newer jax the CLI turns that cache off for multi-process CPU runs, see dfkd_jax.main).
 """
 from __future__ import annotations
 
