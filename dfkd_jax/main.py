@@ -43,7 +43,31 @@ flags.DEFINE_bool('verbose', False, 'Show tracebacks for errors.')
 
 def _fail(message: str, code: int) -> None:
   print(f'error: {message}', file=sys.stderr, flush=True)
+  if not FLAGS.is_parsed() or not FLAGS.verbose:
+    _drop_abandoned_orbax_work()
   sys.exit(code)
+
+
+def _drop_abandoned_orbax_work() -> None:
+  """The process is exiting on an error it has reported in one line. Work that Orbax abandoned on
+  the way repeats that error when it is collected at exit: "Exception ignored in: <coroutine ...>"
+  from the reader coroutines of a truncated model directory (seen with Python 3.12), asyncio's
+  "Task exception was never retrieved" from the writers of a checkpoint that hit a full disk (now
+  and then). Those, and only those, are dropped (``--verbose`` keeps them)."""
+  orbax_code = f'{os.sep}orbax{os.sep}'
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    code = getattr(unraisable.object, 'cr_code', None)
+    if code is None or orbax_code not in code.co_filename:
+      previous(unraisable)
+
+  def keep(record: py_logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith('Task exception was never retrieved') and orbax_code in message)
+
+  sys.unraisablehook = hook
+  py_logging.getLogger('asyncio').addFilter(keep)
 
 
 def _flush_denormals_on_cpu() -> None:
