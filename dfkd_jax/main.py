@@ -52,8 +52,8 @@ def _drop_abandoned_orbax_work() -> None:
   """The process is exiting on an error it has reported in one line. Work that Orbax abandoned on
   the way repeats that error when it is collected at exit: "Exception ignored in: <coroutine ...>"
   from the reader coroutines of a truncated model directory (seen with Python 3.12), asyncio's
-  "Task exception was never retrieved" from the writers of a checkpoint that hit a full disk (now
-  and then). Those, and only those, are dropped (``--verbose`` keeps them)."""
+  "... exception was never retrieved" (tasks, gathering futures) from the writers of a checkpoint
+  that hit a full disk (now and then). Those, and only those, are dropped (``--verbose`` keeps them)."""
   orbax_code = f'{os.sep}orbax{os.sep}'
   previous = sys.unraisablehook
 
@@ -62,9 +62,18 @@ def _drop_abandoned_orbax_work() -> None:
     if code is None or orbax_code not in code.co_filename:
       previous(unraisable)
 
+  def from_orbax(record: py_logging.LogRecord) -> bool:
+    if orbax_code in record.getMessage():
+      return True
+    traceback_ = record.exc_info[1].__traceback__ if record.exc_info and record.exc_info[1] else None
+    while traceback_ is not None:
+      if orbax_code in traceback_.tb_frame.f_code.co_filename:
+        return True
+      traceback_ = traceback_.tb_next
+    return False
+
   def keep(record: py_logging.LogRecord) -> bool:
-    message = record.getMessage()
-    return not (message.startswith('Task exception was never retrieved') and orbax_code in message)
+    return not ('exception was never retrieved' in record.getMessage() and from_orbax(record))
 
   sys.unraisablehook = hook
   py_logging.getLogger('asyncio').addFilter(keep)
