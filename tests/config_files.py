@@ -18,7 +18,11 @@ def load_module(path: str):
 def load_config(name: str, arg: str | None = 'runlocal', **overrides):
   """``configs/<name>.py``'s ``get_config(arg)`` with dotted-path overrides, e.g.
   ``load_config('dafl_mnist', **{'mesh.num_devices': 2})``."""
-  config = load_module(os.path.join(CONFIGS, f'{name}.py')).get_config(arg)
+  return with_overrides(load_module(os.path.join(CONFIGS, f'{name}.py')).get_config(arg), **overrides)
+
+
+def with_overrides(config, **overrides):
+  """``config`` with each dotted-path field set, as ``--config.a.b=value`` sets it."""
   for path, value in overrides.items():
     *parents, leaf = path.split('.')
     node = config

@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cli_output import logged, one_line_error
+from config_files import with_overrides
 from dfkd_jax import configlib
 from dfkd_jax.convert import api, model_dir, teachers
 from dfkd_jax.errors import StopRequested, UserError
@@ -429,13 +430,7 @@ def test_disk_full_outside_checkpoints_is_one_line(env, tmp_path):
 def tiny_config(**overrides):
   c = configlib.base(method='tiny', dataset='mnist', num_classes=10, image_size=32, in_channels=1, eval_data='')
   c.log.every_steps, c.checkpoint.every_steps, c.report.phase_timing_reps = 4, 3, 0
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return with_overrides(c, **overrides)
 
 
 def tiny_job(num_steps=8, nan_loss_at=(), inf_student_at=(), on_batch=None) -> Job:
