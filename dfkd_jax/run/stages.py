@@ -1,8 +1,7 @@
 """Multi-stage jobs: a method whose training has several stages (PU: its selector, then the
 distillation on what the selector chose) returns ``Stages`` (a sequence of ``run.job.Stage``) from
-``make_job``, and ``run`` runs
-them in order with the one loop (``run.loop.run``), so that every stage gets checkpoints,
-preemption handling and outputs.
+``make_job``, and ``run`` runs them in order with the one loop (``run.loop.run``), so that every
+stage gets checkpoints, preemption handling and outputs.
 
 Stage i < last runs in ``WORKDIR/<name>``, resume-first like any run; the last stage runs in
 ``WORKDIR`` itself. Each stage's job is built from the results of the stage before it (the
@@ -48,7 +47,7 @@ def run(stages: Job | Stages, config, workdir: str, mesh) -> loop.Summary:
       summary = loop.run(stage.build(results), config, stage_dir, mesh)
       if not last and (summary.stopped_by_signal is not None or not summary.values['finished']):
         log.info('stage %s stopped at step %d; re-run the same command to resume it', stage.name,
-                     summary.values['steps'])
+                 summary.values['steps'])
         return summary
       results = summary.results
     return summary
