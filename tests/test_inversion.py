@@ -136,7 +136,7 @@ def test_deepinversion_best_flags_on_one_step():
     mesh = parallel.make_mesh(1)
     job = deepinv.make_job(config, mesh)
     state, _, frozen = compile_and_init(job, mesh)
-    synth = jax.jit(lambda s, f, k: job.phases[0][1](s, f, k, None))
+    synth = jax.jit(lambda s, f, k: job.phases[0](s, f, k, None))
     state, _ = synth(state, frozen, jax.random.key(3))
     kept[best] = np.asarray(pool.latest(state['pool'], config.synthesis_batch_size))
   # One step: the clip to the valid pixel range is the pool's clip to [0, 1].

@@ -30,7 +30,7 @@ from PIL import Image
 
 from config_files import load_config
 from dfkd_jax.run import evaluation, loop, parallel, timing
-from dfkd_jax.run.job import Job
+from dfkd_jax.run.job import Job, Phase
 from dfkd_jax.run.timing import time_phases
 from dfkd_jax.train import train_and_evaluate
 
@@ -306,7 +306,7 @@ def test_phases_are_timed_at_the_middle_iteration():
       return dict(state, filled=state['filled'] + 1), {}
     return fn
 
-  job = Job(init=None, phases=[('synth', phase('synth')), ('kd', phase('kd'))], frozen={}, num_steps=9,
+  job = Job(init=None, phases=[Phase('synth', phase('synth')), Phase('kd', phase('kd'))], frozen={}, num_steps=9,
                  student=None)
   config = load_config('dafl_mnist', **{'report.phase_timing_reps': 2})
   state = {'step': jnp.zeros((), jnp.int32), 'filled': jnp.zeros((), jnp.int32)}

@@ -43,7 +43,7 @@ from dfkd_jax import configlib
 from dfkd_jax.convert import api, model_dir, teachers
 from dfkd_jax.errors import StopRequested, UserError
 from dfkd_jax.run import checkpoint, lock, loop, parallel
-from dfkd_jax.run.job import Evaluated, Job
+from dfkd_jax.run.job import Evaluated, Job, Phase
 from dfkd_jax.run.numerics import NumericalError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -458,7 +458,7 @@ def tiny_job(num_steps=8, nan_loss_at=(), inf_student_at=(), on_batch=None) -> J
 
   return Job(init=lambda key: {'step': jnp.zeros((), jnp.int32), 'generator': {'w': jnp.ones(3)},
                                     'student': {'v': jnp.zeros(2)}},
-                  phases=[('synth', synth), ('kd', kd)], frozen={}, num_steps=num_steps,
+                  phases=[Phase('synth', synth), Phase('kd', kd)], frozen={}, num_steps=num_steps,
                   student=Evaluated(lambda v, x, train=False: x, lambda s: s['student']),
                   next_batch=next_batch)
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from dfkd_jax import losses, models, optim
 from dfkd_jax.engines import common
 from dfkd_jax.models import hooks
-from dfkd_jax.run.job import Job
+from dfkd_jax.run.job import Job, Phase
 
 # generator_loss(teacher_output, student_logits_or_None, images) -> (loss, metrics dict)
 GeneratorLoss = Callable[[common.TeacherView, jax.Array | None, jax.Array], tuple[jax.Array, dict]]
@@ -145,6 +145,6 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
     return s.to_unit(g_state.apply_fn(g_state.variables, z, train=False))
 
   return Job(
-      init=init, phases=[('synth', synth), ('kd', kd)], frozen={'teacher': teacher.variables},
+      init=init, phases=[Phase('synth', synth), Phase('kd', kd)], frozen={'teacher': teacher.variables},
       num_steps=num_steps, student=common.evaluated_student(s), teacher=common.evaluated_teacher(s),
       sample_images=sample_images, exports=[common.export_student(config)])

@@ -59,7 +59,7 @@ from dfkd_jax.engines import common
 from dfkd_jax.errors import UserError, check_choice
 from dfkd_jax.optim import TrainState
 from dfkd_jax.run import parallel
-from dfkd_jax.run.job import Job
+from dfkd_jax.run.job import Job, Phase
 from dfkd_jax.synth import augment
 from dfkd_jax.synth import pool as pool_lib
 
@@ -226,6 +226,6 @@ def make_job(config, mesh, s: common.Setup, synthesizer: Synthesizer, *,
     return pool_lib.latest(state['pool'], min(64, config.synthesis_batch_size))
 
   return Job(
-      init=init, phases=[('synth', synthesize), ('kd', kd)], frozen={'teacher': s.teacher.variables},
+      init=init, phases=[Phase('synth', synthesize), Phase('kd', kd)], frozen={'teacher': s.teacher.variables},
       num_steps=num_steps, student=common.evaluated_student(s), teacher=common.evaluated_teacher(s),
       sample_images=sample_images, exports=[common.export_student(config)])

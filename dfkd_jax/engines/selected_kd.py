@@ -22,7 +22,7 @@ from dfkd_jax import data, optim
 from dfkd_jax.data import preprocess, unlabelled
 from dfkd_jax.engines import common
 from dfkd_jax.run import parallel
-from dfkd_jax.run.job import Job
+from dfkd_jax.run.job import Job, Phase
 from dfkd_jax.synth import augment
 
 LossFn = Callable[[jax.Array, jax.Array, object], tuple[jax.Array, dict]]
@@ -142,7 +142,7 @@ def make_job(config, mesh, s: common.Setup, images_u8: np.ndarray, loss_fn: Loss
     return {'images': images_u8[order[start:start + local_batch]]}
 
   return Job(
-      init=init, phases=[('kd', kd)], frozen={'teacher': teacher.variables},
+      init=init, phases=[Phase('kd', kd)], frozen={'teacher': teacher.variables},
       num_steps=steps_per_epoch * config.num_epochs, student=common.evaluated_student(s),
       teacher=common.evaluated_teacher(s), next_batch=next_batch, exports=[common.export_student(config)],
       report=report, results_file='selection.json' if report is not None else None, notes=tuple(notes))

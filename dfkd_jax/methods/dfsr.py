@@ -54,7 +54,7 @@ from dfkd_jax import models, optim
 from dfkd_jax.engines import common
 from dfkd_jax.errors import UserError
 from dfkd_jax.run import evaluation
-from dfkd_jax.run.job import Evaluated, Job
+from dfkd_jax.run.job import Evaluated, Job, Phase
 from dfkd_jax.sr import evaluation as sr_evaluation
 from dfkd_jax.sr import ops as sr_ops
 
@@ -174,7 +174,7 @@ def make_job(config, mesh) -> Job:
                     student_variables=state['student'].variables)
 
   return Job(
-      init=init, phases=[('kd', kd), ('synth', synth)], frozen={'teacher': teacher.variables},
+      init=init, phases=[Phase('kd', kd), Phase('synth', synth)], frozen={'teacher': teacher.variables},
       num_steps=config.num_epochs * config.iters_per_epoch,
       student=Evaluated(s.student.apply, lambda st: st['student'].variables),
       evaluators=(evaluation.PSNR(config.sr_eval.data, tuple(config.sr_eval.scales), config.sr_eval.crop,

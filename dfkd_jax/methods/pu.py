@@ -50,7 +50,7 @@ from dfkd_jax.errors import UserError
 from dfkd_jax.models import hooks
 from dfkd_jax.models.layers import Linear
 from dfkd_jax.run import parallel
-from dfkd_jax.run.job import Job, Stage, Stages
+from dfkd_jax.run.job import Job, Phase, Stage, Stages
 
 
 class SEHead(nn.Module):
@@ -182,7 +182,7 @@ def selector_job(config, mesh, s: common.Setup, positives: np.ndarray, pool: np.
     return {'prior': prior, 'prior_source': prior_source, 'scores': scores,
             'selector_risk': float(jax.device_get(state['risk']))}
 
-  return Job(init=init, phases=[('select', step)], frozen={}, num_steps=cfg.steps, evaluators=(),
+  return Job(init=init, phases=[Phase('select', step)], frozen={}, num_steps=cfg.steps, evaluators=(),
              next_batch=next_batch, on_finish=on_finish,
              notes=[f'pu: class prior {prior:.4f} ({prior_source}); {len(positives)} labelled positives'])
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from dfkd_jax import models, optim
 from dfkd_jax.run import evaluation, parallel
-from dfkd_jax.run.job import Evaluated, Export, Job
+from dfkd_jax.run.job import Evaluated, Export, Job, Phase
 from dfkd_jax.sr import evaluation as sr_eval
 from dfkd_jax.sr import ops as sr_ops
 
@@ -53,7 +53,7 @@ def make_job(config, mesh) -> Job:
 
   variables = lambda state: state['model'].variables
   return Job(
-      init=init, phases=[('train', train_phase)], frozen={}, num_steps=config.num_steps,
+      init=init, phases=[Phase('train', train_phase)], frozen={}, num_steps=config.num_steps,
       student=Evaluated(model.apply, variables), next_batch=next_batch,
       evaluators=(evaluation.PSNR(config.sr_eval.data, tuple(config.sr_eval.scales), config.sr_eval.crop),),
       exports=[Export('model', config.model.arch, variables, config.model.get('kwargs', {}),

@@ -16,7 +16,7 @@ import optax
 from dfkd_jax import data, models, optim
 from dfkd_jax.optim import TrainState
 from dfkd_jax.run import parallel
-from dfkd_jax.run.job import Evaluated, Export, Job
+from dfkd_jax.run.job import Evaluated, Export, Job, Phase
 from dfkd_jax.synth import augment
 
 
@@ -68,5 +68,5 @@ def make_job(config, mesh) -> Job:
   export = Export('model', config.model.arch, lambda s: s['model'].variables, config.model.get('kwargs', {}),
                   {'trained_by': 'dfkd_jax.methods.supervised', 'seed': config.seed})
   return Job(
-      init=init, phases=[('train', train_phase)], frozen={}, num_steps=num_steps,
+      init=init, phases=[Phase('train', train_phase)], frozen={}, num_steps=num_steps,
       student=Evaluated(model.apply, lambda s: s['model'].variables), next_batch=next_batch, exports=[export])

@@ -20,7 +20,7 @@ and the run machinery (``run.loop``, ``run.outputs``) writes it on process 0 and
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,41 @@ from dfkd_jax.errors import check_choice
 from dfkd_jax.run import evaluation, numerics, parallel
 
 State = Any  # a pytree (dict) holding at least 'step'
-Phase = Callable[[State, Any, jax.Array, Any], tuple[State, dict]]
+
+TRACE = 'trace/'  # metrics named trace/... are a replay's intermediates; an iteration drops them
+
+
+def key_as_draws(key: jax.Array, state: State) -> jax.Array:
+  """The draw of a phase that consumes its PRNG key directly (no recorded-draw replay)."""
+  del state
+  return key
+
+
+class Phase(NamedTuple):
+  """One phase of an outer iteration, split at its randomness (the replay seam).
+
+  draw(key, state) -> draws: every random value the phase consumes (latents, targets, augmentation
+    offsets and flips, sample orders, re-initialised weights, ...), a pytree of arrays made from the
+    phase's key (and, where what is drawn depends on it, the state: e.g. the pool's fill).
+  apply(state, frozen, draws, batch) -> (state, metrics): the phase's arithmetic, random only
+    through ``draws``.
+  An iteration runs ``apply(state, frozen, draw(key, state), batch)`` in one program;
+  ``dfkd_jax.replay`` calls ``apply`` with draws recorded from the reference code instead. Metrics
+  named ``TRACE``... hold per-sub-step intermediates (each loss term, images, logits) for the replay
+  to compare; ``compose`` drops them, so the compiled iteration never computes them (dead code).
+  """
+  name: str
+  apply: Callable[[State, Any, Any, Any], tuple[State, dict]]
+  draw: Callable[[jax.Array, State], Any] = key_as_draws
+
+  def __call__(self, state, frozen, key, batch):
+    """The phase with its own draws: ``apply(state, frozen, draw(key, state), batch)``."""
+    return self.apply(state, frozen, self.draw(key, state), batch)
+
+
+def without_trace(metrics: dict) -> dict:
+  """``metrics`` less the replay's ``TRACE`` intermediates."""
+  return {k: v for k, v in metrics.items() if not k.startswith(TRACE)}
 
 
 @dataclasses.dataclass
@@ -57,9 +91,9 @@ class Job:
   """What the loop runs.
 
   init: key -> state (a dict containing an int32 'step').
-  phases: the outer iteration, ``[(name, fn)]`` with ``fn(state, frozen, key, batch) ->
-    (state, metrics)``; compiled together into one program. Names 'synth' and 'kd' are timed
-    separately for the summary (see ``run.timing.time_phases``).
+  phases: the outer iteration, a sequence of ``Phase`` (its randomness drawn apart from its
+    arithmetic); compiled together into one program. Names 'synth' and 'kd' are timed separately
+    for the summary (see ``run.timing.time_phases``).
   frozen: variables every step reads but never changes (the teacher): not donated, not
     checkpointed.
   num_steps: outer iterations in the whole run.
@@ -105,17 +139,18 @@ class Stage:
 Stages = Sequence[Stage]
 
 
-def compose(phases: Sequence[tuple[str, Phase]], on_nonfinite: str) -> Callable:
-  """One outer iteration: each phase gets its own key; the step counter advances by one. Adds
+def compose(phases: Sequence[Phase], on_nonfinite: str) -> Callable:
+  """One outer iteration: each phase gets its own key; the step counter advances by one; the
+  phases' ``TRACE`` metrics are dropped. Adds
   ``finite/<part>`` flags to the metrics ('stop'), or keeps the previous state when the new one or
   a metric is non-finite and counts it ('skip'; a select, so no host sync)."""
 
   def iteration(state, frozen, seed_key, batch):
     key = jax.random.fold_in(seed_key, state['step'])
     new, metrics = state, {}
-    for i, (_, fn) in enumerate(phases):
-      new, m = fn(new, frozen, jax.random.fold_in(key, i), batch)
-      metrics.update(m)
+    for i, phase in enumerate(phases):
+      new, m = phase(new, frozen, jax.random.fold_in(key, i), batch)
+      metrics.update(without_trace(m))
     if on_nonfinite == 'skip':
       ok = numerics.all_finite(metrics) & numerics.all_finite([new[name] for name in numerics.parts(new)])
       new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
@@ -155,7 +190,7 @@ def frozen_sharding(job: Job, mesh, mesh_config=None):
   return parallel.array_shardings(job.frozen, mesh, (mesh_config or {}).get('fsdp_min_mb', 0.0))
 
 
-def phases_on(job: Job, mesh, mesh_config) -> list[tuple[str, Phase]]:
+def phases_on(job: Job, mesh, mesh_config) -> list[Phase]:
   """``job.phases`` with train-mode BatchNorm statistics as ``mesh_config.batch_norm`` says."""
   groups = parallel.batch_norm_groups((mesh_config or {}).get('batch_norm', 'global'), mesh)
   return parallel.with_batch_norm(job.phases, groups)

@@ -83,8 +83,8 @@ def batch_norm_groups(mode: str, mesh) -> int:
   return 1 if mode == 'global' else mesh.devices.size
 
 
-def with_batch_norm(phases: Sequence[tuple[str, Callable]], groups: int) -> list[tuple[str, Callable]]:
-  """``phases`` (a ``loop.Job``'s) whose train-mode BatchNorm layers take their statistics over
+def with_batch_norm(phases: Sequence, groups: int) -> list:
+  """``phases`` (a ``run.job.Job``'s ``Phase`` list) whose train-mode BatchNorm layers take their statistics over
   ``groups`` equal slices of the batch: the batch is split over the devices in order, so with one
   group per device each device normalises its own slice."""
   if groups == 1:
@@ -96,7 +96,7 @@ def with_batch_norm(phases: Sequence[tuple[str, Callable]], groups: int) -> list
         return fn(*args)
     return phase
 
-  return [(name, grouped(fn)) for name, fn in phases]
+  return [phase._replace(apply=grouped(phase.apply)) for phase in phases]
 
 
 def check_batch(batch_size: int, mesh, name: str) -> None:

@@ -6,7 +6,7 @@ import time
 import jax
 
 from dfkd_jax.run import outputs, parallel
-from dfkd_jax.run.job import Job, device_batch, phases_on
+from dfkd_jax.run.job import Job, device_batch, phases_on, without_trace
 
 
 def phase_fractions(job: Job, state, frozen, timing_key, mesh, config, workdir: str, *,
@@ -34,16 +34,17 @@ def time_phases(job: Job, state, frozen, timing_key, mesh, config) -> dict[str, 
   """
   reps = config.report.get('phase_timing_reps', 3)
   if reps <= 0 or len(job.phases) < 2:
-    return {job.phases[0][0]: 1.0} if len(job.phases) == 1 else {}
+    return {job.phases[0].name: 1.0} if len(job.phases) == 1 else {}
   batch = device_batch(job, 0, parallel.data_sharded(mesh))
   # Timed at the run's middle iteration, not the first: a method may skip a phase during warm-up
   # epochs (Fast's synthesis-only start) or grow it over the run (DFSR's depth).
   state = dict(state, step=state['step'] * 0 + job.num_steps // 2)
   times = {}
-  for i, (name, fn) in enumerate(phases_on(job, mesh, config.mesh)):
-    key = jax.random.fold_in(timing_key, i)
+  for i, phase in enumerate(phases_on(job, mesh, config.mesh)):
+    name, key = phase.name, jax.random.fold_in(timing_key, i)
     # Compiled ahead of time, not by a first call: a synthesis phase can take a minute to run.
-    compiled = jax.jit(lambda s, f, k, b, fn=fn: fn(s, f, k, b)).lower(state, frozen, key, batch).compile()
+    run = lambda s, f, k, b, phase=phase: (lambda out: (out[0], without_trace(out[1])))(phase(s, f, k, b))
+    compiled = jax.jit(run).lower(state, frozen, key, batch).compile()
     t0 = time.perf_counter()
     next_state, _ = jax.block_until_ready(compiled(state, frozen, key, batch))
     for _ in range(reps - 1):  # the repeats' outputs are dropped at once: a pool copy each
