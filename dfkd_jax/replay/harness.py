@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from dfkd_jax.convert import api, naming
+from dfkd_jax.errors import UserError
 from dfkd_jax.replay.compare import Report
 from dfkd_jax.replay.fixture import Fixture
 from dfkd_jax.run import parallel
@@ -17,6 +18,22 @@ from dfkd_jax.run.job import Job
 # torch buffers no update of dfkd_jax reads or keeps (Flax's BatchNorm has no step counter; every
 # reference BN here uses a fixed momentum, so torch's counter changes nothing it computes).
 UNTRACKED_SUFFIXES = ('num_batches_tracked',)
+
+
+def with_overrides(config, overrides: Mapping[str, Any]):
+  """``config`` with each dotted-path field set (``{'kd.reference_temperature_bug': False}``), as
+  ``--config.a.b=value`` sets it; an unknown field is a one-line error."""
+  for path, value in (overrides or {}).items():
+    *parents, leaf = path.split('.')
+    node = config
+    for i, parent in enumerate(parents):
+      if parent not in node:
+        raise UserError(f"override {path}: the replay's config has no field {'.'.join(parents[:i + 1])!r}")
+      node = node[parent]
+    if leaf not in node:
+      raise UserError(f"override {path}: the replay's config has no field {path!r}")
+    node[leaf] = value
+  return config
 
 
 def mesh():

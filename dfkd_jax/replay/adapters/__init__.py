@@ -3,8 +3,10 @@
   describe: str                      what it replays (reference, methods), for error messages
   matches(fixture) -> bool           whether it reads this fixture (from config.json, not the
                                      folder's name)
-  replay(fixture, report) -> None    builds the dfkd_jax config and job the fixture's settings
-                                     mean, loads its initial weights into the state, runs its
+  replay(fixture, report, overrides) -> None
+                                     builds the dfkd_jax config the fixture's settings mean
+                                     (then ``harness.with_overrides(config, overrides)``) and its
+                                     job, loads its initial weights into the state, runs its
                                      iterations phase by phase with the recorded draws and checks
                                      every recorded quantity into ``report``; a setting dfkd_jax
                                      does not support is a one-line ``UserError`` naming it
