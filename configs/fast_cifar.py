@@ -37,7 +37,7 @@ def get_config(arg=None):
   adv, bn, oh = _WEIGHTS[c.teacher.arch]
   c.loss = dict(bn=bn, oh=oh, adv=adv)
   c.fast = dict(meta='fomaml', reptile_scale=67.0, lr_z=lr_z, bn_mmt=0.9, reset_l0=True, reset_l0_epoch=120,
-                crop_padding=4, flip=True, reference_teacher_as_student=False)
+                crop_padding=4, flip=True)
   c.warmup_epochs = 20
   configlib.finish_cifar(c, arg, num_epochs=220)
   if arg.runlocal:  # one synthesis call per epoch, as the default

@@ -15,8 +15,7 @@ lr_g 1e-2 (not 3e-3) and oh 1.0 (not 0.4); and the student's crops are drawn whe
 the pool (4 per digit, each stored with the teacher's logits on it) instead of at every read, so
 a student step needs no teacher forward (``--config.pool.insert_views=0
 --config.pool.teacher_logits=False`` for the reference's read-time crops). ``--config.fast.meta=reptile``
-for the Reptile variant;
-``--config.fast.reference_teacher_as_student=True`` for the reference bug (adversarial term 0).
+for the Reptile variant.
 docs/results.md has what is measured. ``:runlocal`` for a smoke test.
 """
 from dfkd_jax import configlib
@@ -40,7 +39,7 @@ def get_config(arg=None):
   c.optimizer_g = dict(lr=1e-2, betas=(0.5, 0.999))
   c.loss = dict(bn=10.0, oh=1.0, adv=1.1)
   c.fast = dict(meta='fomaml', reptile_scale=67.0, lr_z=0.01, bn_mmt=0.9, reset_l0=True, reset_l0_epoch=9,
-                crop_padding=2, flip=False, reference_teacher_as_student=False)
+                crop_padding=2, flip=False)
   configlib.set_schedule(c, num_epochs=23, iters_per_epoch=4)
   c.warmup_epochs = 2
   c.pool.capacity = 24 * c.synthesis_batch_size  # the last 24 calls: the blobs of the first calls age out

@@ -33,9 +33,9 @@ train mode, the student reads the pool), so they are not kept.
 The student distils from the pool (KL at T = 20, ``engines/inversion.py``) except during the
 ``warmup_epochs`` synthesis-only epochs; its cosine (T_max 200, eta_min 2e-4) starts after them.
 
-``fast.reference_teacher_as_student=True`` reproduces the documented Fast-Datafree bug
-(``datafree_kd.py`` builds its synthesizers with ``student=teacher``, zju-vipa/Fast-Datafree#11):
-the adversarial term sees the teacher in the student's place and is exactly 0. Off by default.
+The adversarial term sees the real student: Fast-Datafree builds ``FastMetaSynthesizer`` with it
+(``datafree_kd.py:308``). Its ``student=teacher`` bug (zju-vipa/Fast-Datafree#11,
+``datafree_kd.py:270``) is in the GAN baselines' ``GenerativeSynthesizer`` only, not in FastMeta.
 """
 from __future__ import annotations
 
@@ -110,8 +110,7 @@ def make_job(config, mesh):
     def objective(variables, key):
       x, _ = inversion_terms.generate(generator, variables['generator'], stats_template, variables['z'])
       terms, moments = inversion_terms.blended_bn_terms(
-          teacher, ctx, x, key, carry['targets'], method_state['bn_ema'], cfg, config.dataset, adversarial=adversarial,
-          teacher_as_student=cfg.reference_teacher_as_student)
+          teacher, ctx, x, key, carry['targets'], method_state['bn_ema'], cfg, config.dataset, adversarial=adversarial)
       total = sum(w[name] * value for name, value in terms.items())
       return total, (x, moments, {f'train/loss_{n}': v for n, v in terms.items()})
 
