@@ -64,6 +64,9 @@ def base(*, method: str, dataset: str, num_classes: int, image_size: int, in_cha
   # A non-finite loss or state: 'stop' (a NumericalError naming them; the last checkpoint is
   # good) or 'skip' (keep the previous state, count it in train/skipped_updates).
   c.numerics = ml_collections.ConfigDict({'on_nonfinite': 'stop'})
+  # The model a run exports (WORKDIR/student, WORKDIR/model): the 'final' one, or the one of the
+  # 'best' evaluation (written when it is measured; summary.json's exported/exported_step say which).
+  c.export = 'final'
   return c
 
 

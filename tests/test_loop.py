@@ -29,6 +29,8 @@ from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from config_files import load_config
+from dfkd_jax.convert import model_dir
+from dfkd_jax.errors import UserError
 from dfkd_jax.run import evaluation, loop, parallel, timing
 from dfkd_jax.run.job import Job, Phase
 from dfkd_jax.run.timing import time_phases
@@ -186,6 +188,8 @@ def test_teacher_outputs(teacher_run):
   assert values['teacher_top1'] is None  # a teacher run has no teacher
   assert values['student_top1_final'] == evals[-1][1]
   assert values['student_top1_best'] == max(a for _, a in evals)
+  assert values['student_top1_last3_mean'] == pytest.approx(np.mean([a for _, a in evals][-3:]))
+  assert values['exported'] == 'final' and values['exported_step'] == 70
   assert values['student_top1_final'] > 0.5  # one epoch on 4,500 digits learns something
   assert values['wall_s'] >= values['train_s'] >= records[-1]['time/train_s'] > 0
   assert values['peak_rss_mb'] > 100
@@ -193,6 +197,31 @@ def test_teacher_outputs(teacher_run):
   state = restore_arrays(workdir, 70)
   assert int(state["['step']"]) == 70 and int(state["['model']['step']"]) == 70
   assert os.path.isfile(os.path.join(workdir, 'model', 'metadata.json'))  # on_finish export
+
+
+@pytest.mark.slow
+def test_export_best_writes_the_model_of_the_best_evaluation(tmp_path):
+  workdir = str(tmp_path)
+  summary = train_and_evaluate(teacher_config(**{'export': 'best', 'eval.every_steps': 7,
+                                                 'checkpoint.every_steps': 7, 'checkpoint.keep': 20}), workdir)
+  evals = [(r['step'], r['eval/student_top1']) for r in read_metrics(workdir) if 'eval/student_top1' in r]
+  best_step = next(s for s, a in evals if a == max(a for _, a in evals))  # the first best
+  assert summary.values['exported'] == 'best' and summary.values['exported_step'] == best_step
+  _, variables, _ = model_dir.load(os.path.join(workdir, 'model'))
+  state = restore_arrays(workdir, best_step)
+  exported = {jax.tree_util.keystr(path): np.asarray(leaf)
+              for path, leaf in jax.tree_util.tree_leaves_with_path(variables['params'])}
+  for name, value in exported.items():
+    np.testing.assert_array_equal(value, state[f"['model']['params']{name}"])
+  assert not [p for p in os.listdir(workdir) if p.endswith(('.partial', '.replaced'))]
+
+
+def test_export_needs_a_known_choice_and_an_evaluation(tmp_path):
+  with pytest.raises(UserError, match="export must be one of final, best, not 'last'"):
+    train_and_evaluate(teacher_config(export='last'), str(tmp_path / 'a'))
+  with pytest.raises(UserError, match='export=best exports the model of the best evaluation, but this run '
+                                      'evaluates nothing'):
+    train_and_evaluate(teacher_config(**{'export': 'best', 'eval.data': ''}), str(tmp_path / 'b'))
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ import types
 
 import numpy as np
 import pytest
-from cli_output import one_line_error
 
+from cli_output import one_line_error
 from dfkd_jax.replay import __main__ as replay_cli
 from dfkd_jax.replay import compare, fixture
 
@@ -79,14 +79,17 @@ def test_a_fixture_of_an_unsupported_reference_is_one_line(tmp_path, capsys):
   with open(os.path.join(folder, 'config.json'), 'w') as f:
     json.dump(settings, f)
   result = _run([folder], capsys)
-  assert result.stdout == '' and 'no replay for someone/else@1234567 newmethod (dfkd_jax replays: ' in one_line_error(result)
+  assert result.stdout == ''
+  assert 'no replay for someone/else@1234567 newmethod (dfkd_jax replays: ' in one_line_error(result)
 
 
 def test_bad_options_are_one_line(capsys):
   folder = os.path.join(TRAJECTORIES, 'cmi_dafl')
   assert '--tolerance must be > 0' in one_line_error(_run([folder, '--tolerance', '0'], capsys))
-  assert "--set expects FIELD=VALUE, got 'no_equals_sign'" in one_line_error(_run([folder, '--set', 'no_equals_sign'], capsys))
+  result = _run([folder, '--set', 'no_equals_sign'], capsys)
+  assert "--set expects FIELD=VALUE, got 'no_equals_sign'" in one_line_error(result)
 
 
 def test_overrides_parse_literals_else_strings():
-  assert replay_cli.parse_overrides(['a.b=1', 'c=False', 'd=x', 'e=1e-3']) == {'a.b': 1, 'c': False, 'd': 'x', 'e': 1e-3}
+  parsed = replay_cli.parse_overrides(['a.b=1', 'c=False', 'd=x', 'e=1e-3'])
+  assert parsed == {'a.b': 1, 'c': False, 'd': 'x', 'e': 1e-3}

@@ -78,11 +78,12 @@ def save(path: str, arch: str, variables: Any, *, num_classes: int | None, datas
 
 
 def save_trained(workdir: str, name: str, arch: str, variables: Any, config, model_kwargs: dict,
-                 extra: dict) -> None:
-  """The final model of a training run as ``WORKDIR/name`` (a directory already written by an
-  earlier, resumed run is kept). Every process of a multi-process run calls it (see ``save``)."""
+                 extra: dict, *, replace: bool = False) -> None:
+  """A trained model of a run as ``WORKDIR/name``: a directory already written by an earlier,
+  resumed run is kept, unless ``replace`` (a better model than the one exported so far). Every
+  process of a multi-process run calls it (see ``save``)."""
   path = epath.Path(workdir) / name
-  if is_model_dir(path):
+  if is_model_dir(path) and not replace:
     return
   # Written aside and renamed when complete, so that a run killed mid-export exports again.
   partial = path.with_name(f'{name}.partial')
@@ -92,7 +93,15 @@ def save_trained(workdir: str, name: str, arch: str, variables: Any, config, mod
   save(str(partial), arch, variables, num_classes=config.num_classes, dataset=config.dataset,
        model_kwargs=dict(model_kwargs), extra=extra)
   if jax.process_index() == 0:
-    partial.rename(path)
+    if path.exists():  # replaced: the old model is removed only once the new one is complete
+      stale = path.with_name(f'{name}.replaced')
+      if stale.exists():
+        stale.rmtree()
+      path.rename(stale)
+      partial.rename(path)
+      stale.rmtree()
+    else:
+      partial.rename(path)
   _barrier('dfkd_jax export: in place')  # every process returns seeing the finished directory
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -34,6 +35,7 @@ import numpy as np
 from etils import epath
 
 from dfkd_jax.convert import model_dir
+from dfkd_jax.errors import UserError, check_choice
 from dfkd_jax.run import cadence, lock, numerics, outputs, parallel
 from dfkd_jax.run import checkpoint as ckpt_lib
 from dfkd_jax.run.job import (
@@ -85,6 +87,7 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
   # Before the workdir is touched: missing evaluation data is a config error.
   evaluators = [(ev, prepared) for ev in job.evaluators if job.student is not None
                 and (prepared := ev.prepare(config, mesh)) is not None]
+  export_best = _export_choice(config, job, evaluators)
   for note in job.notes:
     log.info('%s', note)
 
@@ -112,7 +115,11 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
   teacher_scores = {ev.metric: next((r[f'eval/teacher_{ev.metric}'] for r in records
                                      if f'eval/teacher_{ev.metric}' in r), None) for ev in job.evaluators}
 
+  headline = job.evaluators[0].metric if export_best else None
+  exported_step = _best_step(records, headline) if export_best else None
+
   def evaluate_now(step, state):
+    nonlocal exported_step
     results = {}
     if not evaluators:
       return results
@@ -121,6 +128,9 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
       results.update({f'eval/student_{name}': value
                       for name, value in prepared.measure(job.student.apply_fn, variables).items()})
       scores[ev.metric].append(results[f'eval/student_{ev.metric}'])
+    if export_best and scores[headline][-1] > max(scores[headline][:-1], default=-math.inf):
+      _export(job, state, config, workdir, replace=True)  # the best so far, on disk at once
+      exported_step = step
     return results
 
   if job.teacher is not None:
@@ -177,7 +187,7 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
   progress.close()
   checkpointer.wait()  # the final checkpoint is complete before the outputs say so
   writer.close()
-  finish_results = _finish(job, state, config, workdir) if step >= job.num_steps else {}
+  finish_results = _finish(job, state, config, workdir, export=not export_best) if step >= job.num_steps else {}
   summary_path = os.path.join(workdir, 'summary.json')
   if start >= job.num_steps and epath.Path(summary_path).exists():
     # Nothing trained now: the finished run's summary (and timings) stands.
@@ -189,6 +199,10 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
       **{f'teacher_{metric}': value for metric, value in teacher_scores.items()},
       **{f'student_{metric}_best': max(seen) if seen else None for metric, seen in scores.items()},
       **{f'student_{metric}_final': seen[-1] if seen else None for metric, seen in scores.items()},
+      **{f'student_{metric}_last3_mean': float(np.mean(seen[-3:])) if seen else None
+         for metric, seen in scores.items()},
+      'exported': 'best' if export_best else 'final',
+      'exported_step': exported_step if export_best else step,
       'steps': step,
       'wall_s': wall,
       'train_s': train_wall,
@@ -206,12 +220,35 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
   return Summary(values, stopped_by, finish_results)
 
 
-def _finish(job: Job, state, config, workdir: str) -> dict:
-  """What a finished job leaves: its exported models, its report and results (written to
-  ``job.results_file``, its note logged); returns ``{**report, **results}``."""
+def _export_choice(config, job: Job, evaluators) -> bool:
+  """Whether the run exports its best evaluation's model (``config.export``) rather than the final one."""
+  choice = config.get('export', 'final')
+  check_choice('export', choice, ('final', 'best'))
+  if choice == 'best' and not (evaluators and job.exports):
+    raise UserError('export=best exports the model of the best evaluation, but this run '
+                    + ('exports no model' if not job.exports else 'evaluates nothing (set --config.eval.data)'))
+  return choice == 'best'
+
+
+def _best_step(records, metric: str) -> int | None:
+  """The step of the first best ``eval/student_<metric>`` in the metrics so far (a resumed run's)."""
+  seen = [(r[f'eval/student_{metric}'], -r['step']) for r in records if f'eval/student_{metric}' in r]
+  return -max(seen)[1] if seen else None
+
+
+def _export(job: Job, state, config, workdir: str, *, replace: bool = False) -> None:
+  """Writes ``job.exports`` of ``state`` (``replace``: over the ones exported before)."""
   for export in job.exports:
     model_dir.save_trained(workdir, export.name, export.arch, export.variables(state), config,
-                           dict(export.model_kwargs), dict(export.extra))
+                           dict(export.model_kwargs), dict(export.extra), replace=replace)
+
+
+def _finish(job: Job, state, config, workdir: str, *, export: bool = True) -> dict:
+  """What a finished job leaves: its exported models (unless ``export`` is False: exported at the
+  best evaluation), its report and results (written to ``job.results_file``, its note logged);
+  returns ``{**report, **results}``."""
+  if export:
+    _export(job, state, config, workdir)
   results = {**(job.report or {}), **(job.on_finish(state) if job.on_finish is not None else {})}
   if job.results_file is not None and outputs.is_writer():
     outputs.write_json(os.path.join(workdir, job.results_file), results)
