@@ -30,7 +30,7 @@ LAYERS = (
     ('run', ('run',)),
     ('engines', ('engines',)),
     ('methods', ('methods',)),
-    ('entry', ('main', 'train', 'replay', 'convert.__main__')),
+    ('entry', ('main', 'train', 'replay', 'compare', 'convert.__main__')),
 )
 
 # Packages of the two lowest layers, each importing only the ones before it.

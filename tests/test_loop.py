@@ -190,6 +190,7 @@ def test_teacher_outputs(teacher_run):
   assert values['student_top1_best'] == max(a for _, a in evals)
   assert values['student_top1_last3_mean'] == pytest.approx(np.mean([a for _, a in evals][-3:]))
   assert values['exported'] == 'final' and values['exported_step'] == 70
+  assert values['machine']['cpu'] and values['machine']['jax'] == jax.__version__
   assert values['student_top1_final'] > 0.5  # one epoch on 4,500 digits learns something
   assert values['wall_s'] >= values['train_s'] >= records[-1]['time/train_s'] > 0
   assert values['peak_rss_mb'] > 100

@@ -36,7 +36,7 @@ from etils import epath
 
 from dfkd_jax.convert import model_dir
 from dfkd_jax.errors import UserError, check_choice
-from dfkd_jax.run import cadence, lock, numerics, outputs, parallel
+from dfkd_jax.run import cadence, lock, machine, numerics, outputs, parallel
 from dfkd_jax.run import checkpoint as ckpt_lib
 from dfkd_jax.run.job import (
   Job,
@@ -209,6 +209,7 @@ def _train(job: Job, config, workdir: str, mesh, checkpointer: ckpt_lib.Checkpoi
       'peak_rss_mb': outputs.peak_rss_mb(),
       **{f'{name}_s': frac * train_wall for name, frac in phase_fraction.items()},
       'finished': step >= job.num_steps,
+      'machine': machine.describe(),  # rounding, hence the trajectory, differs between CPUs and versions
   }
   # What the job reported and measured once trained (e.g. DFSR's PSNRs): a figure the loop has is not
   # replaced, one it lacks (None: no teacher evaluated during training) is filled in.

@@ -22,7 +22,7 @@ style: each device keeps a slice, and XLA gathers the whole array where a step u
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
