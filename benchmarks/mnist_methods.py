@@ -14,84 +14,68 @@ commit, date and argv in the .json. A quick check that it runs (a few iterations
 ``--methods dafl --override num_epochs=1 --override iters_per_epoch=2 --out /tmp/mnist_methods.json``.
 
 Each run is a fresh ``python -m dfkd_jax.main`` process (so peak RSS is per run) in its own
-workdir under ``benchmarks/runs/``. Columns: teacher top-1, student best/final top-1 (mean ± std
-over seeds), wall time, the synthesis/KD split of training time, iterations per second, peak RSS.
+workdir under ``benchmarks/runs/``. Columns (``dfkd_jax.compare.seed_table``): teacher top-1, the
+student's final, last-3-evaluations mean and best top-1 as mean ± std [worst seed, best seed], wall
+time, iterations per second, peak RSS. Each row keeps its run's config, summary and accuracy curve.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
 import machine
 
+from dfkd_jax import compare
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNRECORDED = 'not recorded (rows measured before results files named their machine)'
 
 
-def run(method: str, seed: int, mnist: str, overrides: list[str], runs_dir: str) -> dict:
+def run(method: str, seed: int, mnist: str, overrides: list[str], runs_dir: str) -> compare.Run:
   workdir = os.path.join(runs_dir, f'{method}_seed{seed}_{int(time.time())}')
   cmd = [sys.executable, '-m', 'dfkd_jax.main', '--config', os.path.join(ROOT, 'configs', f'{method}_mnist.py'),
          '--workdir', workdir, f'--config.seed={seed}', f'--config.eval.data=idx:{mnist}',
          '--config.eval.split=test'] + [f'--config.{o}' for o in overrides]
   print('$', ' '.join(cmd), flush=True)
   subprocess.run(cmd, check=True, cwd=ROOT)
-  with open(os.path.join(workdir, 'summary.json')) as f:
-    summary = json.load(f)
-  summary['workdir'] = workdir
-  return summary
-
-
-def mean_std(values):
-  values = [v for v in values if v is not None]
-  if not values:
-    return 'n/a'
-  if len(values) == 1:
-    return f'{100 * values[0]:.2f}'
-  return f'{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}'
-
-
-def method_row(method: str, runs: list[dict]) -> str:
-  mean = lambda k: statistics.mean(r.get(k) or 0.0 for r in runs)
-  stamps = ', '.join(sorted({f"{r['commit']} ({r['date_utc']})" for r in runs if r.get('commit')})) or '–'
-  return (f"| {method} | {len(runs)} | {mean_std([r['teacher_top1'] for r in runs])} | "
-          f"{mean_std([r['student_top1_best'] for r in runs])} | "
-          f"{mean_std([r['student_top1_final'] for r in runs])} | "
-          f"{mean('wall_s'):.0f} | {mean('synth_s'):.0f} | {mean('kd_s'):.0f} | "
-          f"{statistics.mean(r['steps'] / r['train_s'] for r in runs):.2f} | "
-          f"{max(r['peak_rss_mb'] for r in runs):.0f} | {stamps} |")
+  return compare.load_run(workdir)
 
 
 def table(results: dict) -> str:
-  """One section per machine (in order of first appearance), each a table of its methods' rows."""
-  header = ('| method | seeds | teacher top-1 | student best | student final | wall s | synth s | kd s | it/s | '
-            'peak RSS MB | commit (date) |\n|---|---|---|---|---|---|---|---|---|---|---|')
+  """One section per machine (in order of first appearance), each one row per method: final,
+  last-3 mean and best as mean ± std [worst, best seed] (``dfkd_jax.compare.seed_table``)."""
   machines = list(dict.fromkeys(r['machine'] for runs in results.values() for r in runs))
   sections = []
   for key in machines:
-    rows = [method_row(method, [r for r in runs if r['machine'] == key]) for method, runs in results.items()
-            if any(r['machine'] == key for r in runs)]
-    sections.append('\n'.join([f'Machine: {key}', '', header] + rows))
+    runs = [compare.Run.from_record(r['run']) for rows in results.values() for r in rows if r['machine'] == key]
+    stamps = sorted({f"{r['commit']} ({r['date_utc']})" for rows in results.values() for r in rows
+                     if r['machine'] == key and r.get('commit')})
+    sections.append('\n'.join([f'Machine: {key}', '', compare.seed_table(runs, min_seeds=1), '',
+                               f"Commits: {', '.join(stamps) or 'not recorded'}"]))
   return '\n\n'.join(sections)
 
 
+def _legacy(method: str, row: dict) -> dict:
+  """A row written before rows kept their run (a summary only) as a current row."""
+  summary = {k: v for k, v in row.items() if k not in ('machine', 'commit', 'date_utc', 'argv', 'workdir')}
+  run = compare.Run(row.get('workdir', ''), {'method': method, 'seed': row.get('seed', '?')}, summary, [], 'top1')
+  return {'machine': row.get('machine', UNRECORDED), 'commit': row.get('commit'), 'date_utc': row.get('date_utc'),
+          'argv': row.get('argv'), 'run': run.to_record()}
+
+
 def load(path: str) -> dict:
-  """{method: [rows]} of the results file; rows written before machine records are kept under
-  ``UNRECORDED`` with their method's argv."""
+  """{method: [rows]} of the results file (rows of earlier formats converted)."""
   if not os.path.exists(path):
     return {}
   with open(path) as f:
     previous = json.load(f)
   old_argv = previous.get('argv', {})
-  for method, runs in previous['results'].items():
-    for r in runs:
-      r.setdefault('machine', UNRECORDED)
-      r.setdefault('argv', old_argv.get(method))
-  return previous['results']
+  return {method: [r if 'run' in r else _legacy(method, dict(r, argv=r.get('argv', old_argv.get(method))))
+                   for r in rows] for method, rows in previous['results'].items()}
 
 
 def main():
@@ -102,6 +86,7 @@ def main():
   parser.add_argument('--override', action='append', default=[], help='config override key=value (all runs)')
   parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'mnist_methods.json'))
   parser.add_argument('--runs-dir', default=os.path.join(ROOT, 'benchmarks', 'runs'))
+  parser.add_argument('--png', help="also plot each method's runs (accuracy vs step and wall time): PNG_<method>.png")
   args = parser.parse_args()
   results = load(args.out)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -109,9 +94,11 @@ def main():
     where = machine.describe()
     key = machine.machine_key(where)
     stamp = {'machine': key, 'commit': where['commit'], 'date_utc': where['date_utc'], 'argv': sys.argv[1:]}
-    runs = [dict(run(method, int(s), args.mnist, args.override, args.runs_dir), **stamp)
-            for s in args.seeds.split(',')]
-    results[method] = [r for r in results.get(method, []) if r['machine'] != key] + runs
+    runs = [run(method, int(s), args.mnist, args.override, args.runs_dir) for s in args.seeds.split(',')]
+    if args.png:
+      compare.plot(runs, os.path.splitext(args.png)[0] + f'_{method}.png')
+    results[method] = [r for r in results.get(method, []) if r['machine'] != key] + [
+        dict(stamp, run=r.to_record()) for r in runs]
     text = table(results)
     # Written after every method, so a long benchmark interrupted part-way keeps what it measured.
     with open(args.out, 'w') as f:

@@ -3,8 +3,8 @@
 Compares finished or running training workdirs (paths or globs). Prints one table row per run --
 method, seed, teacher, the student's best, final and last-3-evaluations mean, wall time, outer
 iterations per second, the synthesis/distillation split of the training time, peak RSS and the
-machine -- and, for runs whose configs differ only in the seed, one row per config with mean ± std
-and the worst seed (min) of best, final and last-3 mean. Final accuracy leads: a user ships the final
+machine -- and, for runs whose configs differ only in the seed, one row per config with mean ± std,
+the worst and the best seed of final, last-3 mean and best. Final accuracy leads: a user ships the final
 student, not a hand-picked evaluation. ``--png`` writes the student's accuracy against step and
 against wall time, one line per run, or per config the mean over seeds with a min-max band when
 seeds repeat.
@@ -42,17 +42,31 @@ class Run:
   def values(self) -> list[float]:
     return [v for _, _, v in self.curve]
 
+  def _summarised(self, name: str, from_curve):
+    """``summary.json``'s ``student_<metric>_<name>``, else computed from the curve (a running run)."""
+    value = self.summary.get(f'student_{self.metric}_{name}')
+    return value if value is not None else (from_curve(self.values) if self.values else None)
+
   @property
   def best(self):
-    return max(self.values) if self.values else None
+    return self._summarised('best', max)
 
   @property
   def final(self):
-    return self.values[-1] if self.values else None
+    return self._summarised('final', lambda v: v[-1])
 
   @property
   def last3_mean(self):
-    return float(np.mean(self.values[-3:])) if self.values else None
+    return self._summarised('last3_mean', lambda v: float(np.mean(v[-3:])))
+
+  def to_record(self) -> dict:
+    """What a results file keeps of the run (``from_record`` rebuilds it)."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_record(cls, record: dict) -> 'Run':
+    return cls(record['workdir'], record['config'], record['summary'], [tuple(p) for p in record['curve']],
+               record.get('metric', 'top1'))
 
   @property
   def config_key(self) -> str:
@@ -146,24 +160,37 @@ def groups(runs: list[Run]) -> list[list[Run]]:
 
 
 def _stats(values: list) -> str:
+  """'mean ± std [min, max]' in percent (the sample standard deviation; the min is the worst seed)."""
   values = [v for v in values if v is not None]
   if not values:
     return '-'
-  return f'{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f} (min {100 * min(values):.2f})'
+  std = np.std(values, ddof=1) if len(values) > 1 else 0.0
+  return (f'{100 * np.mean(values):.2f} ± {100 * std:.2f} '
+          f'[{100 * min(values):.2f}, {100 * max(values):.2f}]')
 
 
-def seed_table(runs: list[Run]) -> str:
-  """One markdown row per config that ran with more than one seed: mean ± std (population) and the
-  worst seed of final, last-3 mean and best."""
-  rows = [g for g in groups(runs) if len(g) > 1]
+def _mean(values: list, fmt: str) -> str:
+  values = [v for v in values if v is not None]
+  return format(float(np.mean(values)), fmt) if values else '-'
+
+
+def seed_table(runs: list[Run], min_seeds: int = 2) -> str:
+  """One markdown row per config run with at least ``min_seeds`` seeds: final, last-3 mean and best
+  as mean ± std [worst seed, best seed], the teacher's score, and the means of wall time, iterations
+  per second and peak RSS."""
+  rows = [g for g in groups(runs) if len(g) >= min_seeds]
   if not rows:
     return ''
-  lines = ['| method | seeds | final | last-3 mean | best | wall (s) |', '|---|---|---|---|---|---|']
+  lines = ['| method | seeds | teacher | final | last-3 mean | best | wall (s) | it/s | peak RSS (MB) |',
+           '|---|---|---|---|---|---|---|---|---|']
   for group in rows:
-    walls = [r.summary.get('wall_s') for r in group if r.summary.get('wall_s') is not None]
+    teacher = [r.summary.get(f'teacher_{r.metric}') for r in group]
     lines.append(f"| {group[0].config.get('method', '-')} | {', '.join(str(r.config.get('seed')) for r in group)} "
+                 f"| {_mean([100 * t if t is not None else None for t in teacher], '.2f')} "
                  f"| {_stats([r.final for r in group])} | {_stats([r.last3_mean for r in group])} "
-                 f"| {_stats([r.best for r in group])} | {f'{np.mean(walls):.0f}' if walls else '-'} |")
+                 f"| {_stats([r.best for r in group])} | {_mean([r.summary.get('wall_s') for r in group], '.0f')} "
+                 f"| {_mean([_iterations_per_s(r) for r in group], '.2f')} "
+                 f"| {_mean([r.summary.get('peak_rss_mb') for r in group], '.0f')} |")
   return '\n'.join(lines)
 
 

@@ -55,7 +55,7 @@ def test_table_leads_with_final_and_groups_seeds(tmp_path, capsys):
   assert unfinished[3:8] == ['30.00', '25.00', '30.00', '10', '-']  # wall: the last evaluation's
   # Seeds 0 and 1 share a config (the lr-0.2 run does not): mean ± std (min) of final = .8 and .6.
   seeds = [line for line in lines if line.startswith('| dafl | 0, 1 |')]
-  assert len(seeds) == 1 and '70.00 ± 10.00 (min 60.00)' in seeds[0]
+  assert len(seeds) == 1 and '| 70.00 ± 14.14 [60.00, 80.00] |' in seeds[0]
   assert result.stdout.strip().endswith(f'wrote {png}')
   image = np.asarray(Image.open(png))
   assert image.shape[0] > 300 and image.std() > 0
