@@ -7,7 +7,7 @@ import importlib
 from dfkd_jax.errors import UserError
 
 METHODS = ('supervised', 'dafl', 'zskt', 'dfad', 'dfq', 'deepinv', 'cmi', 'fast', 'cudfkd', 'nayer', 'pu', 'dfnd',
-           'dfsr', 'sr_supervised')
+           'dfsr', 'sr_supervised', 'ssdkd')
 
 
 def get(name: str):
