@@ -234,6 +234,9 @@ def test_reset_l0_touches_only_the_first_layers():
   assert abs(float(new['l1.0']['kernel'].std()) - 0.02) < 1e-3
   for name in ('conv_blocks.2', 'conv_blocks.3', 'conv_blocks.9'):
     jax.tree.map(np.testing.assert_array_equal, new[name], params[name])
+  drawn = generators.draw_reset_l0(params, jax.random.key(2))  # the replay seam: the drawn subtree alone
+  assert sorted(drawn) == ['conv_blocks.0', 'l1.0']
+  jax.tree.map(np.testing.assert_array_equal, generators.replace_params(params, drawn), new)
   with pytest.raises(UserError):
     generators.reset_params(params, jax.random.key(0), modules=('l2.0',))
 
@@ -250,6 +253,9 @@ def test_redraw_noisy_layers():
     assert not np.array_equal(a[k]['kernel'], b[k]['kernel'])
   for k in ('n1', 'l1.0', 'conv_blocks.2'):
     jax.tree.map(np.testing.assert_array_equal, a[k], params[k])
+  drawn = jax.jit(generators.draw_noisy_layers)(params, jax.random.key(1))
+  assert sorted(drawn) == ['le1.0', 'le1.1', 'le1.2']
+  jax.tree.map(np.testing.assert_array_equal, generators.replace_params(params, drawn), a)
   with pytest.raises(UserError):
     generators.redraw_noisy_layers(_cmi_variables()['params'], jax.random.key(0))
 

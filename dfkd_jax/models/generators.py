@@ -16,7 +16,9 @@ batch statistics and updates the running statistics (``mutable=['batch_stats']``
 Re-initialisation that methods rely on is functional: ``reset_params`` (CMI's ``reset_model``),
 ``reset_l0`` (Fast's ``reset_l0``) and ``redraw_noisy_layers`` (NAYER's ``re_init_le``) take the
 generator's ``params`` and a PRNG key and return new params; running statistics are kept, as in
-the references.
+the references. Each is a draw of the new values (``draw_reset``, ``draw_reset_l0``,
+``draw_noisy_layers``: a subtree of params) and ``replace_params``, so that a replay can put in
+values recorded from a reference.
 """
 from __future__ import annotations
 
@@ -180,8 +182,17 @@ def reset_params(params: dict, key: jax.Array, modules: Sequence[str] | None = N
 
   ``modules`` limits it to those torch module names (e.g. ``('l1.0', 'conv_blocks.0')``).
   CMI calls this before every synthesis batch. (``reset_model`` re-draws BatchNorm2d scales only;
-  all the generators it is used with have no other normalisation layer.)
+  all the generators it is used with have no other normalisation layer.) It is
+  ``replace_params(params, draw_reset(...))``: the draw and its application apart, for a replay
+  that applies recorded values.
   """
+  return replace_params(params, draw_reset(params, key, modules, norm_scale_mean, std))
+
+
+def draw_reset(params: dict, key: jax.Array, modules: Sequence[str] | None = None,
+               norm_scale_mean: float = 1.0, std: float = 0.02) -> dict:
+  """The new values ``reset_params`` gives: a params subtree holding only the re-drawn modules'
+  parameters (all of them without ``modules``). Only shapes and dtypes of ``params`` are read."""
   flat = traverse_util.flatten_dict(params)
   paths = [p for p in flat if modules is None or '.'.join(p[:-1]) in modules]
   if modules is not None:
@@ -189,35 +200,59 @@ def reset_params(params: dict, key: jax.Array, modules: Sequence[str] | None = N
     if unknown:
       raise UserError(f'reset_params: no parameters under module(s) {sorted(unknown)}')
   keys = jax.random.split(key, max(len(paths), 1))
+  drawn = {}
   for k, path in zip(keys, paths):
     value, leaf = flat[path], path[-1]
     if leaf == 'bias':
-      flat[path] = jnp.zeros_like(value)
+      drawn[path] = jnp.zeros_like(value)
     elif leaf == 'scale':
-      flat[path] = norm_scale_mean + std * jax.random.normal(k, value.shape, value.dtype)
+      drawn[path] = norm_scale_mean + std * jax.random.normal(k, value.shape, value.dtype)
     else:
-      flat[path] = std * jax.random.normal(k, value.shape, value.dtype)
-  return traverse_util.unflatten_dict(flat)
+      drawn[path] = std * jax.random.normal(k, value.shape, value.dtype)
+  return traverse_util.unflatten_dict(drawn)
+
+
+def replace_params(params: dict, new: dict) -> dict:
+  """``params`` with the leaves of the subtree ``new`` (e.g. ``draw_reset``'s) put in."""
+  return traverse_util.unflatten_dict({**traverse_util.flatten_dict(params), **traverse_util.flatten_dict(new)})
+
+
+RESET_L0_MODULES = ('l1.0', 'conv_blocks.0')
+
+
+def draw_reset_l0(params: dict, key: jax.Array) -> dict:
+  """Fast's ``reset_l0`` values: ``l1.0`` N(0, 0.02) with bias 0, and the first BatchNorm
+  ``conv_blocks.0`` with scale N(0, 0.02) (not N(1, .)) and bias 0 (``draw_reset``'s subtree)."""
+  return draw_reset(params, key, modules=RESET_L0_MODULES, norm_scale_mean=0.0)
 
 
 def reset_l0(params: dict, key: jax.Array) -> dict:
-  """Fast's ``reset_l0``: re-draws ``l1.0`` (N(0, 0.02), bias 0) and the first BatchNorm
-  ``conv_blocks.0`` with scale N(0, 0.02) (not N(1, .)), bias 0."""
-  return reset_params(params, key, modules=('l1.0', 'conv_blocks.0'), norm_scale_mean=0.0)
+  """Fast's ``reset_l0``: ``replace_params(params, draw_reset_l0(params, key))``."""
+  return replace_params(params, draw_reset_l0(params, key))
 
 
-def redraw_noisy_layers(params: dict, key: jax.Array) -> dict:
-  """NAYER's ``re_init_le``: every noisy layer ``le1.{k}`` of a ``NoisyLayerGenerator`` gets a
-  fresh N(0, 1) kernel and a zero bias; every other parameter is kept.
-
-  NAYER does this before each synthesis batch (then builds a fresh Adam over all generator
-  parameters): ``params = redraw_noisy_layers(params, jax.random.fold_in(key, batch_index))``,
-  then ``opt_state = optimizer.init(params)``. It is jit-compatible.
-  """
+def noisy_layers(params: dict) -> list[str]:
+  """The noisy layers ``le1.{k}`` of a ``NoisyLayerGenerator``'s params."""
   noisy = sorted(name for name in params if name.startswith('le1.'))
   if not noisy:
     raise UserError('redraw_noisy_layers: these params have no NAYER noisy layers (le1.*)')
-  return reset_params(params, key, modules=noisy, std=1.0)
+  return noisy
+
+
+def draw_noisy_layers(params: dict, key: jax.Array) -> dict:
+  """NAYER's ``re_init_le`` values: every noisy layer ``le1.{k}`` with a fresh N(0, 1) kernel and
+  a zero bias (``draw_reset``'s subtree)."""
+  return draw_reset(params, key, modules=noisy_layers(params), std=1.0)
+
+
+def redraw_noisy_layers(params: dict, key: jax.Array) -> dict:
+  """NAYER's ``re_init_le``: ``replace_params(params, draw_noisy_layers(params, key))``; every other
+  parameter is kept.
+
+  NAYER does this before each synthesis batch (then builds a fresh Adam over all generator
+  parameters). It is jit-compatible.
+  """
+  return replace_params(params, draw_noisy_layers(params, key))
 
 
 # --------------------------------------------------------------------------------------------
