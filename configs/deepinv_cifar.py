@@ -13,8 +13,9 @@ the jittered view, 2,000 Adam (0.9, 0.999) steps, jitter ±2, no flip, no clip, 
 the ADI competition 1 − clamp(JS) is off as in the script: ``--config.loss.adv=0.2`` turns it on),
 with the CMI framework's student schedule (NVlabs ships no KD code).
 
-Which iterate is kept: ``--config.deepinv.best=lowest_loss`` (default), ``post_step`` (the CMI
-framework's aliasing), ``last`` (the NVlabs scripts'). A full run is hours on a GPU. ``runlocal``
+Which iterate is kept: ``--config.deepinv.best=lowest_loss`` (default: the lowest-loss iterate, a
+deliberate deviation), ``last`` (the final iterate, what both references keep through tensor aliasing;
+``methods/deepinv.py``). A full run is hours on a GPU. ``runlocal``
 for a smoke test (random teacher).
 """
 from dfkd_jax import configlib

@@ -101,10 +101,21 @@ def student_logits(ctx, x) -> jax.Array:
   return ctx.student.apply_fn(ctx.student.variables, x, train=False)
 
 
+def draw_targets(key, num: int, num_classes: int) -> jax.Array:
+  """``num`` labels uniform over the classes, in the order drawn (``torch.randint``)."""
+  return jax.random.randint(key, (num,), 0, num_classes)
+
+
 def random_targets(key, num: int, num_classes: int, *, sort: bool) -> jax.Array:
-  """``num`` labels uniform over the classes, sorted (CMI-fw DeepInversion and CMI) or not (Fast)."""
-  targets = jax.random.randint(key, (num,), 0, num_classes)
+  """``draw_targets``, sorted (CMI-fw DeepInversion and CMI) or not (Fast)."""
+  targets = draw_targets(key, num, num_classes)
   return jnp.sort(targets) if sort else targets
+
+
+def bn_terms(t: TeacherView) -> jax.Array:
+  """Each BN layer's term of ``losses.bn_statistics_loss`` on ``t`` (no multiplier), stacked: a
+  replay's per-layer view of the sum."""
+  return jnp.stack([losses.bn_statistics_loss([m], [r]) for m, r in zip(t.bn_moments, t.bn_running)])
 
 
 def generator_template(model, latent_shape) -> tuple[Any, Any]:

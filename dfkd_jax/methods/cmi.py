@@ -38,8 +38,11 @@ from dfkd_jax.engines import common, inversion, inversion_terms
 from dfkd_jax.models import hooks
 from dfkd_jax.models.generators import reset_params
 from dfkd_jax.models.layers import Linear
+from dfkd_jax.run.job import TRACE
 from dfkd_jax.synth import augment
 from dfkd_jax.synth import bank as bank_lib
+
+_LOCAL_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect ratios, as CMI's local view
 
 
 class ProjectionHead(nn.Module):
@@ -57,7 +60,7 @@ class ProjectionHead(nn.Module):
 def make_job(config, mesh):
   s = common.setup(config, mesh)
   w, cfg = config.loss, config.cmi
-  batch, teacher = config.synthesis_batch_size, s.teacher.model
+  batch, teacher, shape = config.synthesis_batch_size, s.teacher.model, s.student_input_shape
   generator = models.create(config.generator.arch, **config.generator.kwargs)
   nz_shape = models.input_shape(config.generator.arch, **config.generator.kwargs)
   params_template, stats_template = inversion_terms.generator_template(generator, nz_shape)
@@ -81,26 +84,43 @@ def make_job(config, mesh):
                                        apply_fn=head.apply, batch_stats={}),
             'bank': bank_lib.init(bank_key, cfg.bank_size, 2 * dim)}
 
-  def begin(method_state, ctx, key):
+  def draw(method_state, ctx, key):
     params_key, z_key, target_key = jax.random.split(key, 3)
-    variables = {'generator': reset_params(params_template, params_key),
-                 'z': common.latent(z_key, (batch,) + nz_shape, mesh)}
-    return {'variables': variables, 'opt': tx_g.init(variables),
-            'targets': inversion_terms.random_targets(target_key, batch, config.num_classes, sort=True)}
+    return {'generator': reset_params(params_template, params_key),
+            'z': common.latent(z_key, (batch,) + nz_shape, mesh),
+            'targets': inversion_terms.draw_targets(target_key, batch, config.num_classes)}
 
-  def objective(variables, head_params, targets, cached, valid, ctx, key):
+  def begin(method_state, ctx, drawn):
+    variables = {'generator': drawn['generator'], 'z': drawn['z']}
+    return {'variables': variables, 'opt': tx_g.init(variables), 'targets': jnp.sort(drawn['targets'])}
+
+  def step_draw(method_state, ctx, key):
+    bank_key, key = jax.random.split(key)
     global_key, local_key = jax.random.split(key)
-    x, _ = inversion_terms.generate(generator, variables['generator'], stats_template, variables['z'])
-    global_view = augment.crop_flip(global_key, jax.random.fold_in(global_key, 1), x, padding=cfg.crop_padding,
-                                    flip=cfg.flip)
-    local_view = augment.random_resized_crop(local_key, x, scale=cfg.local_scale)
+    local = {'boxes': augment.sample_resized_crop_boxes(local_key, batch, shape[:2], scale=cfg.local_scale,
+                                                        ratio=_LOCAL_RATIO)}
     if cfg.flip:
-      local_view = augment.random_flip(jax.random.fold_in(local_key, 1), local_view)
+      local['flips'] = augment.draw_flips(jax.random.fold_in(local_key, 1), batch)
+    return {'negatives': bank_lib.draw_rows(method_state['bank'], bank_key, cfg.negatives),
+            'global': augment.draw_crop_flip(global_key, jax.random.fold_in(global_key, 1), batch,
+                                             padding=cfg.crop_padding, flip=cfg.flip),
+            'local': local}
+
+  def objective(variables, head_params, targets, cached, valid, ctx, drawn):
+    x, _ = inversion_terms.generate(generator, variables['generator'], stats_template, variables['z'])
+    global_view = augment.apply_crop_flip(x, drawn['global'], padding=cfg.crop_padding)
+    local_view = augment.resized_crop(x, drawn['local']['boxes'])
+    if cfg.flip:
+      local_view = augment.mirror(local_view, drawn['local']['flips'])
     global_view, local_view = (data.normalize(v, config.dataset) for v in (global_view, local_view))
     t = common.teacher_view(teacher, ctx.teacher, global_view, feature_layers=feature_layers)
     terms = {'bn': losses.bn_statistics_loss(t.bn_moments, t.bn_running), 'oh': losses.cross_entropy(t.logits, targets)}
+    trace = {'targets': targets, 'z': variables['z'], 'g_output': x, 'global_view': global_view,
+             'local_view': local_view, 't_out': t.logits, 'bn_terms': inversion_terms.bn_terms(t)}
     if w.adv:
-      terms['adv'] = losses.masked_adversarial_kl(inversion_terms.student_logits(ctx, global_view), t.logits, 1.0)
+      s_logits = inversion_terms.student_logits(ctx, global_view)
+      terms['adv'] = losses.masked_adversarial_kl(s_logits, t.logits, 1.0)
+      trace.update(s_out=s_logits, mask=jnp.argmax(s_logits, -1) == jnp.argmax(t.logits, -1))
     global_features = features(t)
     local_features = features(common.teacher_view(teacher, ctx.teacher, local_view, feature_layers=feature_layers))
     cached_local, cached_global = jnp.split(cached, 2, axis=1)
@@ -111,22 +131,27 @@ def make_job(config, mesh):
     terms['cr'] = losses.cmi_contrastive_loss(local_rows, global_rows, temperature=cfg.cr_temperature,
                                               num_current=batch, cached_valid=valid)
     total = sum(w[name] * value for name, value in terms.items())
+    inversion_loss = sum(w[name] * value for name, value in terms.items() if name != 'cr')
     candidate = {'images': x, 'features': jnp.concatenate([local_features, global_features], axis=1)}
-    return total, (candidate, {f'train/loss_{name}': value for name, value in terms.items()})
+    trace.update({'global_feature': global_features, 'local_feature': local_features, 'cached_feature': cached,
+                  'cr_logits': local_rows @ global_rows.T / cfg.cr_temperature,
+                  **{f'loss_{name}': value for name, value in terms.items()}, 'loss_inv': inversion_loss})
+    metrics = {f'train/loss_{name}': value for name, value in terms.items()}
+    return total, (candidate, dict(metrics, **{f'{TRACE}{name}': value for name, value in trace.items()}))
 
-  def step(carry, method_state, ctx, key):
-    bank_key, key = jax.random.split(key)
-    cached, valid = bank_lib.sample(method_state['bank'], bank_key, cfg.negatives)
+  def step(carry, method_state, ctx, drawn):
+    cached, valid = bank_lib.rows(method_state['bank'], drawn['negatives'])
     head_state = method_state['head']
     (loss, (candidate, metrics)), (grads, head_grads) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
-        carry['variables'], head_state.params, carry['targets'], cached, valid, ctx, key)
+        carry['variables'], head_state.params, carry['targets'], cached, valid, ctx, drawn)
     variables, opt_state = optim.apply_step(tx_g, carry['variables'], carry['opt'], grads)
     method_state = dict(method_state, head=head_state.apply_gradients(grads=head_grads))
+    metrics[f'{TRACE}updated'] = variables  # the generator and latents after the step
     return inversion.Step(dict(carry, variables=variables, opt=opt_state), method_state, loss, candidate, metrics)
 
   def finish(carry, method_state, best, ctx):
     return dict(method_state, bank=bank_lib.add(method_state['bank'], best['features'])), best['images']
 
-  synthesizer = inversion.Synthesizer(init=init, begin=begin, stages=[inversion.Stage(config.g_steps, step)],
-                                      finish=finish)
+  stages = [inversion.Stage(config.g_steps, step, draw=step_draw)]
+  synthesizer = inversion.Synthesizer(init=init, begin=begin, stages=stages, finish=finish, draw=draw)
   return inversion.make_job(config, mesh, s, synthesizer)

@@ -29,11 +29,18 @@ and the student distils from the pool of kept batches (``engines/inversion.py``)
 
 ``config.deepinv.best`` chooses which iterate goes to the pool:
   'lowest_loss' (default): the iterate with the lowest total loss, evaluated before its update;
-  'post_step': the CMI framework's aliasing quirk, ``best_inputs = inputs.data`` then an in-place
-      Adam step: the best iterate *after* its update, before the clip;
-  'last': the final iterate. The NVlabs CIFAR script's ``best_inputs = inputs.data`` aliases the
-      optimised tensor itself; the NVlabs ImageNet script never updates ``best_cost``, so it also
-      keeps the last iterate (whose loss is below 10⁴).
+  'last': the final iterate (after the last step and its clip), what both references keep. The CMI
+      framework's ``best_inputs = inputs.data`` aliases the storage that ``Adam.step`` and
+      ``clip_images`` then update in place, so whatever the losses, the pool receives the final
+      iterate (tests/fixtures/trajectories/cmi_deepinv records it); the NVlabs CIFAR script aliases
+      the optimised tensor the same way, and the NVlabs ImageNet script never updates ``best_cost``,
+      so it also keeps the last iterate (whose loss is below 10⁴).
+The default is a deliberate deviation (the selection the references' code intends); 'last' reproduces
+them (the trajectory replay ``tests/test_replay_inversion.py`` runs with it).
+
+Randomness (``engines/inversion.py``): a call draws its pixels and raw targets
+(``{'x', 'targets'}``, sorted in ``begin``), each inner step its jitter and flip
+(``augment.draw_jitter_flip``: ``{'shift', 'flip'}``).
 """
 from __future__ import annotations
 
@@ -46,9 +53,10 @@ from dfkd_jax import data, losses, optim
 from dfkd_jax.engines import common, inversion, inversion_terms
 from dfkd_jax.errors import UserError, check_choice
 from dfkd_jax.models.layers import avg_pool
+from dfkd_jax.run.job import TRACE
 from dfkd_jax.synth import augment
 
-_BEST = ('lowest_loss', 'post_step', 'last')
+_BEST = ('lowest_loss', 'last')
 
 
 def cosine_with_warmup(base_lr: float, warmup: int, steps: int):
@@ -61,17 +69,14 @@ def cosine_with_warmup(base_lr: float, warmup: int, steps: int):
   return schedule
 
 
-def _targets(key, cfg, num: int, num_classes: int):
-  if cfg.targets == 'cycle':
-    return jnp.arange(num) % num_classes
-  return inversion_terms.random_targets(key, num, num_classes, sort=cfg.targets == 'random_sorted')
-
-
 def make_job(config, mesh):
   s = common.setup(config, mesh)
   common.abstract_view(s)
   w, cfg = config.loss, config.deepinv
   check_choice('deepinv.targets', cfg.targets, ('random_sorted', 'random', 'cycle'))
+  if cfg.best == 'post_step':
+    raise UserError("deepinv.best='post_step' is gone: no reference keeps the best iterate after its update; the CMI "
+                    "framework and NVlabs keep the final iterate: deepinv.best='last'")
   check_choice('deepinv.best', cfg.best, _BEST)
   check_choice('loss.adv_form', w.adv_form, ('neg_js', 'adi'))  # the CMI framework's, NVlabs'
   check_choice('deepinv.prior_on', cfg.prior_on, ('inputs', 'augmented'))
@@ -88,43 +93,57 @@ def make_job(config, mesh):
       return optim.torch_adam(cosine_with_warmup(opt.lr, opt.warmup_steps, steps), opt.betas)
     return optim.torch_adam(opt.lr, opt.betas)
 
-  def objective(x, targets, ctx, key, factor):
+  def objective(x, targets, ctx, jitter, factor):
     view = avg_pool(x, factor) if factor > 1 else x
-    view = augment.random_jitter_flip(key, view, cfg.jitter // factor, flip=cfg.flip)
+    view = augment.jitter_flip(view, jitter['shift'], jitter['flip'])
     t = common.teacher_view(teacher, ctx.teacher, view)
     terms = {'bn': losses.bn_statistics_loss(t.bn_moments, t.bn_running, first_multiplier=w.first_bn_multiplier),
              'oh': losses.cross_entropy(t.logits, targets)}
+    trace = {'targets': targets, 'inputs': x, 'inputs_aug': view, 't_out': t.logits,
+             'bn_terms': inversion_terms.bn_terms(t)}
     if w.adv:
       s_logits = inversion_terms.student_logits(ctx, view)
       terms['adv'] = (-losses.jensen_shannon(s_logits, t.logits, 3.0) if w.adv_form == 'neg_js'
                       else losses.adi_competition_loss(s_logits, t.logits, 3.0))
+      trace['s_out'] = s_logits
     prior = view if cfg.prior_on == 'augmented' else x
-    if w.tv_l1:
-      terms['tv_l1'] = losses.total_variation_l1(prior)
-    if w.tv_l2:
-      terms['tv_l2'] = losses.total_variation_l2(prior)
-    if w.l2:
-      terms['l2'] = losses.l2_prior(prior, per_example=w.l2_per_example)
+    priors = {'tv_l1': losses.total_variation_l1, 'tv_l2': losses.total_variation_l2,
+              'l2': lambda p: losses.l2_prior(p, per_example=w.l2_per_example)}
+    # Every prior is traced; the unweighted ones are not part of the loss (nor, in production, computed).
+    prior_values = {name: fn(prior) for name, fn in priors.items()}
+    terms.update({name: value for name, value in prior_values.items() if w[name]})
     total = sum(w[name] * value for name, value in terms.items())
-    return total, {f'train/loss_{name}': value for name, value in terms.items()}
+    metrics = {f'train/loss_{name}': value for name, value in terms.items()}
+    trace.update({f'loss_{name}': value for name, value in {**prior_values, **terms}.items()})
+    return total, dict(metrics, **{f'{TRACE}{name}': value for name, value in trace.items()})
 
-  def step(carry, method_state, ctx, key, tx, factor):
+  def step(carry, method_state, ctx, jitter, tx, factor):
     x = carry['x']
-    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(x, carry['targets'], ctx, key, factor)
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(x, carry['targets'], ctx, jitter, factor)
     stepped, opt_state = optim.apply_step(tx, x, carry['opt'], grads)
     after = jnp.clip(stepped, pixel_low, pixel_high) if cfg.clip else stepped
-    candidate = stepped if cfg.best == 'post_step' else x
-    return inversion.Step(dict(carry, x=after, opt=opt_state), method_state, loss, candidate, metrics)
+    metrics[f'{TRACE}updated'] = after
+    return inversion.Step(dict(carry, x=after, opt=opt_state), method_state, loss, x, metrics)
 
   def stage(steps: int, factor: int) -> inversion.Stage:
     tx = optimizer(steps)
     fresh = lambda carry: dict(carry, opt=tx.init(carry['x']))  # a new Adam per stage, as NVlabs
-    return inversion.Stage(steps, functools.partial(step, tx=tx, factor=factor), enter=fresh)
+    draw = lambda method_state, ctx, key: augment.draw_jitter_flip(key, cfg.jitter // factor, flip=cfg.flip)
+    return inversion.Stage(steps, functools.partial(step, tx=tx, factor=factor), enter=fresh, draw=draw)
 
-  def begin(method_state, ctx, key):
+  def draw(method_state, ctx, key):
     x_key, t_key = jax.random.split(key)
-    return {'x': common.latent(x_key, (batch,) + shape, mesh),
-            'targets': _targets(t_key, cfg, batch, config.num_classes)}
+    drawn = {'x': common.latent(x_key, (batch,) + shape, mesh)}
+    if cfg.targets != 'cycle':
+      drawn['targets'] = inversion_terms.draw_targets(t_key, batch, config.num_classes)
+    return drawn
+
+  def begin(method_state, ctx, drawn):
+    if cfg.targets == 'cycle':
+      targets = jnp.arange(batch) % config.num_classes
+    else:
+      targets = jnp.sort(drawn['targets']) if cfg.targets == 'random_sorted' else drawn['targets']
+    return {'x': drawn['x'], 'targets': targets}
 
   def finish(carry, method_state, best, ctx):
     x = carry['x'] if cfg.best == 'last' else best
@@ -135,6 +154,6 @@ def make_job(config, mesh):
     if shape[0] % 2 or shape[1] % 2:
       raise UserError(f'deepinv.low_res_steps needs an even image size, got {shape[0]}x{shape[1]}')
     stages.insert(0, stage(cfg.low_res_steps, 2))
-  synthesizer = inversion.Synthesizer(init=lambda key: {}, begin=begin, stages=stages, finish=finish)
+  synthesizer = inversion.Synthesizer(init=lambda key: {}, begin=begin, stages=stages, finish=finish, draw=draw)
   return inversion.make_job(config, mesh, s, synthesizer)
 

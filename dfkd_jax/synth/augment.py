@@ -5,8 +5,12 @@ methods back-propagate through the views). Callers normalise after augmenting, a
 kornia pipelines do, so zero padding is black in pixel space.
 
 Per-sample ops draw one set of parameters per image (kornia/torchvision semantics); DeepInversion's
-jitter draws one set for the whole batch. Random ops with non-trivial parameters are split into a
-parameter draw and a deterministic application (``jitter_flip``, ``resized_crop``).
+jitter draws one set for the whole batch. Every random op is a parameter draw (``draw_crops``,
+``draw_flips``, ``draw_crop_flip``, ``draw_jitter_flip``, ``sample_resized_crop_boxes``) and a
+deterministic application of the drawn parameters (``crop``, ``mirror``, ``apply_crop_flip``,
+``jitter_flip``, ``resized_crop``), so that a replay can apply parameters recorded from a
+reference (``run.job.Phase``'s draw/apply seam); ``random_*`` and ``crop_flip`` are the two
+composed.
 
 What each reference uses:
 - DeepInversion (NVlabs, CMI-fw ``jitter_and_flip``): ``random_jitter_flip``.
@@ -30,22 +34,71 @@ from dfkd_jax.errors import UserError
 _RESIZED_CROP_TRIALS = 10
 
 
+def _check_padding(padding: int) -> None:
+  if padding < 0:
+    raise UserError(f'crop padding must be >= 0, got {padding}')
+
+
+def draw_crops(key: jax.Array, num: int, padding: int) -> jax.Array:
+  """``RandomCrop(size, padding)`` parameters: (num, 2) int32 offsets (top, left) of each image's
+  crop in the zero-padded image, uniform in [0, 2 * padding]."""
+  _check_padding(padding)
+  return jax.random.randint(key, (num, 2), 0, 2 * padding + 1)
+
+
+def crop(images: jax.Array, offsets: jax.Array, padding: int) -> jax.Array:
+  """Zero-pads each image by ``padding`` and crops it back to size at its ``offsets`` row (top, left)."""
+  _check_padding(padding)
+  _, h, w, c = images.shape
+  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  crop_one = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))
+  return jax.vmap(crop_one)(padded, offsets)
+
+
 def random_crop(key: jax.Array, images: jax.Array, padding: int) -> jax.Array:
   """``RandomCrop(size, padding)`` per image: zero-pad by ``padding`` and crop back to size at a
   uniformly drawn offset in [0, 2 * padding]."""
-  if padding < 0:
-    raise UserError(f'crop padding must be >= 0, got {padding}')
-  n, h, w, c = images.shape
-  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  offsets = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
-  crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))
-  return jax.vmap(crop)(padded, offsets)
+  return crop(images, draw_crops(key, images.shape[0], padding), padding)
+
+
+def draw_flips(key: jax.Array, num: int, p: float = 0.5) -> jax.Array:
+  """``RandomHorizontalFlip(p)`` parameters: (num,) bool, which images are mirrored."""
+  return jax.random.bernoulli(key, p, (num, 1, 1, 1)).reshape(num)
+
+
+def mirror(images: jax.Array, flips: jax.Array) -> jax.Array:
+  """Mirrors left-right the images where ``flips`` (num,) is True."""
+  return jnp.where(flips[:, None, None, None], images[:, :, ::-1], images)
 
 
 def random_flip(key: jax.Array, images: jax.Array, p: float = 0.5) -> jax.Array:
   """``RandomHorizontalFlip(p)`` per image."""
-  flip = jax.random.bernoulli(key, p, (images.shape[0], 1, 1, 1))
-  return jnp.where(flip, images[:, :, ::-1], images)
+  return mirror(images, draw_flips(key, images.shape[0], p))
+
+
+def draw_crop_flip(crop_key: jax.Array, flip_key: jax.Array, num: int, *, padding: int = 4,
+                   flip: bool = True) -> dict:
+  """The parameters of ``crop_flip`` for ``num`` images: ``{'offsets': draw_crops}`` if
+  ``padding``, ``{'flips': draw_flips}`` if ``flip`` (an option off draws nothing).
+
+  The crop and flip keys are separate arguments because callers derive them differently (the two
+  halves of ``jax.random.split(key)``, or CMI's ``key`` and ``fold_in(key, 1)``), and changing a
+  caller's derivation would change its random stream.
+  """
+  drawn = {}
+  if padding:
+    drawn['offsets'] = draw_crops(crop_key, num, padding)
+  if flip:
+    drawn['flips'] = draw_flips(flip_key, num)
+  return drawn
+
+
+def apply_crop_flip(images: jax.Array, drawn: dict, *, padding: int = 4) -> jax.Array:
+  """``crop`` at ``drawn['offsets']`` then ``mirror`` by ``drawn['flips']``, each where drawn
+  (``draw_crop_flip``)."""
+  if 'offsets' in drawn:
+    images = crop(images, drawn['offsets'], padding)
+  return mirror(images, drawn['flips']) if 'flips' in drawn else images
 
 
 def crop_flip(crop_key: jax.Array, flip_key: jax.Array, images: jax.Array, *, padding: int = 4,
@@ -53,14 +106,9 @@ def crop_flip(crop_key: jax.Array, flip_key: jax.Array, images: jax.Array, *, pa
   """``random_crop(padding)`` (skipped at padding 0, where it is the identity) then ``random_flip``
   if ``flip``, each per image: the standard CIFAR train augmentation (the replay pool's reads,
   teacher training, selected real images), CMI's global view and Fast's/NAYER's synthesis view.
-
-  The crop and flip keys are separate arguments because callers derive them differently (the two
-  halves of ``jax.random.split(key)``, or CMI's ``key`` and ``fold_in(key, 1)``), and changing a
-  caller's derivation would change its random stream.
-  """
-  if padding:
-    images = random_crop(crop_key, images, padding)
-  return random_flip(flip_key, images) if flip else images
+  ``draw_crop_flip`` then ``apply_crop_flip``."""
+  drawn = draw_crop_flip(crop_key, flip_key, images.shape[0], padding=padding, flip=flip)
+  return apply_crop_flip(images, drawn, padding=padding)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,20 +123,24 @@ def jitter_flip(images: jax.Array, shift: jax.Array, flip: jax.Array) -> jax.Arr
   return jnp.where(flip, rolled[:, :, ::-1], rolled)
 
 
-def random_jitter_flip(key: jax.Array, images: jax.Array, limit: int | Sequence[int], *,
-                       flip: bool = True) -> jax.Array:
-  """DeepInversion's augmentation: ``jitter_flip`` with dy, dx uniform integers in [-limit, limit]
-  (``limit`` an int or ``(limit_h, limit_w)``) and a flip with probability 0.5 (never if not
-  ``flip``), one draw for the whole batch. CMI-fw uses limit = side // 8; NVlabs 30 (ImageNet)
-  and 2 without flip (CIFAR-10)."""
+def draw_jitter_flip(key: jax.Array, limit: int | Sequence[int], *, flip: bool = True) -> dict:
+  """DeepInversion's augmentation parameters, one draw for the whole batch: ``{'shift': (2,) int32
+  (dy, dx) uniform in [-limit, limit]`` (``limit`` an int or ``(limit_h, limit_w)``), ``'flip':
+  bool`` with probability 0.5 (never if not ``flip``)}, the arguments of ``jitter_flip``."""
   limits = (limit, limit) if isinstance(limit, int) else tuple(limit)
   if len(limits) != 2 or min(limits) < 0:
     raise UserError(f'jitter limit must be an int >= 0 or a pair of them, got {limit}')
   shift_key, flip_key = jax.random.split(key)
   bound = jnp.asarray(limits, jnp.int32)
-  shift = jax.random.randint(shift_key, (2,), -bound, bound + 1)
-  mirror = jax.random.bernoulli(flip_key, 0.5) & flip
-  return jitter_flip(images, shift, mirror)
+  return {'shift': jax.random.randint(shift_key, (2,), -bound, bound + 1),
+          'flip': jax.random.bernoulli(flip_key, 0.5) & flip}
+
+
+def random_jitter_flip(key: jax.Array, images: jax.Array, limit: int | Sequence[int], *,
+                       flip: bool = True) -> jax.Array:
+  """DeepInversion's augmentation: ``jitter_flip`` with ``draw_jitter_flip``'s parameters. CMI-fw
+  uses limit = side // 8; NVlabs 30 (ImageNet) and 2 without flip (CIFAR-10)."""
+  return jitter_flip(images, **draw_jitter_flip(key, limit, flip=flip))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from dfkd_jax.errors import UserError
 from dfkd_jax.synth.pool import add, random_order, size
 
-__all__ = ['init', 'add', 'size', 'sample']
+__all__ = ['init', 'add', 'size', 'draw_rows', 'rows', 'sample']
 
 
 def init(key: jax.Array, capacity: int, dim: int, dtype=jnp.float32) -> dict:
@@ -32,15 +32,25 @@ def init(key: jax.Array, capacity: int, dim: int, dtype=jnp.float32) -> dict:
           'next': jnp.zeros((), jnp.int32), 'filled': jnp.zeros((), jnp.int32)}
 
 
-def sample(bank: dict, key: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
-  """``num`` distinct rows drawn uniformly without replacement from the filled part, and a (num,)
-  bool mask of which are real: the first min(num, filled) rows. Rows past the mask are padding
-  (other, unfilled rows) that the contrastive loss must leave out of both its logits and its
-  mean over cached rows; with no valid row it reduces to the current-batch term only, as the
-  reference's first call."""
+def draw_rows(bank: dict, key: jax.Array, num: int) -> jax.Array:
+  """The random part of ``sample``: (num,) int32 distinct rows, uniform without replacement, of
+  which the first min(num, filled) are in the filled part (``rows``' mask)."""
   capacity = bank['items'].shape[0]
   if num > capacity:
     raise UserError(f'cannot sample {num} negatives from a memory bank of {capacity} rows; '
                     'lower the number of negatives or raise the bank size')
-  indices = random_order(key, size(bank), capacity)[:num]
-  return bank['items'][indices], jnp.arange(num) < size(bank)
+  return random_order(key, size(bank), capacity)[:num]
+
+
+def rows(bank: dict, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The bank's rows ``indices`` (``draw_rows``) and a (num,) bool mask of which are real: the
+  first min(num, filled). Rows past the mask are padding (other, unfilled rows) that the
+  contrastive loss must leave out of both its logits and its mean over cached rows; with no valid
+  row it reduces to the current-batch term only, as the reference's first call."""
+  return bank['items'][indices], jnp.arange(indices.shape[0]) < size(bank)
+
+
+def sample(bank: dict, key: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
+  """``num`` distinct rows drawn uniformly without replacement from the filled part, and the mask
+  of which are real: ``rows(bank, draw_rows(bank, key, num))``."""
+  return rows(bank, draw_rows(bank, key, num))
