@@ -13,6 +13,8 @@ and the student learns KL(p_T ‖ p_S) for ``kd_steps`` (10) steps on fresh samp
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from dfkd_jax import losses
 from dfkd_jax.engines import generative
 
@@ -26,6 +28,10 @@ def make_job(config, mesh):
     adv = -losses.kd_kl(student_logits, t.logits, 1.0)
     balance = losses.information_entropy(t.logits)
     total = w.bn * bn + w.oh * oh + w.adv * adv + w.balance * balance
-    return total, {'train/loss_bn': bn, 'train/loss_oh': oh, 'train/loss_adv': adv, 'train/loss_balance': balance}
+    # Each BN layer's term of loss_bn, for replays (the compiled iteration drops trace/ metrics).
+    bn_terms = jnp.stack([losses.bn_statistics_loss([m], [r]) for m, r in zip(t.bn_moments, t.bn_running)]
+                         or [jnp.zeros(())])
+    return total, {'train/loss_bn': bn, 'train/loss_oh': oh, 'train/loss_adv': adv, 'train/loss_balance': balance,
+                   'trace/bn_terms': bn_terms}
 
   return generative.make_job(config, mesh, generator_loss, adversarial=True, bn_taps=w.bn > 0)

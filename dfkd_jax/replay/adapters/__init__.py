@@ -17,7 +17,7 @@ import importlib
 
 from dfkd_jax.errors import UserError
 
-MODULES = ()  # adapter modules under dfkd_jax.replay.adapters, tried in order
+MODULES = ('cmi_generative', 'huawei_dafl')  # adapter modules under dfkd_jax.replay.adapters, tried in order
 
 
 def all_adapters() -> list:
