@@ -23,6 +23,7 @@ def get_config(arg=None):
                 optimizer_noise=dict(name='adam', lr=1e-3))
   c.kd = dict(temperature=4.0)
   c.augment = dict(crop_padding=2, flip=False)
+  c.pool_normalization = 'teacher'  # the pool normalised as the teacher's data (see dfkd_jax/methods/dfnd.py)
   c.batch_size = 128
   c.num_epochs = 60
   c.optimizer_s = dict(name='adam', lr=1e-3, schedule='multistep', milestones=(24, 48), gamma=0.1)

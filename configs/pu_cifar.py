@@ -5,10 +5,13 @@ training images per class as positives, ImageNet (resized to 32x32) as the unlab
       --config.teacher.checkpoint=checkpoints/pu/resnet34.pth --config.data_dir=TFDS_DIR
 
 Needs prepared tfds ``cifar10`` and ``imagenet_resized/32x32`` (or ``--config.unlabelled.source=folder:DIR``
-/ ``npz:PATH`` for another unlabelled set). Reference (huawei ``DEMC/pu_compress``): stage 1 nnPU on the
-teacher's layer1..layer4 pooled features with an SE layer, prior 0.21, SGD 1e-3 (wd 5e-3) for 170
-epochs of batch 4096 with steps at 50/100/150 (here: 128 positives + 4,096 unlabelled per step,
-313 steps per ImageNet epoch); stage 2 robust KD at T=1 with one perturbed weight set (ε 0.1), SGD 0.1
+/ ``npz:PATH`` for another unlabelled set). Reference (huawei ``DEMC/pu_compress`` @ c9d35ae, ``main.py``):
+stage 1 nnPU on the teacher's layer1..layer4 pooled features with an SE layer, prior 0.21, SGD 1e-3
+(wd 5e-3) for 170 epochs of batch 4096 with steps at 50/100/150 (here: 128 positives + 4,096
+unlabelled per step, 313 steps per ImageNet epoch), on randomly cropped and flipped images
+(``pu.augment_selector``); stage 2 robust KD at T=1 on the 1,000 labelled images plus the selected
+ones (``pu.distill_labelled``) with the inverse class masses and one additively perturbed weight set,
+w + 0.1·U(0, 1) (``pu.perturbation='additive'``; 'relative' perturbs w·(1 + 0.1·U(−1, 1))), SGD 0.1
 (wd 5e-4) for 200 epochs of batch 2048, steps at 50/100/150. Reported: 93.75% (teacher 95.61%).
 Stage 1 is hours on an accelerator: its result is kept in ``WORKDIR/pu_stage1.npz`` once trained,
 so a re-run (resume) skips it (a crash during stage 1 repeats it). ``:runlocal`` smoke-tests the
@@ -33,7 +36,8 @@ def get_config(arg=None):
               train_backbone=True, steps=170 * epochs, batch_p=128, batch_u=4096,
               optimizer=dict(name='sgd', lr=1e-3, momentum=0.9, weight_decay=5e-3, schedule='multistep',
                              milestones=(50 * epochs, 100 * epochs, 150 * epochs)),
-              perturb_num=1, perturb_eps=0.1, class_weight_power=1.0, selection='positive')
+              perturb_num=1, perturb_eps=0.1, class_weight_power=1.0, selection='positive',
+              augment_selector=True, distill_labelled=True, perturbation='additive')
   c.kd = dict(temperature=1.0)
   c.augment = dict(crop_padding=4, flip=True)
   c.batch_size = 2048

@@ -14,7 +14,10 @@ to fix it). It keeps, for each class the teacher predicts, the π·|U|/10 best-s
 and the reference's g(x) > 0, ``--config.pu.selection=positive``, leaves them out; measured 87.3%
 against at most 70.3% with g(x) > 0, see ``benchmarks/results/little_data.md``;
 ``WORKDIR/selection.json`` says how many selected images are real digits); stage 2 distils with the
-robust, class-reweighted KD. Add ``--config.eval.data=idx:../shared/data/mnist --config.eval.split=test`` for
+robust, class-reweighted KD on the selected images only, with relatively perturbed class weights and
+an unaugmented selector (``pu.distill_labelled=False``, ``pu.perturbation=relative``,
+``pu.augment_selector=False``: the setting measured there; ``configs/pu_cifar.py`` has the
+reference's). Add ``--config.eval.data=idx:../shared/data/mnist --config.eval.split=test`` for
 the real test set. Variants: ``:runlocal`` (a small pool, a few steps).
 """
 from dfkd_jax import configlib
@@ -29,7 +32,8 @@ def get_config(arg=None):
               prior=0.0, beta=0.0, gamma=1.0, feature_modules=('features.0', 'features.3', 'features.6', 'fc.0'),
               se_reduction=16, train_backbone=False, steps=800, batch_p=100, batch_u=256,
               optimizer=dict(name='adam', lr=3e-3, schedule='constant'),
-              perturb_num=1, perturb_eps=0.1, class_weight_power=1.0, selection='balanced')
+              perturb_num=1, perturb_eps=0.1, class_weight_power=1.0, selection='balanced',
+              augment_selector=False, distill_labelled=False, perturbation='relative')
   c.kd = dict(temperature=1.0)
   c.augment = dict(crop_padding=2, flip=False)
   c.batch_size = 128

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dfkd_jax.errors import check_choice
+
 Array = jax.Array
 # (mean, var) of one BN layer, each of shape (channels,).
 Moments = tuple[Array, Array]
@@ -370,37 +372,60 @@ def nnpu_risk(positive_scores: Array, unlabelled_scores: Array, prior: float, *,
   return objective, r_pos + jnp.maximum(r_neg, 0.0)
 
 
-def robust_kd_class_weights(teacher_probs: Array, *, num_perturbations: int = 1, epsilon: float = 0.1,
-                            key: jax.Array | None = None, power: float = 1.0) -> Array:
-  """PU compression's class weight sets, shape (1 + num_perturbations, C).
+def inverse_mass_class_weights(teacher_probs: Array, *, power: float = 1.0) -> Array:
+  """PU compression's class weights, shape (C,):  w_c = C · m_c^(−p) / Σ_c' m_c'^(−p),
+  m_c = Σ_n softmax(t_n)_c  over the distillation data.
 
-  w_c = C · m_c^(−p) / Σ_c' m_c'^(−p),  m_c = Σ_n softmax(t_n)_c  over the selected data, followed
-  by ``num_perturbations`` copies w ⊙ (1 + ε·u) with u ~ U(−1, 1)^C drawn from ``key``. The
-  reference has p = ``power`` = 1: rare classes weigh more and every class gets the same total
+  The reference has p = ``power`` = 1: rare classes weigh more and every class gets the same total
   weight m_c·w_c (Σ_c w_c = C). On a very skewed selection that puts a whole class's weight on a
   few images; p < 1 tempers it, p = 0 gives uniform weights (plain KD).
-
-  The perturbation is relative: on a skewed selection the weights span orders of magnitude, and an
-  additive ε would turn the small ones negative (pushing the student away from the teacher).
   """
   inverse = jnp.sum(teacher_probs, axis=0) ** -power
-  weights = teacher_probs.shape[-1] * inverse / jnp.sum(inverse)
-  if not num_perturbations:
-    return weights[None]
-  noise = jax.random.uniform(key, (num_perturbations, weights.shape[0]), minval=-1.0, maxval=1.0)
-  return jnp.concatenate([weights[None], weights[None] * (1.0 + epsilon * noise)])
+  return teacher_probs.shape[-1] * inverse / jnp.sum(inverse)
+
+
+PERTURBATIONS = ('additive', 'relative')
+
+
+def draw_class_weight_perturbations(key: jax.Array, num_perturbations: int, num_classes: int) -> Array:
+  """The random part of ``perturbed_class_weights``: U(0, 1), shape (num_perturbations, C)."""
+  return jax.random.uniform(key, (num_perturbations, num_classes))
+
+
+def perturbed_class_weights(weights: Array, uniforms: Array, *, epsilon: float = 0.1,
+                            perturbation: str = 'additive') -> Array:
+  """The robust KD's weight sets, shape (1 + K, C): ``weights`` and one perturbed copy per row u of
+  ``uniforms`` (K, C), U(0, 1) (``draw_class_weight_perturbations``):
+
+    'additive' (the reference, ``main.py perturb``):  w + ε·u. Every perturbed set is ≥ w
+        element-wise, so the robust max always picks a perturbed set.
+    'relative':  w ⊙ (1 + ε·(2u − 1)), a symmetric relative perturbation: on a skewed selection the
+        weights span orders of magnitude, which an additive ε of the order of the smallest
+        weights would dominate.
+  """
+  check_choice('pu.perturbation', perturbation, PERTURBATIONS)
+  if perturbation == 'additive':
+    perturbed = weights[None] + epsilon * uniforms
+  else:
+    perturbed = weights[None] * (1.0 + epsilon * (2.0 * uniforms - 1.0))
+  return jnp.concatenate([weights[None], perturbed])
+
+
+def robust_kd_set_losses(student_logits: Array, teacher_logits: Array, class_weights: Array,
+                         temperature: float = 1.0) -> tuple[Array, Array]:
+  """(loss of each weight set (K,), per-sample weights (K, N)): (1/N) Σ_n w_k[ŷ_n] · KL(p_t,n ‖ p_s,n) · T,
+  ŷ_n = argmax t_n, p = softmax(·/T), w_k the rows of ``class_weights``. The reference multiplies
+  by T (not T²) and uses T = 1."""
+  per_example = kl_per_example(student_logits, teacher_logits, temperature) / temperature
+  weights = class_weights[:, jnp.argmax(teacher_logits, axis=-1)]  # (K, N)
+  return jnp.mean(weights * per_example, axis=-1), weights
 
 
 def robust_kd(student_logits: Array, teacher_logits: Array, class_weights: Array,
               temperature: float = 1.0) -> Array:
-  """PU compression's robust KD:  max_k (1/N) Σ_n w_k[ŷ_n] · KL(p_t,n ‖ p_s,n) · T,
-
-  ŷ_n = argmax t_n, p = softmax(·/T), w_k the rows of ``class_weights`` (``robust_kd_class_weights``).
-  The reference multiplies by T (not T²) and uses T = 1. The gradient is that of the maximising set.
-  """
-  per_example = kl_per_example(student_logits, teacher_logits, temperature) / temperature
-  weights = class_weights[:, jnp.argmax(teacher_logits, axis=-1)]  # (K, N)
-  return jnp.max(jnp.mean(weights * per_example, axis=-1))
+  """PU compression's robust KD:  max_k of ``robust_kd_set_losses`` (the gradient is that of the
+  maximising set; the reference back-propagates the first strictly largest, as ``argmax`` picks)."""
+  return jnp.max(robust_kd_set_losses(student_logits, teacher_logits, class_weights, temperature)[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,10 +445,15 @@ def noise_transition(theta: Array, accuracy: float) -> Array:
   return accuracy * jnp.eye(num_classes) + (1.0 - accuracy) * jax.nn.softmax(off_diagonal, axis=-1)
 
 
+def noise_adapted_probs(student_logits: Array, transition: Array) -> Array:
+  """softmax(s) · N: the student's clean-class probabilities pushed through the transition matrix."""
+  return jax.nn.softmax(student_logits, axis=-1) @ transition
+
+
 def noise_adaptation_nll(student_logits: Array, teacher_labels: Array, transition: Array) -> Array:
   """DFND's noise-adaptation term  −(1/N) Σ_n log (softmax(s_n) · N)[ŷ_n]  with ŷ_n the teacher's
   label: the student's clean-class probabilities pushed through the transition matrix N must
   explain the teacher's (noisy) labels."""
-  noisy = jax.nn.softmax(student_logits, axis=-1) @ transition
+  noisy = noise_adapted_probs(student_logits, transition)
   picked = jnp.take_along_axis(noisy, teacher_labels[:, None], axis=-1)[:, 0]
   return -jnp.mean(jnp.log(picked))

@@ -14,7 +14,7 @@ import pytest
 
 from config_files import load_config
 from conftest import compilations
-from dfkd_jax import losses, methods
+from dfkd_jax import data, losses, methods
 from dfkd_jax.data import unlabelled
 from dfkd_jax.engines import selected_kd
 from dfkd_jax.errors import UserError
@@ -55,18 +55,27 @@ def test_nnpu_risk_negative_branch_reverses_the_step():
   np.testing.assert_allclose(objective, r_pos + r_neg, rtol=1e-6)
 
 
-def test_robust_kd_class_weights():
+def test_inverse_mass_class_weights():
   probs = jnp.array([[0.5, 0.5], [1.0, 0.0]])   # class mass m = (1.5, 0.5)
-  w = losses.robust_kd_class_weights(probs, num_perturbations=0)
-  np.testing.assert_allclose(w, [[0.5, 1.5]], rtol=1e-6)   # 2 * (1/m) / Σ(1/m)
-  np.testing.assert_allclose(losses.robust_kd_class_weights(probs, num_perturbations=0, power=0.0), [[1.0, 1.0]])
+  w = losses.inverse_mass_class_weights(probs)
+  np.testing.assert_allclose(w, [0.5, 1.5], rtol=1e-6)   # 2 * (1/m) / Σ(1/m)
+  np.testing.assert_allclose(losses.inverse_mass_class_weights(probs, power=0.0), [1.0, 1.0])
   w_half = 2 * np.array([1.5, 0.5]) ** -0.5 / np.sum(np.array([1.5, 0.5]) ** -0.5)
-  np.testing.assert_allclose(losses.robust_kd_class_weights(probs, num_perturbations=0, power=0.5), [w_half], rtol=1e-6)
-  w = losses.robust_kd_class_weights(probs, num_perturbations=3, epsilon=0.1, key=jax.random.key(0))
-  assert w.shape == (4, 2)
-  np.testing.assert_allclose(w[0], [0.5, 1.5], rtol=1e-6)
-  assert np.all(np.abs(np.asarray(w[1:]) / np.array([0.5, 1.5]) - 1) <= 0.1 + 1e-6)
-  assert not np.allclose(w[1], w[2])
+  np.testing.assert_allclose(losses.inverse_mass_class_weights(probs, power=0.5), w_half, rtol=1e-6)
+
+
+def test_class_weight_perturbations():
+  w, u = jnp.array([0.5, 1.5]), jnp.array([[0.0, 1.0], [0.5, 0.25]])
+  # The reference's perturb(): w + ε·U(0, 1), so every perturbed set is >= w (the robust max takes one).
+  additive = losses.perturbed_class_weights(w, u, epsilon=0.1)
+  np.testing.assert_allclose(additive, [[0.5, 1.5], [0.5, 1.6], [0.55, 1.525]], rtol=1e-6)
+  # 'relative': w·(1 + ε·(2u − 1)), within ±ε of w.
+  relative = losses.perturbed_class_weights(w, u, epsilon=0.1, perturbation='relative')
+  np.testing.assert_allclose(relative, [[0.5, 1.5], [0.45, 1.65], [0.5, 1.425]], rtol=1e-6)
+  with pytest.raises(UserError, match='pu.perturbation'):
+    losses.perturbed_class_weights(w, u, perturbation='multiplicative')
+  drawn = losses.draw_class_weight_perturbations(jax.random.key(0), 3, 2)
+  assert drawn.shape == (3, 2) and np.all((drawn >= 0) & (drawn < 1))
 
 
 def test_robust_kd_max_over_weight_sets():
@@ -156,6 +165,22 @@ def test_labelled_subset_per_class():
   assert len(ds.labels) == 30 and np.all(np.bincount(ds.labels) == 3)
   with pytest.raises(UserError, match='fewer'):
     unlabelled.labelled_subset('embedded_mnist', 'heldout', 51, 10, seed=0)
+
+
+def test_to_input_is_torchvision_to_tensor_then_normalize():
+  # Bit for bit torch's float32 x / 255, then (x - mean) / std, also when compiled.
+  images = np.random.default_rng(0).integers(0, 256, (4, 5, 5, 3), dtype=np.uint8)
+  mean, std = (np.asarray(c, np.float32) for c in data.NORMALIZATION['cifar10'])
+  expected = (images.astype(np.float32) / np.float32(255.0) - mean) / std
+  np.testing.assert_array_equal(jax.jit(selected_kd.to_input, static_argnums=1)(images, 'cifar10'), expected)
+
+
+def test_pool_normalization_defaults_to_the_teachers():
+  config = load_config('dfnd_cifar', None)
+  assert config.batch_size == 256  # DFND-train.py:208 (its line 209's 512 only sets the epoch count)
+  assert selected_kd.normalization(config) == 'cifar10'
+  config.pool_normalization = 'imagenet'  # the reference's constants
+  assert selected_kd.normalization(config) == 'imagenet'
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,3 +311,49 @@ def test_pu_stage1_is_a_resumable_stage(tmp_path, monkeypatch):
   assert stage1_steps(workdir) == [1, 2, 3]
   assert outputs.read_json(os.path.join(stage_dir, stages.KEY_FILE))['key'] == pu._stage1_key(
       config, len(unlabelled.load_pool(config.unlabelled, config.seed).images))
+
+
+def distillation_stage(config, mesh):
+  """PU's stage 2, built from a stand-in selector that scores the pool's first half positive."""
+  _, distillation = methods.get('pu').make_job(config, mesh)
+  pool_size = len(unlabelled.load_pool(config.unlabelled, config.seed).images)
+  scores = np.where(np.arange(pool_size) < pool_size // 2, 1.0, -1.0)
+  return distillation.build({'prior': 0.2, 'prior_source': 'config', 'selector_risk': 0.5, 'scores': scores})
+
+
+@pytest.mark.slow
+def test_pu_distills_on_the_labelled_images_and_the_selected_ones():
+  config = tiny_config('pu_mnist')
+  config.pu.selection = 'positive'
+  mesh = parallel.make_mesh(1)
+  config.pu.distill_labelled = True  # the reference: label_train_subset + unlabel_positive_set
+  report = distillation_stage(config, mesh).report
+  labelled = config.pu.labelled_per_class * config.num_classes
+  assert report['labelled'] == labelled and report['distilled'] == labelled + report['selected']
+  config.pu.distill_labelled = False
+  report = distillation_stage(config, mesh).report
+  assert report['distilled'] == report['selected']
+
+
+@pytest.mark.slow
+def test_pu_selector_crops_and_flips_its_batches():
+  config = tiny_config('pu_mnist')
+  config.pu.prior = 0.2
+  config.augment.update(crop_padding=2, flip=True)
+  mesh = parallel.make_mesh(1)
+  batch = {'positives': np.full((3, 32, 32, 1), 255, np.uint8), 'unlabelled': np.zeros((2, 32, 32, 1), np.uint8)}
+  config.pu.update(batch_p=3, batch_u=2, augment_selector=False)
+  assert pu.make_job(config, mesh)[0].build({}).phases[0].draw(jax.random.key(0), None) == {}
+  config.pu.augment_selector = True  # the reference's RandomCrop(32, 4) + RandomHorizontalFlip
+  job = pu.make_job(config, mesh)[0].build({})
+  drawn = job.phases[0].draw(jax.random.key(0), None)
+  assert drawn['offsets'].shape == (5, 2) and drawn['flips'].shape == (5,)
+  drawn = {'offsets': np.array([[0, 0], [2, 2], [4, 4], [0, 0], [0, 0]], np.int32), 'flips': np.zeros(5, bool)}
+  state = jax.jit(job.init)(jax.random.key(0))
+  _, metrics = jax.jit(job.phases[0].apply)(state, job.frozen, drawn, batch)
+  white = np.asarray(selected_kd.to_input(np.full((1, 1, 1, 1), 255, np.uint8), config.dataset))[0, 0, 0, 0]
+  black = np.asarray(selected_kd.to_input(np.zeros((1, 1, 1, 1), np.uint8), config.dataset))[0, 0, 0, 0]
+  images = np.asarray(metrics['trace/images'])[..., 0]
+  assert np.all(images[0, :2] == black) and np.all(images[0, 2:, 2:] == white)  # zero padding top and left
+  assert np.all(images[1] == white)  # the centre crop
+  assert np.all(images[2, -2:] == black) and np.all(images[2, :-2, :-2] == white)

@@ -3,11 +3,17 @@ selection contains, and distilling the student on the selected real images.
 
 The selected images live on the host as uint8 at model resolution; each step's batch is drawn
 without replacement from a permutation fixed by (seed, epoch) (so a resumed run sees the same
-batches), augmented on device (``config.augment``: random crop with zero padding, horizontal flip),
-normalised, and fed to the frozen teacher (eval mode) and the student (train mode). A method
-supplies the loss ``loss_fn(student_logits, teacher_logits, aux_params) -> (loss, metrics)``
-and, optionally, auxiliary parameters trained jointly with the student by their own optimiser
-(DFND's noise-adaptation matrix).
+batches), augmented on device (``config.augment``: random crop with zero padding, horizontal flip;
+the crop offsets and flips are the phase's draws), normalised (``normalization``), and fed to the
+frozen teacher (eval mode) and the student (train mode). A method supplies the loss
+``loss_fn(student_logits, teacher_logits, aux_params) -> (loss, metrics)`` and, optionally,
+auxiliary parameters trained jointly with the student by their own optimiser (DFND's
+noise-adaptation matrix).
+
+``config.pool_normalization`` (default 'teacher': ``config.dataset``'s constants, the input space
+the teacher was trained in) names the dataset whose mean and std normalise the unlabelled images,
+for scoring and distillation alike; DFND's reference normalises its ImageNet pool with the ImageNet
+constants ('imagenet').
 """
 from __future__ import annotations
 
@@ -44,9 +50,21 @@ def to_model_resolution(images: np.ndarray, config) -> np.ndarray:
   return preprocess.resize_uint8(images, config.image_size)
 
 
-def normalized(images_u8: np.ndarray, config) -> np.ndarray:
-  """uint8 images -> float32 in the teacher's input space (``config.dataset`` normalisation)."""
-  return data.normalize(images_u8.astype(np.float32) / 255.0, config.dataset).astype(np.float32)
+def normalization(config) -> str:
+  """The dataset whose constants normalise the unlabelled images (``config.pool_normalization``)."""
+  name = config.get('pool_normalization', 'teacher')
+  return config.dataset if name == 'teacher' else name
+
+
+def to_input(images_u8: jax.Array, dataset: str) -> jax.Array:
+  """uint8 images -> ``dataset``'s normalised input space, computed as torchvision's ``ToTensor``
+  + ``Normalize`` compute it: x / 255, then (x − mean) / std, with true divisions. (Compiled, XLA
+  would multiply by rounded reciprocals of the constants instead, one ulp off; the reference
+  trajectories pass close enough to ReLU kinks that one ulp in an input moves a gradient by 1e-3.)"""
+  mean, std = data.NORMALIZATION[dataset]
+  scale, mean, std = jax.lax.optimization_barrier((jnp.float32(255.0), jnp.asarray(mean, jnp.float32),
+                                                   jnp.asarray(std, jnp.float32)))
+  return (images_u8.astype(jnp.float32) / scale - mean) / std
 
 
 def map_batches(fn: Callable[[jax.Array], jax.Array], images_u8: np.ndarray, config, mesh) -> np.ndarray:
@@ -55,7 +73,8 @@ def map_batches(fn: Callable[[jax.Array], jax.Array], images_u8: np.ndarray, con
   batch = config.eval.batch_size
   parallel.check_batch(batch, mesh, 'eval.batch_size')
   sharding = parallel.data_sharded(mesh)
-  jitted = jax.jit(lambda x: fn(data.normalize(x.astype(jnp.float32) / 255.0, config.dataset)))
+  dataset = normalization(config)
+  jitted = jax.jit(lambda x: fn(to_input(x, dataset)))
   outputs = []
   for start in range(0, len(images_u8), batch):
     chunk = images_u8[start:start + batch]
@@ -100,13 +119,14 @@ def make_job(config, mesh, s: common.Setup, images_u8: np.ndarray, loss_fn: Loss
 
   ``config``: ``batch_size``, ``num_epochs``, ``optimizer_s`` (per-epoch schedule), ``augment``.
   ``report`` (the selection report) goes to ``WORKDIR/selection.json`` when the job is finished;
-  ``notes`` are logged when it starts.
+  ``notes`` are logged when it starts. The phase 'kd' traces the normalised images and both
+  networks' logits (with the loss's own ``trace/`` metrics).
   """
   parallel.check_batch(config.batch_size, mesh, 'batch_size')
   local_batch = config.batch_size // jax.process_count()
   steps_per_epoch = max(1, len(images_u8) // config.batch_size)
   tx_s, lr_s = common.student_optimizer(config, steps_per_epoch)
-  teacher = s.teacher
+  teacher, dataset, padding = s.teacher, normalization(config), config.augment.crop_padding
 
   def init(key):
     state = {'step': jnp.zeros((), jnp.int32),
@@ -115,10 +135,12 @@ def make_job(config, mesh, s: common.Setup, images_u8: np.ndarray, loss_fn: Loss
       state['aux'] = optim.create_state(aux.tx, aux.params)
     return state
 
-  def kd(state, frozen, key, batch):
-    x = augment.crop_flip(*jax.random.split(key), batch['images'].astype(jnp.float32) / 255.0,
-                          padding=config.augment.crop_padding, flip=config.augment.flip)
-    x = data.normalize(x, config.dataset)
+  def draw(key, state):
+    del state
+    return augment.draw_crop_flip(*jax.random.split(key), config.batch_size, padding=padding, flip=config.augment.flip)
+
+  def kd(state, frozen, drawn, batch):
+    x = to_input(augment.apply_crop_flip(batch['images'], drawn, padding=padding), dataset)
     t_logits = teacher.model.apply(frozen['teacher'], x, train=False)
     student = state['student']
     aux_params = state['aux'].params if aux is not None else None
@@ -126,14 +148,15 @@ def make_job(config, mesh, s: common.Setup, images_u8: np.ndarray, loss_fn: Loss
     def objective(params, aux_params):
       logits, batch_stats = common.apply_train(student, params, x)
       loss, metrics = loss_fn(logits, t_logits, aux_params)
-      return loss, (batch_stats, metrics)
+      return loss, (batch_stats, metrics, logits)
 
-    (loss, (batch_stats, metrics)), (grads, aux_grads) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
-        student.params, aux_params)
+    value_and_grad = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
+    (loss, (batch_stats, metrics, logits)), (grads, aux_grads) = value_and_grad(student.params, aux_params)
     new = dict(state, student=student.apply_gradients(grads=grads, batch_stats=batch_stats))
     if aux is not None:
       new['aux'] = state['aux'].apply_gradients(grads=aux_grads)
-    return new, dict(metrics, **{'train/student_loss': loss, 'train/lr_student': lr_s(student.step)})
+    return new, dict(metrics, **{'train/student_loss': loss, 'train/lr_student': lr_s(student.step),
+                                 'trace/images': x, 'trace/student_logits': logits, 'trace/teacher_logits': t_logits})
 
   def next_batch(step):
     epoch, i = divmod(step, steps_per_epoch)
@@ -142,7 +165,7 @@ def make_job(config, mesh, s: common.Setup, images_u8: np.ndarray, loss_fn: Loss
     return {'images': images_u8[order[start:start + local_batch]]}
 
   return Job(
-      init=init, phases=[Phase('kd', kd)], frozen={'teacher': teacher.variables},
+      init=init, phases=[Phase('kd', kd, draw)], frozen={'teacher': teacher.variables},
       num_steps=steps_per_epoch * config.num_epochs, student=common.evaluated_student(s),
       teacher=common.evaluated_teacher(s), next_batch=next_batch, exports=[common.export_student(config)],
       report=report, results_file='selection.json' if report is not None else None, notes=tuple(notes))

@@ -23,9 +23,10 @@ Reference (huawei ``DEMC/DFND/DFND-train.py``, ``docs/reference_semantics.md#dfn
 the script does not run (undefined ``opt.teacher_dir``, ``weights`` used before assignment, a
 4-argument call of a 3-argument ``train``); its semantics are taken from the paper and the notes.
 It hard-codes a = 0.9523 / 0.7774 (CIFAR-10/100), which do not match its own teachers (94.85 /
-77.34); here a is a config value or estimated. It scores ImageNet with ImageNet normalisation
-although the teacher was trained with CIFAR constants; here the pool is normalised as the
-teacher's data (``config.dataset``), as the teacher expects.
+77.34); here a is a config value or estimated. It scores and distils ImageNet with ImageNet
+normalisation although the teacher was trained with CIFAR constants; here the pool is normalised as
+the teacher's data (``config.dataset``), as the teacher expects (``pool_normalization='imagenet'``
+reproduces the reference). Its batch is 256 (``DFND-train.py:208``).
 """
 from __future__ import annotations
 
@@ -76,15 +77,21 @@ def make_job(config, mesh):
   accuracy, source = teacher_accuracy(config, mesh, s, logits[selected])
   rep = selected_kd.selection_report(pool, selected, teacher_accuracy=accuracy, teacher_accuracy_source=source)
   notes = [selected_kd.selection_note('dfnd', rep), f'dfnd: noise-adaptation diagonal a = {accuracy:.4f} ({source})']
+  return distillation_job(config, mesh, s, images[selected], accuracy, report=rep, notes=notes)
 
+
+def distillation_job(config, mesh, s: common.Setup, images_u8: np.ndarray, accuracy: float, **job_kw):
+  """The distillation: the student and θ trained on ``images_u8`` (uint8 NHWC) with diagonal a = ``accuracy``.
+  Its phase traces the transition matrix and the noise-adapted probabilities."""
   temperature, weight = config.kd.temperature, config.dfnd.noise_weight
 
   def loss_fn(student_logits, teacher_logits, aux):
     kd = losses.kd_kl(student_logits, teacher_logits, temperature)
-    nll = losses.noise_adaptation_nll(student_logits, jnp.argmax(teacher_logits, -1),
-                                      losses.noise_transition(aux['theta'], accuracy))
-    return kd + weight * nll, {'train/loss_kd': kd, 'train/loss_noise': nll}
+    transition = losses.noise_transition(aux['theta'], accuracy)
+    nll = losses.noise_adaptation_nll(student_logits, jnp.argmax(teacher_logits, -1), transition)
+    return kd + weight * nll, {'train/loss_kd': kd, 'train/loss_noise': nll, 'trace/noise_transition': transition,
+                               'trace/noise_adapted_probs': losses.noise_adapted_probs(student_logits, transition)}
 
   tx_noise = optim.make_optimizer(config.dfnd.optimizer_noise, optim.constant(config.dfnd.optimizer_noise.lr))
   aux = selected_kd.Aux({'theta': jnp.zeros((config.num_classes, config.num_classes))}, tx_noise)
-  return selected_kd.make_job(config, mesh, s, images[selected], loss_fn, aux=aux, report=rep, notes=notes)
+  return selected_kd.make_job(config, mesh, s, images_u8, loss_fn, aux=aux, **job_kw)

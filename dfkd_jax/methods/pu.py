@@ -13,14 +13,20 @@ sigmoid loss, class prior π, β = 0, γ = 1); the images of U with g(x) > 0 are
 the teacher's prediction (``'balanced'``), see ``select``. π is ``pu.prior`` when > 0, otherwise
 estimated (``estimate_prior``).
 
-Stage 2, robust distillation on the selected images: class weight sets w_k (inverse teacher class
-mass, plus ``perturb_num`` perturbed copies, ``losses.robust_kd_class_weights``) and the
-student loss  max_k (1/N) Σ_n w_k[ŷ_n] · KL(p_t ‖ p_s) · T  at T = 1 (``losses.robust_kd``).
+Stage 2, robust distillation on the labelled images plus the selected ones (the reference's
+``label_train_subset + unlabel_positive_set``; ``pu.distill_labelled=False``: the selected ones
+only): class weight sets w_k (inverse teacher class mass over the distillation data,
+``losses.inverse_mass_class_weights``, plus ``perturb_num`` perturbed copies,
+``losses.perturbed_class_weights``: w + ε·U(0, 1) as the reference with ``pu.perturbation='additive'``,
+or w·(1 + ε·U(−1, 1)) with 'relative') and the student loss  max_k (1/N) Σ_n w_k[ŷ_n] · KL(p_t ‖ p_s) · T
+at T = 1 (``losses.robust_kd``).
 
 Reference (huawei ``DEMC/pu_compress``, ``docs/reference_semantics.md#pu-compression``) and what differs here:
 - each selector step draws a batch of P and a batch of U; the reference draws mixed batches from
   P ∪ U (0.08% positives with CIFAR-10 + ImageNet, so most of its batches hold no positive); the
-  risk estimates the same expectation;
+  risk estimates the same expectation. Both are randomly cropped and flipped as the reference's
+  (``config.augment``) unless ``pu.augment_selector=False``; scoring the pool and the class masses
+  use the images as they are (the reference scores and weighs randomly cropped and flipped ones);
 - the trunk is fine-tuned with the head when ``pu.train_backbone`` (the reference), starting from
   a copy of the teacher, its BatchNorm in train mode on the concatenated P and U batch; otherwise
   it stays frozen (eval mode) and only the head learns;
@@ -43,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dfkd_jax import data, losses, optim
+from dfkd_jax import losses, optim
 from dfkd_jax.data import unlabelled
 from dfkd_jax.engines import common, selected_kd
 from dfkd_jax.errors import UserError
@@ -51,6 +57,7 @@ from dfkd_jax.models import hooks
 from dfkd_jax.models.layers import Linear
 from dfkd_jax.run import parallel
 from dfkd_jax.run.job import Job, Phase, Stage, Stages
+from dfkd_jax.synth import augment
 
 
 class SEHead(nn.Module):
@@ -123,8 +130,10 @@ def estimate_prior(features_p: np.ndarray, features_u: np.ndarray, seed: int, st
 def selector_job(config, mesh, s: common.Setup, positives: np.ndarray, pool: np.ndarray) -> Job:
   """Stage 1: nnPU training of trunk + SE head, a loop job. Each step draws ``pu.batch_p``
   positives (at most all of them, rounded down to a multiple of the device count) and ``pu.batch_u``
-  pool images (a generator fixed by (seed, step)); its results are π, where π came from, the scores
-  g(x) of the whole pool under the final selector and its last risk."""
+  pool images (a generator fixed by (seed, step)), cropped and flipped on device with
+  ``pu.augment_selector`` (the offsets and flips are the phase's draws); its results are π, where π
+  came from, the scores g(x) of the whole pool under the final selector and its last risk. The phase
+  traces the selector's input, its scores (positives first) and the objective's gradient in them."""
   cfg = config.pu
   modules = tuple(cfg.feature_modules)
   model, head, teacher_variables = s.teacher.model, SEHead(cfg.se_reduction), s.teacher.variables
@@ -153,20 +162,27 @@ def selector_job(config, mesh, s: common.Setup, positives: np.ndarray, pool: np.
     f, batch_stats = multiscale_features(model, variables, x, modules, train)
     return head.apply({'params': params['head']}, f), batch_stats
 
-  def to_input(images_u8):
-    return data.normalize(images_u8.astype(jnp.float32) / 255.0, config.dataset)
+  padding, flip = (config.augment.crop_padding, config.augment.flip) if cfg.augment_selector else (0, False)
 
-  def step(state, frozen, key, batch):
-    selector, xp, xu = state['selector'], to_input(batch['positives']), to_input(batch['unlabelled'])
+  def draw(key, state):
+    del state
+    return augment.draw_crop_flip(*jax.random.split(key), batch_p + cfg.batch_u, padding=padding, flip=flip)
+
+  def step(state, frozen, drawn, batch):
+    selector, num_p = state['selector'], batch['positives'].shape[0]
+    images = jnp.concatenate([batch['positives'], batch['unlabelled']])
+    x = selected_kd.to_input(augment.apply_crop_flip(images, drawn, padding=padding), config.dataset)
+    risk_of = lambda g: losses.nnpu_risk(g[:num_p], g[num_p:], prior, beta=cfg.beta, gamma=cfg.gamma)
 
     def objective(params):
-      g, new_stats = score(params, selector.batch_stats, jnp.concatenate([xp, xu]), cfg.train_backbone)
-      objective, risk = losses.nnpu_risk(g[:xp.shape[0]], g[xp.shape[0]:], prior, beta=cfg.beta, gamma=cfg.gamma)
-      return objective, (new_stats, objective, risk)
+      g, new_stats = score(params, selector.batch_stats, x, cfg.train_backbone)
+      objective, risk = risk_of(g)
+      return objective, (new_stats, objective, risk, g)
 
-    grads, (batch_stats, objective, risk) = jax.grad(objective, has_aux=True)(selector.params)
+    grads, (batch_stats, objective, risk, g) = jax.grad(objective, has_aux=True)(selector.params)
     return dict(state, selector=selector.apply_gradients(grads=grads, batch_stats=batch_stats), risk=risk), {
-        'train/nnpu_objective': objective, 'train/nnpu_risk': risk, 'train/lr': schedule(selector.step)}
+        'train/nnpu_objective': objective, 'train/nnpu_risk': risk, 'train/lr': schedule(selector.step),
+        'trace/images': x, 'trace/scores': g, 'trace/dobjective_dscores': jax.grad(lambda g: risk_of(g)[0])(g)}
 
   def next_batch(step):
     rng = np.random.default_rng([config.seed, 4, step])
@@ -182,7 +198,7 @@ def selector_job(config, mesh, s: common.Setup, positives: np.ndarray, pool: np.
     return {'prior': prior, 'prior_source': prior_source, 'scores': scores,
             'selector_risk': float(jax.device_get(state['risk']))}
 
-  return Job(init=init, phases=[Phase('select', step)], frozen={}, num_steps=cfg.steps, evaluators=(),
+  return Job(init=init, phases=[Phase('select', step, draw)], frozen={}, num_steps=cfg.steps, evaluators=(),
              next_batch=next_batch, on_finish=on_finish,
              notes=[f'pu: class prior {prior:.4f} ({prior_source}); {len(positives)} labelled positives'])
 
@@ -231,9 +247,34 @@ def _stage1_key(config, pool_size: int) -> str:
   fields = {name: config.get(name) for name in ('teacher', 'unlabelled', 'seed', 'image_size', 'in_channels',
                                                   'num_classes', 'data_dir')}
   pu = {k: v for k, v in config.pu.to_dict().items() if k not in ('selection', 'perturb_num', 'perturb_eps',
-                                                                     'class_weight_power')}
+                                                                     'class_weight_power', 'perturbation',
+                                                                     'distill_labelled')}
   text = json.dumps({'fields': fields, 'pu': pu, 'pool_size': pool_size}, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()
+
+
+def class_weight_sets(config, mesh, s: common.Setup, images_u8: np.ndarray, uniforms) -> jax.Array:
+  """The robust KD's weight sets (1 + ``pu.perturb_num``, C): the inverse teacher class masses over
+  ``images_u8`` (the distillation data) and their perturbations by ``uniforms`` (U(0, 1))."""
+  t_probs = jax.nn.softmax(selected_kd.teacher_logits(s, images_u8, config, mesh) / config.kd.temperature, axis=-1)
+  weights = losses.inverse_mass_class_weights(jnp.asarray(t_probs), power=config.pu.class_weight_power)
+  return losses.perturbed_class_weights(weights, uniforms, epsilon=config.pu.perturb_eps,
+                                        perturbation=config.pu.perturbation)
+
+
+def distillation_job(config, mesh, s: common.Setup, images_u8: np.ndarray, class_weights, **job_kw) -> Job:
+  """Stage 2: robust KD of the student on ``images_u8`` (uint8 NHWC) with ``class_weights``; its
+  phase traces each weight set's loss, the per-sample weights and the index of the set it steps on."""
+  temperature, class_weights = config.kd.temperature, jnp.asarray(class_weights)
+
+  def loss_fn(student_logits, teacher_logits, _):
+    loss = losses.robust_kd(student_logits, teacher_logits, class_weights, temperature)
+    set_losses, sample_weights = losses.robust_kd_set_losses(student_logits, teacher_logits, class_weights,
+                                                             temperature)
+    return loss, {'trace/set_losses': set_losses, 'trace/sample_weights': sample_weights,
+                  'trace/selected_set': jnp.argmax(set_losses)}
+
+  return selected_kd.make_job(config, mesh, s, images_u8, loss_fn, **job_kw)
 
 
 def make_job(config, mesh) -> Stages:
@@ -250,23 +291,17 @@ def make_job(config, mesh) -> Stages:
     prior = selector['prior']
     logits = selected_kd.teacher_logits(s, images, config, mesh) if cfg.selection == 'balanced' else None
     selected = select(selector['scores'], prior, cfg.selection, logits)
-    if not selected.any():
+    if not selected.any() and not cfg.distill_labelled:
       raise UserError('pu: the selector kept no unlabelled image (g(x) <= 0 everywhere); raise pu.prior or pu.steps')
+    chosen = np.concatenate([positives, images[selected]]) if cfg.distill_labelled else images[selected]
     rep = selected_kd.selection_report(pool, selected, prior=prior, prior_source=selector['prior_source'],
-                                       selector_risk=selector['selector_risk'], labelled=len(positives))
-    chosen = images[selected]
-    t_probs = jax.nn.softmax(selected_kd.teacher_logits(s, chosen, config, mesh) / config.kd.temperature, axis=-1)
-    weights = losses.robust_kd_class_weights(
-        jnp.asarray(t_probs), num_perturbations=cfg.perturb_num, epsilon=cfg.perturb_eps,
-        key=jax.random.fold_in(jax.random.key(config.seed), 5), power=cfg.class_weight_power)
+                                       selector_risk=selector['selector_risk'], labelled=len(positives),
+                                       distilled=len(chosen))
+    uniforms = losses.draw_class_weight_perturbations(jax.random.fold_in(jax.random.key(config.seed), 5),
+                                                      cfg.perturb_num, config.num_classes)
+    weights = class_weight_sets(config, mesh, s, chosen, uniforms)
     rep['class_weights'] = np.asarray(weights).round(4).tolist()
-    temperature = config.kd.temperature
-
-    def loss_fn(student_logits, teacher_logits, _):
-      return losses.robust_kd(student_logits, teacher_logits, weights, temperature), {}
-
-    return selected_kd.make_job(config, mesh, s, chosen, loss_fn, report=rep,
-                                notes=[selected_kd.selection_note('pu', rep)])
+    return distillation_job(config, mesh, s, chosen, weights, report=rep, notes=[selected_kd.selection_note('pu', rep)])
 
   return [Stage(STAGE1, lambda _: selector_job(config, mesh, s, positives, images),
                 key=_stage1_key(config, len(images))),

@@ -17,7 +17,8 @@ import importlib
 
 from dfkd_jax.errors import UserError
 
-MODULES = ('cmi_generative', 'huawei_dafl')  # adapter modules under dfkd_jax.replay.adapters, tried in order
+# adapter modules under dfkd_jax.replay.adapters, tried in order
+MODULES = ('cmi_generative', 'huawei_dafl', 'huawei_little_data')
 
 
 def all_adapters() -> list:
