@@ -37,3 +37,56 @@ def test_method_iterations(name):
     assert all(jax.tree.leaves(changed)), f'{part} parameters did not all change'
   for a, b in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(jax.device_get(frozen))):
     np.testing.assert_array_equal(a, b)
+
+
+def _zskt_phases(**overrides):
+  """ZSKT's original variant on a BN student (wrn16_1) at batch 8: one synth phase from drawn
+  latents; returns (job, state before, state after synth, its draws, kd apply)."""
+  config = load_config('zskt_cifar', 'runlocal,variant=original', **overrides)
+  job = methods.get('zskt').make_job(config, parallel.make_mesh(1))
+  state = jax.jit(job.init)(jax.random.key(0))
+  synth, kd = job.phases
+  draws = synth.draw(jax.random.key(1), state)
+  after, _ = jax.jit(synth.apply)(state, job.frozen, draws, None)
+  return job, state, after, draws, jax.jit(kd.apply)
+
+
+@pytest.mark.slow
+def test_zskt_original_trains_on_the_regenerated_batch_with_a_train_mode_student():
+  """polo5's pseudo-batch: the student is in train mode in the generator step (batch statistics,
+  running statistics updated, parameters untouched), then learns from G_{k+1}(z_k), the same latent
+  through the updated generator (train mode), not the batch made before the update."""
+  job, before, after, draws, kd = _zskt_phases()
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before['student'].batch_stats,
+                         after['student'].batch_stats)
+  assert all(jax.tree.leaves(changed)), 'the generator step left the student BN statistics'
+  jax.tree.map(np.testing.assert_array_equal, before['student'].params, after['student'].params)
+  _, metrics = kd(after, job.frozen, {}, None)
+  g = after['generator']
+  regenerated, _ = g.apply_fn({'params': g.params, 'batch_stats': g.batch_stats}, draws['z'][-1], train=True,
+                              mutable=['batch_stats'])
+  for images in metrics['trace/images']:  # every student step of the pseudo-batch
+    np.testing.assert_allclose(images, regenerated, rtol=1e-5, atol=1e-5)
+  stale, _ = before['generator'].apply_fn(before['generator'].variables, draws['z'][-1], train=True,
+                                          mutable=['batch_stats'])
+  assert not np.allclose(metrics['trace/images'][0], stale, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_zskt_flags_restore_the_stale_batch_and_eval_mode_student():
+  job, before, after, _, kd = _zskt_phases(student_batch='reuse', synth_student_bn='eval')
+  jax.tree.map(np.testing.assert_array_equal, before['student'].batch_stats, after['student'].batch_stats)
+  _, metrics = kd(after, job.frozen, {}, None)
+  np.testing.assert_array_equal(metrics['trace/images'][0], after['handoff']['images'])
+
+
+def test_config_deviations_follow_the_reference_scripts():
+  """DFQ r34 -> r18 on CIFAR-100 passes --T 1 (its script); the original DAFL evaluates CIFAR-100
+  with the CIFAR-10 constants; ZSKT's original variant regenerates its pseudo-batch."""
+  assert load_config('dfq_cifar', 'dataset=cifar100,pair=resnet34-resnet18').kd.temperature == 1.0
+  assert load_config('dfq_cifar', 'dataset=cifar100,pair=wrn40_2-wrn16_1').kd.temperature == 20.0
+  assert load_config('dafl_cifar', 'dataset=cifar100,variant=huawei').dataset == 'cifar100_huawei'
+  assert load_config('dafl_cifar', 'dataset=cifar100').dataset == 'cifar100'
+  for name, arg in (('zskt_mnist', None), ('zskt_cifar', 'variant=original')):
+    config = load_config(name, arg)
+    assert (config.student_batch, config.synth_student_bn) == ('regenerate', 'train'), name

@@ -6,10 +6,12 @@ The generator seeks images where student and teacher disagree, and the student l
   L_S = KL(p_T ‖ p_S) + β · Σ_g AT(student_g, teacher_g)   (attention transfer, β = 250)
 
 ``config.variant``:
-  'original' — polo5/ZeroShotKnowledgeTransfer: per pseudo-batch one generator step, then
-               ``kd_steps`` (10) student steps on that same batch; KL with torch's elementwise
-               'mean' reduction; attention transfer on the outputs of ``kd.attention_modules``;
-               Adam for both with a cosine schedule over all pseudo-batches, gradients clipped at 5.
+  'original' — polo5/ZeroShotKnowledgeTransfer: per pseudo-batch one generator step (the student
+               in train mode: ``synth_student_bn='train'``), then ``kd_steps`` (10) student steps
+               on the pseudo-batch's latent through the updated generator
+               (``student_batch='regenerate'``); KL with torch's elementwise 'mean' reduction;
+               attention transfer on the outputs of ``kd.attention_modules``; Adam for both with
+               a cosine schedule over all pseudo-batches, gradients clipped at 5.
   'cmi'      — the CMI framework's ``--method zskt``: −KL at T=1 (batchmean) for the generator,
                ``kd_steps`` student steps on fresh samples, no attention transfer.
 """
