@@ -150,7 +150,8 @@ class DaflGenerator(nn.Module):
 
 
 class ZsktGenerator(nn.Module):
-  """The original ZSKT generator (one torch Sequential ``layers``), 32x32x3 output:
+  """The ZSKT generator of polo5/ZeroShotKnowledgeTransfer's first version (one torch Sequential
+  ``layers``; the head, fab3b92, has 128x8x8, x2 upsampling and an affine output BN), 32x32x3 output:
 
   ``layers.0 = Linear(nz, 128*10*10) -> view(N, 128, 10, 10) -> BN -> Upsample x1.6 (10 -> 16,
   torch's nearest rule) -> Conv3x3(128, bias) -> BN -> LeakyReLU 0.2 -> Upsample x2 ->
