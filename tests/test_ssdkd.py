@@ -85,6 +85,9 @@ def test_per_probabilities_and_importance_weights():
   expected = [r / max(raw) for r in raw]
   got = buffer_lib.importance_weights(probs, valid, jnp.asarray([0, 1, 2, 2]), jnp.asarray(beta))
   np.testing.assert_allclose(got, expected + [expected[2]], rtol=1e-6)
+  # normalised by the batch's largest weight instead: entries 1 and 2 drawn, the likelier one below 1
+  got = buffer_lib.importance_weights(probs, valid, jnp.asarray([1, 2]), jnp.asarray(beta), normaliser='batch')
+  np.testing.assert_allclose(got, [1.0, (2 / 3) ** beta], rtol=1e-6)
   np.testing.assert_allclose(buffer_lib.probabilities(priority, valid, alpha=0.0), [1 / 3, 1 / 3, 1 / 3, 0], rtol=1e-6)
 
 
@@ -185,7 +188,8 @@ ALL_SWITCHES_FLIPPED = {
     'ssdkd.difficulty': 'entropy', 'ssdkd.diversity': 'penalty', 'ssdkd.phi_grad': True,
     'ssdkd.phi_in_generator': False, 'ssdkd.phi_in_buffer': False, 'ssdkd.phi_in_kd': False,
     'ssdkd.eviction': 'fifo', 'ssdkd.budget_mode': 'total', 'ssdkd.views': 0, 'ssdkd.targets': 'inverse_count',
-    'ssdkd.sampler': 'uniform', 'ssdkd.new_priority': 'mean', 'ssdkd.priority': 'kl', 'ssdkd.meta': 'reptile'}
+    'ssdkd.sampler': 'uniform', 'ssdkd.new_priority': 'mean', 'ssdkd.priority': 'kl', 'ssdkd.meta': 'reptile',
+    'ssdkd.is_normaliser': 'batch'}
 
 
 @pytest.mark.slow

@@ -30,7 +30,8 @@ One outer iteration:
            P(i) = π_i^α / Σ_k π_k^α,  w_i = (n·P(i))^(−β) / max_j (n·P(j))^(−β)              (E8, E9)
            L_S = (1/B) Σ_i w_i · φ_i · T² KL(p_T^T ‖ p_S^T)(A(x_i))                       (E10)
 
-         (φ_i only with ``phi_in_kd``); β anneals from ``beta0`` to 1 over the student's steps and
+         (φ_i only with ``phi_in_kd``; the max over the buffer, or over the batch with
+         ``is_normaliser='batch'``); β anneals from ``beta0`` to 1 over the student's steps and
          each drawn entry's priority becomes its loss in that step (+ ε), as PER's TD errors.
 
 The modulating function, on the teacher's softmax p_T(x) (no gradient unless ``phi_grad``):
@@ -134,8 +135,10 @@ def settings(**fast) -> ml_collections.ConfigDict:
       # The buffer: eviction policy, what data_budget bounds, stored views (0: augment at read),
       # the generator's target labels.
       'eviction': 'balanced', 'budget_mode': 'capacity', 'views': 0, 'targets': 'uniform',
-      # δ (E7-E9), PER's: sampler, α, β₀ (annealed to 1), ε, new entries' priority, the discrepancy.
+      # δ (E7-E9), PER's: sampler, α, β₀ (annealed to 1), ε, new entries' priority, the discrepancy,
+      # the importance weights' normaliser.
       'sampler': 'stratified', 'alpha': 0.6, 'beta0': 0.4, 'eps': 1e-6, 'new_priority': 'max', 'priority': 'kd_loss',
+      'is_normaliser': 'buffer',
   })
   for name, value in fast.items():
     if name not in c:
@@ -168,6 +171,7 @@ def _check(config, cfg) -> None:
   check_choice('ssdkd.budget_mode', cfg.budget_mode, BUDGET_MODES)
   check_choice('ssdkd.sampler', cfg.sampler, buffer_lib.SAMPLERS)
   check_choice('ssdkd.new_priority', cfg.new_priority, buffer_lib.NEW_PRIORITIES)
+  check_choice('ssdkd.is_normaliser', cfg.is_normaliser, buffer_lib.NORMALISERS)
   check_choice('ssdkd.targets', cfg.targets, TARGETS)
   check_choice('ssdkd.priority', cfg.priority, PRIORITIES)
   check_choice('ssdkd.meta', cfg.meta, meta.RULES)
@@ -373,7 +377,7 @@ def make_job(config, mesh):
       probs = buffer_lib.probabilities(priority, buffer['valid'], alpha)
       entries = buffer_lib.indices(probs, d['uniforms'], cfg.sampler)
       beta = buffer_lib.annealed_beta(cfg.beta0, student.step / student_steps)
-      weights = buffer_lib.importance_weights(probs, buffer['valid'], entries, beta)
+      weights = buffer_lib.importance_weights(probs, buffer['valid'], entries, beta, normaliser=cfg.is_normaliser)
       view_index = d.get('views', jnp.zeros((batch,), jnp.int32))
       x = read(buffer, entries, view_index)
       if not cached_logits:

@@ -18,7 +18,8 @@ Admission (``admission_slots``), for a batch of new entries with their classes a
 The balanced rule keeps the class histogram flat and, inside a class, the highest scores.
 
 Sampling (Schaul et al., "Prioritized Experience Replay", ICLR 2016), over the valid entries:
-  P(i) = p_i^α / Σ_k p_k^α;  w_i = (n·P(i))^(−β) / max_j (n·P(j))^(−β) = (min_j P(j) / P(i))^β.
+  P(i) = p_i^α / Σ_k p_k^α;  w_i = (n·P(i))^(−β) / max_j (n·P(j))^(−β) = (min_j P(j) / P(i))^β,
+  the max over the buffer (or over the drawn batch: ``importance_weights``' ``normaliser``).
 Indices come from uniforms u ∈ [0, 1) drawn apart (the replay seam: ``jax.random.uniform``) by
 inverting the cumulative sum: 'stratified' splits the mass into ``batch`` equal segments and takes
 one point per segment (the paper's rule), 'independent' takes ``batch`` independent points
@@ -37,6 +38,7 @@ from dfkd_jax.errors import UserError
 POLICIES = ('balanced', 'fifo')
 SAMPLERS = ('stratified', 'independent', 'uniform')
 NEW_PRIORITIES = ('max', 'mean')
+NORMALISERS = ('buffer', 'batch')
 
 
 def init(capacity: int, items: Any) -> dict:
@@ -174,11 +176,20 @@ def indices(probs: jax.Array, uniforms: jax.Array, sampler: str) -> jax.Array:
   return jnp.minimum(drawn, last).astype(jnp.int32)
 
 
-def importance_weights(probs: jax.Array, valid: jax.Array, drawn: jax.Array, beta: jax.Array) -> jax.Array:
-  """w_i = (n·P(i))^(−β) / max_j (n·P(j))^(−β) = (min_j P(j) / P(i))^β over the valid j: 1 for
-  the least likely entry, smaller for likelier ones."""
-  smallest = jnp.min(jnp.where(valid & (probs > 0), probs, jnp.inf))
-  return jnp.power(smallest / probs[drawn], beta)
+def importance_weights(probs: jax.Array, valid: jax.Array, drawn: jax.Array, beta: jax.Array, *,
+                       normaliser: str = 'buffer') -> jax.Array:
+  """w_i = (n·P(i))^(−β) / max_j (n·P(j))^(−β): over the valid entries j of the buffer
+  (``normaliser='buffer'``, PER's and OpenAI baselines' reading: (min_j P(j) / P(i))^β, 1 for the
+  least likely entry) or over the drawn batch ('batch', as e.g. Dopamine: the batch's largest
+  weight is 1, so the weights cannot all become tiny when one entry's priority is near 0)."""
+  if normaliser not in NORMALISERS:
+    raise UserError(f"importance-weight normaliser must be one of {', '.join(NORMALISERS)}, not {normaliser!r}")
+  drawn_probs = probs[drawn]
+  if normaliser == 'buffer':
+    smallest = jnp.min(jnp.where(valid & (probs > 0), probs, jnp.inf))
+  else:
+    smallest = jnp.min(drawn_probs)
+  return jnp.power(smallest / drawn_probs, beta)
 
 
 def annealed_beta(beta0: float, progress: jax.Array) -> jax.Array:
