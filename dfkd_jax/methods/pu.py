@@ -31,6 +31,8 @@ Reference (huawei ``DEMC/pu_compress``, ``docs/reference_semantics.md#pu-compres
   a copy of the teacher, its BatchNorm in train mode on the concatenated P and U batch; otherwise
   it stays frozen (eval mode) and only the head learns;
 - the class prior can be estimated instead of fixed (0.21 in the reference);
+- the learning rates drop at the configured milestones; the reference's ``scheduler.step()`` at the
+  start of each epoch (``train_model.py``) drops them one epoch earlier (epochs 49/99/149);
 - the two stages are two loop jobs (``run.stages``): stage 1 runs in ``WORKDIR/stage1`` with its
   own checkpoints (a preempted selector resumes), and its final state gives π, the pool's scores
   g(x) and the last risk, from which stage 2 is built. Re-running the command (after a crash, or
