@@ -134,8 +134,8 @@ def replay(fixture: Fixture, report: Report, overrides: dict) -> None:
       for name, metric in (('images', 'images'), ('t_out', 't_out'), ('s_out', 's_out'), ('loss_s', 'student_loss')):
         report.check(prefix + name, harness.nchw(kd[f'trace/{metric}'][j]), fixture.expected(prefix + name))
     report.check(f'it{k}_lr', np.asarray(kd['train/lr_student']), fixture.expected(f'it{k}_lr'))
-    harness.check_state_dict(report, fixture, f'it{k}_student', generative_run.tracked(student_sd(state['student'])))
-    harness.check_state_dict(report, fixture, f'it{k}_generator', generative_run.tracked(generator_sd(state['generator'])))
+    for part, to_sd in (('student', student_sd), ('generator', generator_sd)):
+      harness.check_state_dict(report, fixture, f'it{k}_{part}', generative_run.tracked(to_sd(state[part])))
     for part, to_sd, fields in (
         ('student', student_sd, {'momentum_buffer': 'trace'}),
         ('generator', generator_sd, {'step': 'count', 'exp_avg': 'mu', 'exp_avg_sq': 'nu'})):
