@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dfkd_jax import configlib, methods
+from dfkd_jax import configlib, methods, models
 from dfkd_jax.convert import api
 from dfkd_jax.errors import UserError
 from dfkd_jax.replay import harness, weights_rule
@@ -138,4 +138,5 @@ def replay(fixture: Fixture, report: Report, overrides: dict) -> None:
     if digest:
       for name, value in _digest(generator[L1], int(digest['flat_sample_stride'])).items():
         report.check(f'it{k}_generator_digest/{L1}/{name}', value, digest[name])
-    harness.check_state_dict(report, fixture, f'it{k}_student', generative_run.tracked(student_sd(state['student'])))
+    harness.check_state_dict(report, fixture, f'it{k}_student', generative_run.tracked(student_sd(state['student'])),
+                             layout=models.get_spec(config.student.arch).torch)  # e.g. LeNet-5's Huawei names
