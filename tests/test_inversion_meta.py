@@ -31,8 +31,9 @@ from conftest import compilations
 from dfkd_jax import losses, methods, optim
 from dfkd_jax.engines import common, inversion_terms
 from dfkd_jax.errors import UserError
-from dfkd_jax.methods import cudfkd, fast, nayer
+from dfkd_jax.methods import cudfkd, nayer
 from dfkd_jax.run import parallel
+from dfkd_jax.synth import meta
 from dfkd_jax.train import train_and_evaluate
 
 # ------------------------------------------------------------------------------------------------
@@ -120,22 +121,22 @@ def test_fast_meta_step_hand_example(rule):
   lr_g, g_steps = 0.1, 2
   tx = optim.torch_adam_groups({'generator': lr_g, 'z': 0.01}, (0.5, 0.999))
   tx_meta = optim.torch_adam(lr_g * g_steps, (0.5, 0.999))
-  meta = {'w': jnp.asarray(0.0)}
-  variables = {'generator': meta, 'z': jnp.asarray(1.0)}
+  meta_params = {'w': jnp.asarray(0.0)}
+  variables = {'generator': meta_params, 'z': jnp.asarray(1.0)}
   carry = {'variables': variables, 'opt': tx.init(variables),
-           'meta_grad': jax.tree.map(jnp.zeros_like, meta)}
+           'meta_grad': jax.tree.map(jnp.zeros_like, meta_params)}
   objective = lambda v, key: ((v['generator']['w'] - 3.0) ** 2 + 0.0 * v['z'], ())
   for k in range(g_steps):
-    carry, _, _ = fast.inner_step(objective, carry, jax.random.key(k), tx, rule)
+    carry, _, _ = meta.inner_step(objective, carry, jax.random.key(k), tx, rule)
   fast_w, seen = _adam_by_hand(0.0, lambda w: 2 * (w - 3.0), lr_g)
   np.testing.assert_allclose(seen, [-6.0, 2 * (0.1 - 3.0)], rtol=1e-6)  # Adam's first step moves by lr·sign(g)
   # float32 against the float64 hand computation: 1 − 0.999² rounds to 8e-6 relative in float32.
   np.testing.assert_allclose(carry['variables']['generator']['w'], fast_w, rtol=5e-5)
-  grads = fast.meta_gradient(meta, carry, rule, 67.0)
+  grads = meta.meta_gradient(meta_params, carry, rule, 67.0)
   expected = sum(seen) if rule == 'fomaml' else (0.0 - fast_w) * 67.0
   np.testing.assert_allclose(grads['w'], expected, rtol=5e-5)
-  opt = tx_meta.init(meta)
-  new_meta, opt = optim.apply_step(tx_meta, meta, opt, grads)
+  opt = tx_meta.init(meta_params)
+  new_meta, opt = optim.apply_step(tx_meta, meta_params, opt, grads)
   # The meta Adam's first step: −lr_g·g_steps·sign(grad) (eps aside); its first moment holds (1 − b1)·grad.
   np.testing.assert_allclose(new_meta['w'], -lr_g * g_steps * math.copysign(1, expected), rtol=1e-5)
   np.testing.assert_allclose(opt[0].mu['w'], 0.5 * expected, rtol=5e-5)
@@ -187,9 +188,10 @@ def test_nayer_schedule_epochs_and_generator_recreation():
 
 
 def test_nayer_balanced_targets():
-  t = nayer.balanced_targets(jax.random.key(0), 23, 10)
-  np.testing.assert_array_equal(t[:20], np.tile(np.arange(10), 2))
-  assert t.shape == (23,) and ((0 <= t[20:]) & (t[20:] < 10)).all()
+  remainder = nayer.draw_remainder(jax.random.key(0), 23, 10)
+  assert remainder.shape == (3,) and ((0 <= remainder) & (remainder < 10)).all()
+  t = nayer.balanced_targets(remainder, 23, 10)  # the balanced block first, as the reference's generate_ys
+  np.testing.assert_array_equal(t, np.concatenate([np.tile(np.arange(10), 2), remainder]))
 
 
 def test_nayer_label_embedding_file_and_fallback(tmp_path):
@@ -285,3 +287,28 @@ def test_fast_resume_after_sigterm_is_bitwise(tmp_path, monkeypatch):
                "['student']"):
     assert any(k.startswith(part) for k in final), part
   assert_bitwise_equal(final, restore_arrays(full, 4))
+
+
+@pytest.mark.slow
+def test_nayer_reference_epoch_order_and_student_mode(tmp_path):
+  """``kd_every_batch=False`` (the reference's epoch): both batches, then kd_steps student steps in
+  the epoch's last iteration; ``reference_student_train_mode`` moves the student's running BN
+  statistics in the second batch's adversarial forward (and only there)."""
+  config = small_config('nayer_mnist', **{'warmup_epochs': 0, 'nayer.kd_every_batch': False,
+                                          'nayer.reference_student_train_mode': True, 'mesh.num_devices': 1,
+                                          'student.arch': 'resnet8'})
+  mesh = parallel.make_mesh(1)
+  job = methods.get(config.method).make_job(config, mesh)
+  state, iteration, frozen = compile_and_init(job, mesh)
+  before = jax.device_get(state['student'])
+  state, _ = iteration(state, frozen, jax.random.key(1), None)  # the epoch's first batch: no student step
+  first = jax.device_get(state['student'])
+  assert int(first.step) == 0
+  jax.tree.map(np.testing.assert_array_equal, (first.params, first.batch_stats), (before.params, before.batch_stats))
+  state, _ = iteration(state, frozen, jax.random.key(1), None)  # the second batch, then the student steps
+  assert int(jax.device_get(state['student']).step) == config.kd_steps
+  calls = [0, 1, 2, 3]
+  assert [bool(nayer.student_train_mode(c, config)) for c in calls] == [False, True, False, True]
+  assert not any(bool(nayer.student_train_mode(c, small_config('nayer_mnist', **{'warmup_epochs': 0})))
+                 for c in calls)
+  assert nayer.schedule_of(config).calls_of_epoch(1) == [2, 3]

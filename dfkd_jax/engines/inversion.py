@@ -24,6 +24,8 @@ Step accounting (docs/reference_semantics.md#step-accounting): one epoch is ``it
 outer iterations, each one synthesis call and ``kd_steps`` student steps; the student's learning
 rate is a per-epoch schedule of its own step count. During the first ``warmup_epochs`` epochs the
 kd phase is skipped (Fast, NAYER: synthesis only), so the student's schedule starts after warm-up.
+With ``make_job(kd_once_per_epoch=True)`` (NAYER's reference epoch: all its batches, then the
+student steps) the kd phase runs only in an epoch's last iteration, ``kd_steps`` steps per epoch.
 
 State: ``{'step', 'student', 'method' (the method's persistent state), 'pool'}``, all checkpointed,
 so a resumed run continues exactly as an uninterrupted one.
@@ -146,6 +148,9 @@ class Synthesizer(NamedTuple):
   kd_loss: optional (student_logits, teacher_logits, student_step) -> the student's loss, replacing
     ``config.kd`` (CuDFKD's self-paced weight depends on the step).
   draw: (method_state, ctx, key) -> the call's random values, ``begin``'s ``draws``.
+  update_student: optional (carry, student) -> the student after the call, for a synthesis that
+    changes it (NAYER's reference mode runs the student's adversarial forward in train mode, which
+    moves its BN running statistics).
   """
   init: Callable[[jax.Array], Any]
   begin: Callable[[Any, Context, Any], Any]
@@ -153,6 +158,7 @@ class Synthesizer(NamedTuple):
   finish: Callable[[Any, Any, Any, Context], tuple[Any, jax.Array]]
   kd_loss: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None
   draw: DrawFn = own_key
+  update_student: Callable[[Any, TrainState], TrainState] | None = None
 
 
 def pool_capacity(config) -> int:
@@ -164,10 +170,11 @@ def pool_capacity(config) -> int:
 
 
 def make_job(config, mesh, s: common.Setup, synthesizer: Synthesizer, *,
-             pool_size: int | None = None) -> Job:
+             pool_size: int | None = None, kd_once_per_epoch: bool = False) -> Job:
   """The loop job of an inversion method: the ``synth`` then ``kd`` phases above. ``pool_size``
   replaces ``config.pool.capacity`` for a method whose pool holds exactly the images of one call
-  (CuDFKD); otherwise a call adds ``synthesis_batch_size`` images."""
+  (CuDFKD); otherwise a call adds ``synthesis_batch_size`` images. ``kd_once_per_epoch``: the kd
+  phase runs in an epoch's last iteration only."""
   batch, kd_steps, iters_per_epoch = config.batch_size, config.kd_steps, config.iters_per_epoch
   parallel.check_batch(config.synthesis_batch_size, mesh, 'synthesis_batch_size')
   check_choice('pool.dtype', config.pool.dtype, _POOL_DTYPES)
@@ -184,7 +191,9 @@ def make_job(config, mesh, s: common.Setup, synthesizer: Synthesizer, *,
   capacity *= max(views, 1)
   warmup_epochs = config.get('warmup_epochs', 0)
   num_steps = config.num_epochs * iters_per_epoch
-  tx_s, lr_s = common.student_optimizer(config, iters_per_epoch * kd_steps)
+  kd_iters_per_epoch = 1 if kd_once_per_epoch else iters_per_epoch
+  tx_s, lr_s = common.student_optimizer(config, kd_iters_per_epoch * kd_steps)
+  kd_gated = bool(warmup_epochs) or kd_iters_per_epoch < iters_per_epoch  # the kd phase is skipped sometimes
   kd_loss = common.kd_loss_fn(config.kd)
   teacher = s.teacher.model
   data_sharding = parallel.data_sharded(mesh)
@@ -250,6 +259,8 @@ def make_job(config, mesh, s: common.Setup, synthesizer: Synthesizer, *,
     if views:
       images = jnp.concatenate([augment.apply_crop_flip(images, d, padding=padding) for d in drawn['views']])
     new = dict(state, method=method_state, pool=pool_lib.add(state['pool'], images))
+    if synthesizer.update_student is not None:
+      new['student'] = synthesizer.update_student(carry, state['student'])
     if cache_logits:
       stored = data.normalize(pool_lib.round_trip(state['pool'], images), config.dataset)
       new['pool_logits'] = pool_lib.add(state['pool_logits'], teacher.apply(frozen['teacher'], stored, train=False))
@@ -257,8 +268,12 @@ def make_job(config, mesh, s: common.Setup, synthesizer: Synthesizer, *,
     return new, metrics
 
   def distils(state):
-    """Whether this iteration's kd phase runs (not in a warm-up epoch)."""
-    return state['step'] // iters_per_epoch >= warmup_epochs
+    """Whether this iteration's kd phase runs (not in a warm-up epoch; with ``kd_once_per_epoch``,
+    the epoch's last iteration)."""
+    runs = state['step'] // iters_per_epoch >= warmup_epochs
+    if kd_once_per_epoch:
+      runs &= state['step'] % iters_per_epoch == iters_per_epoch - 1
+    return runs
 
   def kd_draw(key, state):
     order_key, augment_key = jax.random.split(key)
@@ -271,7 +286,7 @@ def make_job(config, mesh, s: common.Setup, synthesizer: Synthesizer, *,
             jnp.arange(kd_steps))
       return drawn
 
-    if not warmup_epochs:
+    if not kd_gated:
       return draw_all()
     return jax.lax.cond(distils(state), draw_all,
                         lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(draw_all)))
@@ -300,7 +315,7 @@ def make_job(config, mesh, s: common.Setup, synthesizer: Synthesizer, *,
 
   def kd(state, frozen, drawn, _):
     run = lambda student: distil(student, state, frozen['teacher'], drawn)
-    if warmup_epochs:  # synthesis-only epochs: the student and its optimiser stay as they are
+    if kd_gated:  # synthesis-only iterations: the student and its optimiser stay as they are
       skip = lambda student: (student, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
                                                     jax.eval_shape(run, student)[1]))
       student, trace = jax.lax.cond(distils(state), run, skip, state['student'])

@@ -51,8 +51,7 @@ def bn_ema_update(ema: dict, moments, momentum: float) -> dict:
   return {'mean': [m for m, _ in pick], 'var': [v for _, v in pick], 'count': ema['count'] + 1}
 
 
-def decision_adversarial_terms(t: TeacherView, ctx, view, targets, *, moments=None,
-                               adversarial=True, teacher_as_student: bool = False) -> dict:
+def decision_adversarial_terms(t: TeacherView, ctx, view, targets, *, moments=None, adversarial=True) -> dict:
   """The inversion loss terms of CMI, Fast and NAYER on one teacher view ``t`` of input ``view``
   (``ctx`` the synthesis step's ``inversion.Context``):
 
@@ -60,14 +59,9 @@ def decision_adversarial_terms(t: TeacherView, ctx, view, targets, *, moments=No
     oh  CE(T(view), targets)  (NAYER's soft CE against one-hot targets is the same number);
     adv −(1/N) Σ_n [argmax S = argmax T]_n KL(p_T ‖ p_S)_n at T = 1, the student in eval mode,
         times ``adversarial`` (a traced 0/1 gate: Fast/NAYER switch it on after warm-up).
-
-  ``teacher_as_student`` puts the teacher's logits in the student's place, as Fast-Datafree's
-  ``datafree_kd.py`` builds its synthesizers with ``student=teacher`` (zju-vipa/Fast-Datafree#11):
-  the adversarial term is then KL(p_T ‖ p_T) = 0.
   """
   def adv():
-    s_logits = t.logits if teacher_as_student else student_logits(ctx, view)
-    return losses.masked_adversarial_kl(s_logits, t.logits, 1.0)
+    return losses.masked_adversarial_kl(student_logits(ctx, view), t.logits, 1.0)
 
   zero = lambda: jnp.zeros((), jnp.float32)
   if isinstance(adversarial, bool):
@@ -78,21 +72,29 @@ def decision_adversarial_terms(t: TeacherView, ctx, view, targets, *, moments=No
   return {'bn': bn, 'oh': losses.cross_entropy(t.logits, targets), 'adv': adv_term}
 
 
-def blended_bn_terms(teacher, ctx, x, key, targets, bn_ema: dict, cfg, dataset: str, *, adversarial,
-                     teacher_as_student: bool = False) -> tuple[dict, list]:
+def draw_view(key, num: int, cfg) -> dict:
+  """The augmentation parameters of Fast's and NAYER's synthesis view of ``num`` images
+  (``augment.draw_crop_flip`` with ``cfg.crop_padding``, ``cfg.flip``; crop and flip keys split
+  from ``key``): one inner step's draws."""
+  return augment.draw_crop_flip(*jax.random.split(key), num, padding=cfg.crop_padding, flip=cfg.flip)
+
+
+def blended_bn_terms(teacher, ctx, x, view_draws, targets, bn_ema: dict, cfg, dataset: str, *,
+                     adversarial) -> tuple[dict, list, dict]:
   """Fast's and NAYER's synthesis terms on generator images ``x`` in [0, 1]: the view
-  v = normalise(crop_flip(x)) (``cfg.crop_padding``, ``cfg.flip``; crop and flip keys split from
-  ``key``), the ``teacher`` model on v, and ``decision_adversarial_terms`` with v's BN statistics
-  blended with the EMA ``bn_ema`` at ``cfg.bn_mmt``. Returns (terms, v's own BN moments without
-  gradient, for ``bn_ema_update`` after the call's last step)."""
-  view = data.normalize(augment.crop_flip(*jax.random.split(key), x, padding=cfg.crop_padding, flip=cfg.flip),
-                        dataset)
+  v = normalise(crop_flip(x)) with ``draw_view``'s parameters ``view_draws``, the ``teacher`` model
+  on v, and ``decision_adversarial_terms`` with v's BN statistics blended with the EMA ``bn_ema`` at
+  ``cfg.bn_mmt``. Returns (terms, v's own BN moments without gradient, for ``bn_ema_update`` after
+  the call's last step, a replay's intermediates: v, the teacher's and the student's logits on v
+  and each BN layer's blended term)."""
+  view = data.normalize(augment.apply_crop_flip(x, view_draws, padding=cfg.crop_padding), dataset)
   t = common.teacher_view(teacher, ctx.teacher, view)
   moments = t.bn_moments
-  terms = decision_adversarial_terms(t, ctx, view, targets, adversarial=adversarial,
-                                     moments=bn_ema_blend(bn_ema, moments, cfg.bn_mmt),
-                                     teacher_as_student=teacher_as_student)
-  return terms, jax.lax.stop_gradient(moments)
+  blended = bn_ema_blend(bn_ema, moments, cfg.bn_mmt)
+  terms = decision_adversarial_terms(t, ctx, view, targets, adversarial=adversarial, moments=blended)
+  trace = {'view': view, 't_logits': t.logits, 's_logits': student_logits(ctx, view),
+           'loss_bn_per_hook': jnp.stack([losses.bn_statistics_loss([m], [r]) for m, r in zip(blended, t.bn_running)])}
+  return terms, jax.lax.stop_gradient(moments), trace
 
 
 def student_logits(ctx, x) -> jax.Array:

@@ -43,6 +43,7 @@ from dfkd_jax import data, losses, models, optim
 from dfkd_jax.engines import common, inversion, inversion_terms
 from dfkd_jax.errors import check_choice
 from dfkd_jax.models.generators import reset_params
+from dfkd_jax.run.job import TRACE
 
 _CURRICULA = ('log', 'none')
 _ADV_TYPES = ('kl', 'js')
@@ -85,41 +86,55 @@ def make_job(config, mesh):
     params = reset_params(variables['params'], reset_key)
     return {'generator': params, 'batch_stats': variables['batch_stats'], 'opt': tx_g.init(params)}
 
-  def begin(method_state, ctx, key):
-    return {'sample_key': key}
+  def draw(method_state, ctx, key):
+    """The latents of the kd_steps student batches this call hands over (fresh samples)."""
+    return {'sample_z': jax.lax.map(lambda k: common.latent(k, (kd_batch,) + nz_shape, mesh),
+                                    jax.random.split(key, kd_steps))}
 
-  def objective(params, batch_stats, ctx, key, adv):
-    x, batch_stats = inversion_terms.generate(generator, params, batch_stats,
-                                              common.latent(key, (batch,) + nz_shape, mesh))
+  def draw_step(method_state, ctx, key):
+    """A generator step's fresh latents."""
+    return {'z': common.latent(key, (batch,) + nz_shape, mesh)}
+
+  def begin(method_state, ctx, drawn):
+    return drawn
+
+  def objective(params, batch_stats, ctx, z, adv):
+    x, batch_stats = inversion_terms.generate(generator, params, batch_stats, z)
     view = data.normalize(x, config.dataset)
     t = common.teacher_view(teacher, ctx.teacher, view)
     terms = {'ent': losses.batch_mean_entropy(t.logits, temperature=cfg.entropy_temperature),
              'oh': losses.cross_entropy_onehot(t.logits), 'bn': losses.bn_statistics_loss(t.bn_moments, t.bn_running)}
     weights = {'ent': w.lmda_ent, 'oh': w.oh, 'bn': w.bn}
+    trace = {'x': x, 't_logits': t.logits, 'loss_bn_per_hook': inversion_terms.bn_terms(t),
+             'p_mean': jnp.mean(jax.nn.softmax(t.logits / cfg.entropy_temperature), axis=0)}
     if adversarial:
       s_logits = inversion_terms.student_logits(ctx, view)
       terms['adv'] = (losses.masked_adversarial_kl(s_logits, t.logits, 3.0) if cfg.adv_type == 'kl'
                       else losses.adi_competition_loss(s_logits, t.logits, 3.0))
       weights['adv'] = adv
+      trace['s_logits'] = s_logits
     total = sum(weights[name] * value for name, value in terms.items())
-    return total, (batch_stats, {f'train/loss_{name}': value for name, value in terms.items()})
+    trace.update({f'loss_{name}': value for name, value in terms.items()})
+    return total, (batch_stats, {f'train/loss_{name}': value for name, value in terms.items()}, trace)
 
-  def step(carry, method_state, ctx, key):
+  def step(carry, method_state, ctx, drawn):
     adv = adv_weight(ctx.epoch, **ramp)
-    (loss, (batch_stats, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
-        method_state['generator'], method_state['batch_stats'], ctx, key, adv)
+    (loss, (batch_stats, metrics, trace)), grads = jax.value_and_grad(objective, has_aux=True)(
+        method_state['generator'], method_state['batch_stats'], ctx, drawn['z'], adv)
     params, opt = optim.apply_step(tx_g, method_state['generator'], method_state['opt'], grads)
     metrics['train/adv_weight'] = jnp.asarray(adv, jnp.float32)
+    trace['adv_weight'] = metrics['train/adv_weight']
+    metrics.update({f'{TRACE}{name}': value for name, value in trace.items()})
     # No replay: nothing is kept from the iterates (an empty candidate).
     return inversion.Step(carry, {'generator': params, 'batch_stats': batch_stats, 'opt': opt}, loss, {}, metrics)
 
   def finish(carry, method_state, best, ctx):
     variables = {'params': method_state['generator'], 'batch_stats': method_state['batch_stats']}
 
-    def sample(key):  # eval-mode BN, as the reference's ``sample()``
-      return generator.apply(variables, common.latent(key, (kd_batch,) + nz_shape, mesh), train=False)
+    def sample(z):  # eval-mode BN, as the reference's ``sample()``
+      return generator.apply(variables, z, train=False)
 
-    images = jax.lax.map(sample, jax.random.split(carry['sample_key'], kd_steps))
+    images = jax.lax.map(sample, carry['sample_z'])
     return method_state, images.reshape((kd_steps * kd_batch,) + images.shape[2:])
 
   def student_loss(s_logits, t_logits, student_step):
@@ -129,6 +144,7 @@ def make_job(config, mesh):
     lam = curriculum_lambda(student_step, lambda_0=cfg.lambda_0, alpha=cfg.lambda_alpha)
     return losses.curriculum_weight(loss, lam) * loss
 
-  synthesizer = inversion.Synthesizer(init=init, begin=begin, stages=[inversion.Stage(config.g_steps, step)],
+  synthesizer = inversion.Synthesizer(init=init, begin=begin, draw=draw,
+                                      stages=[inversion.Stage(config.g_steps, step, draw=draw_step)],
                                       finish=finish, kd_loss=student_loss)
   return inversion.make_job(config, mesh, s, synthesizer, pool_size=kd_steps * kd_batch)

@@ -45,38 +45,28 @@ import jax.numpy as jnp
 from dfkd_jax import models, optim
 from dfkd_jax.engines import common, inversion, inversion_terms
 from dfkd_jax.errors import check_choice
-from dfkd_jax.models.generators import reset_l0
-
-_META_RULES = ('fomaml', 'reptile')
-
-
-def inner_step(objective, carry, key, tx, rule: str):
-  """One inner step of a synthesis call on ``carry['variables'] = {'generator': θ', 'z': z}``:
-  the loss and its gradients before the update, FOMAML's running sum of the θ' gradients
-  (``carry['meta_grad']``), then one step of the inner Adam ``tx`` (a parameter group each for θ'
-  and z, ``optim.torch_adam_groups``). ``objective(variables, key) -> (loss, aux)``. Returns
-  (carry, loss, aux)."""
-  variables = carry['variables']
-  (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(variables, key)
-  if rule == 'fomaml':
-    carry = dict(carry, meta_grad=jax.tree.map(jnp.add, carry['meta_grad'], grads['generator']))
-  variables, opt = optim.apply_step(tx, variables, carry['opt'], grads)
-  return dict(carry, variables=variables, opt=opt), loss, aux
+from dfkd_jax.models.generators import draw_reset_l0, replace_params
+from dfkd_jax.run.job import TRACE
+from dfkd_jax.synth import meta
 
 
-def meta_gradient(meta_params, carry, rule: str, reptile_scale: float):
-  """The gradient of the call's single meta step: FOMAML's summed inner gradients, or Reptile's
-  (θ − θ'_final) · scale."""
-  if rule == 'fomaml':
-    return carry['meta_grad']
-  return jax.tree.map(lambda meta, fast: (meta - fast) * reptile_scale, meta_params, carry['variables']['generator'])
+def reset_l0_call(config) -> int:
+  """The 0-based synthesis call at which ``reset_l0`` fires: the reference's 1-based call counter
+  ``ep == reset_l0_epoch + warmup`` with one call per epoch."""
+  return (config.fast.reset_l0_epoch + config.warmup_epochs) * config.iters_per_epoch - 1
+
+
+def adversarial(call, config):
+  """Whether synthesis call ``call`` (from 0) has the adversarial term: the reference's 1-based
+  counter ``ep >= warmup``, one call before the student starts."""
+  return call + 1 >= config.warmup_epochs * config.iters_per_epoch
 
 
 def make_job(config, mesh):
   s = common.setup(config, mesh)
   view_shapes = common.abstract_view(s)
   w, cfg = config.loss, config.fast
-  check_choice('fast.meta', cfg.meta, _META_RULES)
+  check_choice('fast.meta', cfg.meta, meta.RULES)
   batch, teacher, g_steps = config.synthesis_batch_size, s.teacher.model, config.g_steps
   generator = models.create(config.generator.arch, **config.generator.kwargs)
   nz_shape = models.input_shape(config.generator.arch, **config.generator.kwargs)
@@ -84,44 +74,58 @@ def make_job(config, mesh):
   betas = config.optimizer_g.betas
   tx_inner = optim.torch_adam_groups({'generator': config.optimizer_g.lr, 'z': cfg.lr_z}, betas)
   tx_meta = optim.torch_adam(config.optimizer_g.lr * g_steps, betas)
-  warmup_calls = config.warmup_epochs * config.iters_per_epoch
-  reset_call = (cfg.reset_l0_epoch + config.warmup_epochs) * config.iters_per_epoch - 1
+  reset_call = reset_l0_call(config)
 
   def init(key):
     params = generator.init(key, jnp.zeros((2,) + nz_shape), train=False)['params']
     return {'generator': params, 'meta_opt': tx_meta.init(params), 'bn_ema': inversion_terms.bn_ema_init(view_shapes)}
 
-  def begin(method_state, ctx, key):
+  def draw(method_state, ctx, key):
+    """The call's latents, its (unsorted) targets and, at the reset call, ``reset_l0``'s new values
+    (zeros otherwise: nothing reads them)."""
     reset_key, z_key, target_key = jax.random.split(key, 3)
-    meta = method_state['generator']
+    drawn = {'z': common.latent(z_key, (batch,) + nz_shape, mesh),
+             'targets': inversion_terms.draw_targets(target_key, batch, config.num_classes)}
     if cfg.reset_l0:
-      meta = jax.lax.cond(ctx.call == reset_call, lambda p: reset_l0(p, reset_key), lambda p: p, meta)
-    variables = {'generator': meta, 'z': common.latent(z_key, (batch,) + nz_shape, mesh)}
-    carry = {'meta': meta, 'variables': variables, 'opt': tx_inner.init(variables),
-             'targets': inversion_terms.random_targets(target_key, batch, config.num_classes, sort=False),
+      params = method_state['generator']
+      drawn['reset_l0'] = jax.lax.cond(
+          ctx.call == reset_call, lambda: draw_reset_l0(params, reset_key),
+          lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(draw_reset_l0, params, reset_key)))
+    return drawn
+
+  def begin(method_state, ctx, drawn):
+    params = method_state['generator']
+    if cfg.reset_l0:
+      params = jax.lax.cond(ctx.call == reset_call, lambda p: replace_params(p, drawn['reset_l0']), lambda p: p, params)
+    variables = {'generator': params, 'z': drawn['z']}
+    carry = {'meta': params, 'variables': variables, 'opt': tx_inner.init(variables), 'targets': drawn['targets'],
              'moments': inversion_terms.bn_ema_moments(method_state['bn_ema'])}
     if cfg.meta == 'fomaml':
-      carry['meta_grad'] = jax.tree.map(jnp.zeros_like, meta)
+      carry['meta_grad'] = jax.tree.map(jnp.zeros_like, params)
     return carry
 
-  def step(carry, method_state, ctx, key):
-    adversarial = ctx.call + 1 >= warmup_calls
-
-    def objective(variables, key):
+  def step(carry, method_state, ctx, view_draws):
+    def objective(variables, view_draws):
       x, _ = inversion_terms.generate(generator, variables['generator'], stats_template, variables['z'])
-      terms, moments = inversion_terms.blended_bn_terms(
-          teacher, ctx, x, key, carry['targets'], method_state['bn_ema'], cfg, config.dataset, adversarial=adversarial)
+      terms, moments, trace = inversion_terms.blended_bn_terms(
+          teacher, ctx, x, view_draws, carry['targets'], method_state['bn_ema'], cfg, config.dataset,
+          adversarial=adversarial(ctx.call, config))
       total = sum(w[name] * value for name, value in terms.items())
-      return total, (x, moments, {f'train/loss_{n}': v for n, v in terms.items()})
+      trace.update({'x': x, 'z': variables['z'], **{f'loss_{n}': v for n, v in terms.items()}})
+      metrics = {f'train/loss_{n}': v for n, v in terms.items()}
+      metrics.update({f'{TRACE}{n}': v for n, v in trace.items()})
+      return total, (x, moments, metrics)
 
-    carry, loss, (x, moments, metrics) = inner_step(objective, carry, key, tx_inner, cfg.meta)
+    carry, loss, (x, moments, metrics) = meta.inner_step(objective, carry, view_draws, tx_inner, cfg.meta)
     return inversion.Step(dict(carry, moments=moments), method_state, loss, x, metrics)
 
   def finish(carry, method_state, best, ctx):
-    grads = meta_gradient(carry['meta'], carry, cfg.meta, cfg.reptile_scale)
-    meta, meta_opt = optim.apply_step(tx_meta, carry['meta'], method_state['meta_opt'], grads)
+    grads = meta.meta_gradient(carry['meta'], carry, cfg.meta, cfg.reptile_scale)
+    params, meta_opt = optim.apply_step(tx_meta, carry['meta'], method_state['meta_opt'], grads)
     bn_ema = inversion_terms.bn_ema_update(method_state['bn_ema'], carry['moments'], cfg.bn_mmt)
-    return {'generator': meta, 'meta_opt': meta_opt, 'bn_ema': bn_ema}, best
+    return {'generator': params, 'meta_opt': meta_opt, 'bn_ema': bn_ema}, best
 
-  synthesizer = inversion.Synthesizer(init=init, begin=begin, stages=[inversion.Stage(g_steps, step)], finish=finish)
+  draw_step = lambda method_state, ctx, key: inversion_terms.draw_view(key, batch, cfg)
+  synthesizer = inversion.Synthesizer(init=init, begin=begin, draw=draw, finish=finish,
+                                      stages=[inversion.Stage(g_steps, step, draw=draw_step)])
   return inversion.make_job(config, mesh, s, synthesizer)

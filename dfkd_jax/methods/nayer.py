@@ -22,12 +22,20 @@ batches; per synthesis batch (one engine synthesis call)
      keeps its final parameters for the next batch.
 
 Epochs (the reference's): ``nayer.warmup_g_loops`` (10) batches per warm-up epoch, without KD,
-then ``iters_per_epoch`` (``--g_loops``, 2) batches per epoch, each followed by ``kd_steps``
-student steps (400 per epoch in all). The engine counts epochs of ``iters_per_epoch`` calls, so
-the reference's W warm-up epochs are ``warmup_epochs`` = W · warmup_g_loops / iters_per_epoch
-engine epochs (20 · 10 / 2 = 100) and ``num_epochs`` = that + the KD epochs. The whole generator
-is re-created (``generator.reinit()``; here a fresh ``init`` from the call's key) at the first
-batch of every reference epoch e with (e − W) mod g_life = 0 or e mod g_life = 0 (g_life 10).
+then ``iters_per_epoch`` (``--g_loops``, 2) batches per epoch and then ``kd_steps`` (400) student
+steps (``nayer.kd_every_batch=False``, the reference's order: the kd phase runs after the epoch's
+last batch, ``inversion.make_job(kd_once_per_epoch=True)``); ``kd_every_batch=True`` takes
+``kd_steps`` steps after every batch instead. The engine counts epochs of ``iters_per_epoch``
+calls, so the reference's W warm-up epochs are ``warmup_epochs`` = W · warmup_g_loops /
+iters_per_epoch engine epochs (20 · 10 / 2 = 100) and ``num_epochs`` = that + the KD epochs. The
+whole generator is re-created (``generator.reinit()``; here a fresh ``init`` from the call's key)
+at the first batch of every reference epoch e with (e − W) mod g_life = 0 or e mod g_life = 0
+(g_life 10).
+
+The student's adversarial forward runs in eval mode. The reference sets ``student.eval()`` when an
+epoch's synthesis starts but ``student.train()`` after each batch, so from its second batch on the
+forward uses batch statistics and moves the student's running ones;
+``nayer.reference_student_train_mode=True`` reproduces that (``student_train_mode``).
 
 **Label embeddings** (``nayer.label_embedding``): NAYER feeds CLIP ViT-B/32 text features of
 "a image of {class}" (its ``label_embedding/*_le.pickle``). Here they are an input file the user
@@ -49,7 +57,8 @@ import numpy as np
 from dfkd_jax import models, optim
 from dfkd_jax.engines import common, inversion, inversion_terms
 from dfkd_jax.errors import UserError
-from dfkd_jax.models.generators import redraw_noisy_layers
+from dfkd_jax.models.generators import draw_noisy_layers, replace_params
+from dfkd_jax.run.job import TRACE
 
 
 def load_label_embedding(path: str, num_classes: int, dim: int, seed: int) -> np.ndarray:
@@ -76,10 +85,14 @@ def load_label_embedding(path: str, num_classes: int, dim: int, seed: int) -> np
   return table.astype(np.float32)
 
 
-def balanced_targets(key, num: int, num_classes: int) -> jax.Array:
-  """NAYER ``generate_ys``: [0 .. C−1] repeated num // C times, then num % C random labels."""
-  remainder = jax.random.randint(key, (num % num_classes,), 0, num_classes)
-  return jnp.concatenate([jnp.tile(jnp.arange(num_classes), num // num_classes), remainder])
+def draw_remainder(key, num: int, num_classes: int) -> jax.Array:
+  """NAYER ``generate_ys``' random part: num % C labels uniform over the classes."""
+  return jax.random.randint(key, (num % num_classes,), 0, num_classes)
+
+
+def balanced_targets(remainder, num: int, num_classes: int) -> jax.Array:
+  """NAYER ``generate_ys``: [0 .. C−1] repeated num // C times, then the ``draw_remainder`` labels."""
+  return jnp.concatenate([jnp.tile(jnp.arange(num_classes), num // num_classes), jnp.asarray(remainder)])
 
 
 class Schedule:
@@ -107,6 +120,29 @@ class Schedule:
     return first & ((jnp.remainder(e - self.warmup, self.g_life) == 0) | (jnp.remainder(e, self.g_life) == 0))
 
 
+  def calls_of_epoch(self, epoch: int) -> list[int]:
+    """The synthesis calls (from 0) of reference epoch ``epoch``."""
+    if epoch < self.warmup:
+      return list(range(epoch * self.warmup_loops, (epoch + 1) * self.warmup_loops))
+    first = self.warmup_calls + (epoch - self.warmup) * self.loops
+    return list(range(first, first + self.loops))
+
+
+def schedule_of(config) -> Schedule:
+  return Schedule(config.warmup_epochs * config.iters_per_epoch, config.nayer.warmup_g_loops, config.iters_per_epoch,
+                  config.nayer.g_life)
+
+
+def student_train_mode(call, config):
+  """Whether the student's adversarial forward of synthesis call ``call`` runs in train mode:
+  with ``nayer.reference_student_train_mode``, every batch after an epoch's first (the reference
+  calls ``student.train()`` after each batch, ``student.eval()`` only when the epoch starts)."""
+  if not config.nayer.reference_student_train_mode:
+    return False
+  schedule = schedule_of(config)
+  return (call >= schedule.warmup_calls) & ((call - schedule.warmup_calls) % schedule.loops != 0)
+
+
 def make_job(config, mesh):
   s = common.setup(config, mesh)
   view_shapes = common.abstract_view(s)
@@ -116,10 +152,10 @@ def make_job(config, mesh):
   generator = models.create(config.generator.arch, **kwargs)
   le_size = models.input_shape(config.generator.arch, **kwargs)
   table = jnp.asarray(load_label_embedding(cfg.label_embedding, num_classes, le_size[0], config.seed))
-  schedule = Schedule(config.warmup_epochs * config.iters_per_epoch, cfg.warmup_g_loops, config.iters_per_epoch,
-                      cfg.g_life)
+  schedule = schedule_of(config)
   _, stats_template = inversion_terms.generator_template(generator, le_size)
   tx_g = optim.torch_adam(config.optimizer_g.lr, config.optimizer_g.betas)
+  train_mode_student = cfg.reference_student_train_mode
 
   def fresh_generator(key):
     return generator.init(key, jnp.zeros((batch,) + le_size), train=False)['params']
@@ -127,33 +163,74 @@ def make_job(config, mesh):
   def init(key):
     return {'generator': fresh_generator(key), 'bn_ema': inversion_terms.bn_ema_init(view_shapes)}
 
-  def begin(method_state, ctx, key):
+  def draw(method_state, ctx, key):
+    """The batch's random values: a re-created generator (zeros when it is kept: nothing reads
+    them), its noisy layers and the remainder labels."""
     recreate_key, noise_key, target_key = jax.random.split(key, 3)
-    params = jax.lax.cond(schedule.recreate(ctx.call), lambda: fresh_generator(recreate_key),
-                          lambda: method_state['generator'])
-    params = redraw_noisy_layers(params, noise_key)
-    return {'generator': params, 'opt': tx_g.init(params),
-            'targets': balanced_targets(target_key, batch, num_classes),
-            'moments': inversion_terms.bn_ema_moments(method_state['bn_ema'])}
+    template = method_state['generator']
+    return {'generator': jax.lax.cond(schedule.recreate(ctx.call), lambda: fresh_generator(recreate_key),
+                                      lambda: jax.tree.map(jnp.zeros_like, template)),
+            'noisy': draw_noisy_layers(template, noise_key),
+            'remainder': draw_remainder(target_key, batch, num_classes)}
 
-  def step(carry, method_state, ctx, key):
+  def begin(method_state, ctx, drawn):
+    params = jax.lax.cond(schedule.recreate(ctx.call), lambda: drawn['generator'], lambda: method_state['generator'])
+    params = replace_params(params, drawn['noisy'])
+    carry = {'generator': params, 'opt': tx_g.init(params),
+             'targets': balanced_targets(drawn['remainder'], batch, num_classes),
+             'moments': inversion_terms.bn_ema_moments(method_state['bn_ema'])}
+    if train_mode_student:
+      carry['student_stats'] = ctx.student.batch_stats
+    return carry
+
+  def student_context(carry, ctx):
+    """``ctx`` with the reference's student mode for this call: eval, or with
+    ``reference_student_train_mode`` train mode (batch statistics) after the epoch's first batch."""
+    if not train_mode_student:
+      return ctx
+    student = ctx.student.replace(batch_stats=carry['student_stats'])
+    in_train_mode = student_train_mode(ctx.call, config)
+
+    def apply(variables, x, train=False):  # student_logits asks for eval mode; the call's mode decides
+      del train
+      return jax.lax.cond(in_train_mode, lambda: common.apply_train(student, variables['params'], x)[0],
+                          lambda: student.apply_fn(variables, x, train=False))
+
+    return ctx._replace(student=student.replace(apply_fn=apply))
+
+  def step(carry, method_state, ctx, view_draws):
     adversarial = ctx.call >= schedule.warmup_calls
+    student = ctx.student
+    ctx = student_context(carry, ctx)
 
     def objective(params):
       x, _ = inversion_terms.generate(generator, params, stats_template, table[carry['targets']])
-      terms, moments = inversion_terms.blended_bn_terms(
-          teacher, ctx, x, key, carry['targets'], method_state['bn_ema'], cfg, config.dataset, adversarial=adversarial)
+      terms, moments, trace = inversion_terms.blended_bn_terms(
+          teacher, ctx, x, view_draws, carry['targets'], method_state['bn_ema'], cfg, config.dataset,
+          adversarial=adversarial)
       total = sum(w[name] * value for name, value in terms.items())
-      return total, (x, moments, {f'train/loss_{n}': v for n, v in terms.items()})
+      trace.update({'x': x, **{f'loss_{n}': v for n, v in terms.items()}})
+      metrics = {f'train/loss_{n}': v for n, v in terms.items()}
+      metrics.update({f'{TRACE}{n}': v for n, v in trace.items()})
+      return total, (x, moments, metrics)
 
     (loss, (x, moments, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(carry['generator'])
     params, opt = optim.apply_step(tx_g, carry['generator'], carry['opt'], grads)
-    return inversion.Step(dict(carry, generator=params, opt=opt, moments=moments), method_state, loss, x, metrics)
+    carry = dict(carry, generator=params, opt=opt, moments=moments)
+    if train_mode_student:  # the train-mode forward moved the student's running statistics
+      view = jax.lax.stop_gradient(metrics[f'{TRACE}view'])
+      moved = lambda: common.apply_train(student.replace(batch_stats=carry['student_stats']), student.params, view)[1]
+      carry['student_stats'] = jax.lax.cond(adversarial & student_train_mode(ctx.call, config), moved,
+                                            lambda: carry['student_stats'])
+    return inversion.Step(carry, method_state, loss, x, metrics)
 
   def finish(carry, method_state, best, ctx):
     bn_ema = inversion_terms.bn_ema_update(method_state['bn_ema'], carry['moments'], cfg.bn_mmt)
     return {'generator': carry['generator'], 'bn_ema': bn_ema}, best
 
-  synthesizer = inversion.Synthesizer(init=init, begin=begin, stages=[inversion.Stage(config.g_steps, step)],
-                                      finish=finish)
-  return inversion.make_job(config, mesh, s, synthesizer)
+  draw_step = lambda method_state, ctx, key: inversion_terms.draw_view(key, batch, cfg)
+  synthesizer = inversion.Synthesizer(
+      init=init, begin=begin, draw=draw, finish=finish, stages=[inversion.Stage(config.g_steps, step, draw=draw_step)],
+      update_student=(lambda carry, student: student.replace(batch_stats=carry['student_stats']))
+      if train_mode_student else None)
+  return inversion.make_job(config, mesh, s, synthesizer, kd_once_per_epoch=not cfg.kd_every_batch)

@@ -18,7 +18,7 @@ import importlib
 from dfkd_jax.errors import UserError
 
 # adapter modules under dfkd_jax.replay.adapters, tried in order
-MODULES = ('cmi_generative', 'huawei_dafl', 'huawei_little_data', 'cmi_inversion')
+MODULES = ('cmi_generative', 'huawei_dafl', 'huawei_little_data', 'cmi_inversion', 'fast', 'nayer', 'cudfkd')
 
 
 def all_adapters() -> list:
