@@ -269,7 +269,7 @@ def make_job(config, mesh):
     return carry
 
   def step_draw(method_state, ctx, key):
-    return augment.draw_crop_flip(*jax.random.split(key), synth_batch, padding=cfg.crop_padding, flip=cfg.flip)
+    return inversion_terms.draw_view(key, synth_batch, cfg)
 
   def step(carry, method_state, ctx, drawn):
     adversarial = ctx.call + 1 >= warmup_calls
