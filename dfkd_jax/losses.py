@@ -285,12 +285,21 @@ def _neighbour_differences(images: Array) -> tuple[Array, Array, Array, Array]:
           images[:, :-1, :-1] - images[:, 1:, 1:])
 
 
+def abs_zero_subgradient(x: Array) -> Array:
+  """|x| with derivative sign(x), 0 at x = 0, as torch's ``abs`` (``jnp.abs``'s is 1 at 0). It
+  matters for TV-L1 on images clipped to the pixel range: neighbours both at a bound differ by
+  exactly 0, and the references give that difference no gradient. The forward value is |x|
+  bitwise (x·(±1) is exact)."""
+  return x * jax.lax.stop_gradient(jnp.sign(x))
+
+
 def total_variation_l1(images: Array) -> Array:
   """TV-L1 prior  Σ_{k=1..4} mean|d_k|  over the 4 neighbour differences d_k (each averaged
   over its own N·(H−·)·(W−·)·C entries, then summed). CMI-fw ``get_image_prior_losses`` and
-  NVlabs ``loss_var_l1`` (their ÷255 … ×255 cancels).
+  NVlabs ``loss_var_l1`` (their ÷255 … ×255 cancels). |·| has derivative 0 at 0, as torch's
+  (``abs_zero_subgradient``).
   """
-  return sum(jnp.mean(jnp.abs(d)) for d in _neighbour_differences(images))
+  return sum(jnp.mean(abs_zero_subgradient(d)) for d in _neighbour_differences(images))
 
 
 def total_variation_l2(images: Array) -> Array:

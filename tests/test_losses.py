@@ -546,3 +546,12 @@ def test_bn_loss_and_contrastive_match_torch(reference):
         losses.cmi_contrastive_loss(reference['contrastive/local'], reference['contrastive/global'], temperature=0.1,
                                     num_current=num_current),
         reference[f'contrastive/{num_current}'], rtol=1e-5)
+
+
+def test_total_variation_l1_gives_equal_neighbours_no_gradient_as_torch():
+  """Pixels clipped to a bound differ by exactly 0; torch's |.| has derivative 0 there (jnp.abs: 1,
+  which would push every pixel of a flat image)."""
+  flat = jnp.full((2, 4, 4, 3), 1.0)
+  np.testing.assert_array_equal(jax.grad(losses.total_variation_l1)(flat), np.zeros(flat.shape))
+  assert float(jnp.abs(jax.grad(lambda x: jnp.abs(x[:, :, :-1] - x[:, :, 1:]).mean())(flat)).max()) > 0
+  assert losses.abs_zero_subgradient(jnp.float32(-2.5)) == 2.5
