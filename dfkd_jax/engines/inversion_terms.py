@@ -13,10 +13,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dfkd_jax import data, losses
+from dfkd_jax import data, losses, optim
 from dfkd_jax.engines import common
 from dfkd_jax.engines.common import TeacherView
-from dfkd_jax.synth import augment
+from dfkd_jax.synth import augment, meta
 
 
 def bn_ema_init(view: TeacherView) -> dict:
@@ -49,6 +49,17 @@ def bn_ema_update(ema: dict, moments, momentum: float) -> dict:
   moments = jax.lax.stop_gradient(list(moments))
   pick = [(jnp.where(first, m, um), jnp.where(first, v, uv)) for (um, uv), (m, v) in zip(updated, moments)]
   return {'mean': [m for m, _ in pick], 'var': [v for _, v in pick], 'count': ema['count'] + 1}
+
+
+def meta_generator_update(tx_meta, carry, method_state, *, rule: str, reptile_scale: float, bn_mmt: float) -> dict:
+  """The end of a Fast-style synthesis call (Fast, SSD-KD): one meta step of the generator from the
+  call's inner steps (``synth.meta.meta_gradient``, ``rule`` 'fomaml' or 'reptile') and the EMA of
+  the teacher's BN statistics updated with the last inner step's ``moments``; returns
+  ``{'generator', 'meta_opt', 'bn_ema'}``."""
+  grads = meta.meta_gradient(carry['meta'], carry, rule, reptile_scale)
+  params, meta_opt = optim.apply_step(tx_meta, carry['meta'], method_state['meta_opt'], grads)
+  return {'generator': params, 'meta_opt': meta_opt,
+          'bn_ema': bn_ema_update(method_state['bn_ema'], carry['moments'], bn_mmt)}
 
 
 def decision_adversarial_terms(t: TeacherView, ctx, view, targets, *, moments=None, adversarial=True) -> dict:

@@ -309,11 +309,10 @@ def make_job(config, mesh):
     return inversion.Step(dict(carry, moments=moments), method_state, loss, x, metrics)
 
   def finish(carry, method_state, best, ctx):
-    grads = meta.meta_gradient(carry['meta'], carry, cfg.meta, cfg.reptile_scale)
-    params, meta_opt = optim.apply_step(tx_meta, carry['meta'], method_state['meta_opt'], grads)
-    bn_ema = inversion_terms.bn_ema_update(method_state['bn_ema'], carry['moments'], cfg.bn_mmt)
+    updated = inversion_terms.meta_generator_update(tx_meta, carry, method_state, rule=cfg.meta,
+                                                    reptile_scale=cfg.reptile_scale, bn_mmt=cfg.bn_mmt)
     buffer = admit(method_state['buffer'], jnp.clip(best, 0.0, 1.0), carry['views'], ctx)
-    return {'generator': params, 'meta_opt': meta_opt, 'bn_ema': bn_ema, 'buffer': buffer}, best
+    return dict(updated, buffer=buffer), best
 
   # ---- the buffer: partial, φ-ordered admission ------------------------------------------------------
 

@@ -172,6 +172,19 @@ def _off_diagonal(theta: np.ndarray) -> np.ndarray:
   return np.asarray(theta)[~np.eye(c, dtype=bool)].reshape(c, c - 1)
 
 
+def _kd_passes(report: Report, fixture: Fixture, job, state, batches, tag: str):
+  """Runs ``job``'s kd phase on each recorded batch and checks what every KD pass records; yields
+  (k, the trace prefix it<k>_<tag>, whether it is the first pass, its metrics, the state after it)."""
+  apply = harness.phase_applies(job)['kd']
+  frozen = jax.device_put(job.frozen)
+  for k, images in enumerate(batches):
+    state, metrics = apply(state, frozen, {}, {'images': images})
+    metrics = jax.device_get(metrics)
+    name, first = f'it{k}_{tag}', k == 0
+    _check_kd_pass(report, fixture, name, metrics, first)
+    yield k, name, first, metrics, state
+
+
 def _replay_dfnd(fixture: Fixture, report: Report, overrides: dict) -> None:
   config = harness.with_overrides(dfnd_config(fixture), overrides)
   mesh = harness.mesh()
@@ -180,16 +193,10 @@ def _replay_dfnd(fixture: Fixture, report: Report, overrides: dict) -> None:
   s = common.setup(config, mesh)
   accuracy = float(config.dfnd.teacher_accuracy)
   job = dfnd.distillation_job(config, mesh, s, np.concatenate(batches), accuracy)
-  apply = harness.phase_applies(job)['kd']
   state = _student_state(job, fixture, config)
   theta = _square_theta(fixture.init_state_dict('noise_adaptation')['noise_adaptation'])
   state['aux'] = state['aux'].replace(params={'theta': theta})
-  frozen = jax.device_put(job.frozen)
-  for k, images in enumerate(batches):
-    state, metrics = apply(state, frozen, {}, {'images': images})
-    metrics = jax.device_get(metrics)
-    name, first = f'it{k}_', k == 0
-    _check_kd_pass(report, fixture, name, metrics, first)
+  for k, name, first, metrics, state in _kd_passes(report, fixture, job, state, batches, ''):
     report.check(f'{name}teacher_pred', np.argmax(metrics['trace/teacher_logits'], -1),
                  fixture.expected(f'{name}teacher_pred'))
     report.check(f'{name}noise_layer', metrics['trace/noise_transition'], fixture.expected(f'{name}noise_layer'),
@@ -321,14 +328,8 @@ def _replay_robust_kd(fixture: Fixture, report: Report, config, mesh, s: common.
   for j in range(len(weights)):
     report.check(f'class_weights_{j}', weights[j], fixture.expected(f'class_weights_{j}'))
   job = pu.distillation_job(config, mesh, s, images, weights)
-  apply = harness.phase_applies(job)['kd']
   state = _student_state(job, fixture, config)
-  frozen = jax.device_put(job.frozen)
-  for k, batch in enumerate(batches):
-    state, metrics = apply(state, frozen, {}, {'images': batch})
-    metrics = jax.device_get(metrics)
-    name, first = f'it{k}_rkd_', k == 0
-    _check_kd_pass(report, fixture, name, metrics, first)
+  for k, name, first, metrics, state in _kd_passes(report, fixture, job, state, batches, 'rkd_'):
     for j in range(len(weights)):
       report.check(f'{name}sample_weights_{j}', metrics['trace/sample_weights'][j],
                    fixture.expected(f'{name}sample_weights_{j}'))
