@@ -1,6 +1,7 @@
 """Replays of the generator-adversarial methods' reference trajectories (``dfkd_jax.replay``):
 the CMI framework's GAN baselines (dafl, zskt, dfad, dfq) and the original DAFL (MNIST, CIFAR), one
 test per fixture; the reproduce-the-reference temperature flag; the fixtures' weights rule."""
+import functools
 import importlib.util
 import json
 import os
@@ -29,9 +30,14 @@ FIRST_ITERATION = {**{name: r'it0_g\d+_' for name in ('cmi_dafl', 'cmi_zskt', 'c
                    'huawei_dafl_mnist': HUAWEI_FIRST, 'huawei_dafl_cifar': HUAWEI_FIRST}
 
 
-@pytest.fixture(scope='module', params=sorted(FIRST_ITERATION))
+@functools.lru_cache(maxsize=None)
+def _default_replay(name):
+  return _replay(name)
+
+
+@pytest.fixture(params=sorted(FIRST_ITERATION))
 def replayed(request):
-  return request.param, _replay(request.param)
+  return request.param, _default_replay(request.param)
 
 
 @pytest.mark.slow
@@ -58,7 +64,7 @@ def test_the_temperature_flag_is_what_reproduces_the_cmi_framework(name):
   """The framework's student KD runs at T = 1 whatever --T says (its criterion is overwritten);
   dfkd_jax's default honours T = 20, which the reference trajectory does not follow."""
   first_student_loss = lambda report: next(c for c in report.compared if c.name == 'it0_s0_loss_s')
-  assert first_student_loss(_replay(name)).ok
+  assert first_student_loss(_default_replay(name)).ok
   assert not first_student_loss(_replay(name, **{'kd.reference_temperature_bug': False})).ok
 
 
