@@ -29,7 +29,9 @@ NOT_PINNED = ('the trajectory leaves the reference where float32 rounding decide
               '"What the trajectories cannot pin down"')
 # What must match in each fixture: everything before the first rounding-decided update.
 MATCHED = {
-    'fast_meta': r'it0_(g\d+_|hooks/|meta_opt|student/|best_step|adv_on|reset_l0_fired)',  # warm-up call
+    # the warm-up call (its meta-optimiser moments matched at 0.44 of the tolerance here: left out,
+    # too close to hold on every CPU)
+    'fast_meta': r'it0_(g\d+_|hooks/|student/|best_step|adv_on|reset_l0_fired)',
     'nayer': r'it\d+_l0_',  # each epoch's first batch from a re-created generator
     'cudfkd': r'it0_(g1_|generator/)',  # the first epoch's generator steps (g0's adversarial KL: see docs)
 }
