@@ -1,8 +1,17 @@
-r"""Benchmark: convolution kernel gradients on CPU, XLA's own versus the per-offset GEMMs and
-versus what ``dfkd_jax.models.layers.conv2d`` picks for the shape (GEMMs, shifted products for
-narrow outputs from wide inputs, or XLA's own), and nearest-x2 upsampling + 3x3 conv versus the fused
-``upsample2_conv3x3``, for the layer shapes of the zoo. Prints the machine (``machine.py``), then
-milliseconds and ratios.
+r"""Benchmark: the CPU kernels of ``dfkd_jax.models.cpu_kernels`` against plain XLA, for the layer
+shapes of the zoo. Prints the machine (``machine.py``: CPU, vector flags, jax version), then
+milliseconds and ratios (> 1: the kernel wins):
+
+- convolution kernel gradients: XLA's own versus the per-offset GEMMs and versus what ``conv2d``
+  picks for the shape (GEMMs, shifted products for narrow outputs from wide inputs, or XLA's own);
+- a whole convolution step (forward, dx and dW) repeated in a ``lax.scan``, as training runs it:
+  XLA's autodiff versus ``conv2d``'s custom backward (explicit input-gradient convolution);
+- nearest-x2 upsampling + 3x3 conv versus the fused ``upsample2_conv3x3``;
+- train-mode batch normalisation forward + backward: autodiff of the forward versus
+  ``normalize_with_batch_stats``'s closed-form backward.
+
+Run it once per platform (jax 0.10 on Python 3.11, jax 0.12 on Python 3.12) on the same machine to
+decide which kernels still pay.
 
   python benchmarks/conv_cpu.py [--rounds 3] [--batch N]
 
@@ -11,6 +20,7 @@ milliseconds and ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -31,6 +41,11 @@ KERNEL_GRAD_SHAPES = [
     (256, 14, 6, 16, 5, 1, 0), (64, 32, 128, 64, 3, 1, 1), (64, 32, 64, 1, 3, 1, 1), (64, 32, 16, 3, 3, 1, 1),
     (256, 32, 1, 6, 5, 1, 0), (128, 32, 1, 3, 5, 1, 0)]
 UPSAMPLE_SHAPES = [(64, 8, 128, 128), (64, 16, 128, 64)]
+# (batch, size, c_in, c_out) of 3x3 stride-1 convs: WRN-40-2 / WRN-16-1 / ResNet stages.
+SCAN_CONV_SHAPES = [(64, 32, 32, 32), (64, 16, 64, 64), (64, 8, 128, 128), (64, 32, 16, 16)]
+# (batch, size, channels) of BatchNorm inputs: WRN stages, generator blocks, LeNet-sized maps.
+BN_SHAPES = [(64, 32, 32), (64, 16, 64), (64, 8, 128), (64, 16, 128), (256, 10, 16)]
+SCAN_LENGTH = 4
 
 
 def timed_ms(fn, *args, reps=3):
@@ -72,6 +87,41 @@ def main():
     a = statistics.median(timed_ms(naive, x, w) for _ in range(args.rounds))
     b = statistics.median(timed_ms(fused, x, w) for _ in range(args.rounds))
     print(f'| {n}, {size}x{size}, {c_in}->{c_out} | {a:.1f} | {b:.1f} | {a / b:.2f} |', flush=True)
+  print(f'\nconv3x3 forward + dx + dW, {SCAN_LENGTH} steps in a lax.scan\n'
+        '| shape (N, HxW, Cin->Cout) | XLA autodiff ms | conv2d ms | ratio |\n|---|---|---|---|')
+  for n, size, c_in, c_out in SCAN_CONV_SHAPES:
+    n = args.batch or n
+    x = jax.random.normal(key, (n, size, size, c_in))
+    w = 0.01 * jax.random.normal(key, (3, 3, c_in, c_out))
+    xla, ours = (jax.jit(functools.partial(scanned_conv_steps, conv)) for conv in (cpu_kernels.xla_conv, layers.conv2d))
+    a = statistics.median(timed_ms(xla, x, w) for _ in range(args.rounds))
+    b = statistics.median(timed_ms(ours, x, w) for _ in range(args.rounds))
+    print(f'| {n}, {size}x{size}, {c_in}->{c_out} | {a:.1f} | {b:.1f} | {a / b:.2f} |', flush=True)
+  print('\nbatch norm (train mode) forward + backward\n'
+        '| shape (N, HxW, C) | autodiff ms | closed form ms | ratio |\n|---|---|---|---|')
+  for n, size, c in BN_SHAPES:
+    n = args.batch or n
+    x = jax.random.normal(key, (1, n, size, size, c))
+    r = jax.random.normal(jax.random.fold_in(key, 1), x.shape)
+    autodiff = jax.jit(jax.grad(functools.partial(bn_loss, lambda x: cpu_kernels._normalize_fwd(x, 1e-5)[0], r)))
+    closed = jax.jit(jax.grad(functools.partial(bn_loss, lambda x: cpu_kernels.normalize_with_batch_stats(x, 1e-5), r)))
+    a = statistics.median(timed_ms(autodiff, x) for _ in range(args.rounds))
+    b = statistics.median(timed_ms(closed, x) for _ in range(args.rounds))
+    print(f'| {n}, {size}x{size}, {c} | {a:.1f} | {b:.1f} | {a / b:.2f} |', flush=True)
+
+
+def scanned_conv_steps(conv, x, w):
+  """SCAN_LENGTH gradient steps on the kernel of sum(conv(x, w)²) plus dx, inside a ``lax.scan``."""
+  def step(w, _):
+    dx, dw = jax.grad(lambda x, w: jnp.sum(conv(x, w, 1, 1) ** 2), (0, 1))(x, w)
+    return w - 1e-6 * dw, jnp.sum(dx)
+  return jax.lax.scan(step, w, None, length=SCAN_LENGTH)
+
+
+def bn_loss(normalize, r, x):
+  """A loss using every output of a batch normalisation (x̂, μ, σ²), as the BN-statistics terms do."""
+  x_hat, mean, var = normalize(x)
+  return jnp.sum(x_hat * r) + jnp.sum(mean ** 2) + jnp.sum(var ** 2)
 
 
 if __name__ == '__main__':

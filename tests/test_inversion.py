@@ -40,6 +40,28 @@ from dfkd_jax.train import train_and_evaluate
 def small_config(name='deepinv_mnist', **overrides):
   return load_config(name, **{'eval.data': '', **overrides})
 
+def assert_resume_after_sigterm_is_bitwise(name, tmp_path, monkeypatch, parts):
+  """``name``'s runlocal config (4 calls, a checkpoint after each), run whole and, separately,
+  stopped by SIGTERM during call 1 and resumed: the resumed run's final state holds every one of
+  ``parts`` (checkpoint key prefixes) and equals the whole run's bit for bit. Returns the resumed
+  run's workdir."""
+  config = small_config(name, **{'mesh.num_devices': 1, 'report.phase_timing_reps': 0, 'checkpoint.every_steps': 1})
+  full = str(tmp_path / 'full')
+  train_and_evaluate(config, full)
+  workdir = str(tmp_path / 'resumed')
+  stop_at(monkeypatch, 1)
+  summary = train_and_evaluate(config, workdir)
+  assert summary.stopped_by_signal == signal.SIGTERM and summary.values['steps'] == 2
+  monkeypatch.undo()
+  summary = train_and_evaluate(config, workdir)
+  assert summary.values['finished'] is True
+  final = restore_arrays(workdir, 4)
+  for part in parts:
+    assert any(k.startswith(part) for k in final), part
+  assert_bitwise_equal(final, restore_arrays(full, 4))
+  return workdir
+
+
 
 def compile_and_init(job, mesh):
   init, iteration, _ = compile_job(job, mesh, jax.random.key(0))
@@ -198,21 +220,8 @@ def test_method_iterations(name):
 
 @pytest.mark.slow
 def test_cmi_resume_after_sigterm_is_bitwise(tmp_path, monkeypatch):
-  config = small_config('cmi_mnist', **{'mesh.num_devices': 1, 'report.phase_timing_reps': 0,
-                                        'checkpoint.every_steps': 1})
-  full = str(tmp_path / 'full')
-  train_and_evaluate(config, full)
-  workdir = str(tmp_path / 'resumed')
-  stop_at(monkeypatch, 1)
-  summary = train_and_evaluate(config, workdir)
-  assert summary.stopped_by_signal == signal.SIGTERM and summary.values['steps'] == 2
-  monkeypatch.undo()
-  summary = train_and_evaluate(config, workdir)
-  assert summary.values['finished'] is True
-  final = restore_arrays(workdir, 4)
-  for part in ("['pool']", "['method']['bank']", "['method']['head']", "['student']"):
-    assert any(k.startswith(part) for k in final), part
-  assert_bitwise_equal(final, restore_arrays(full, 4))
+  assert_resume_after_sigterm_is_bitwise('cmi_mnist', tmp_path, monkeypatch,
+                                         ("['pool']", "['method']['bank']", "['method']['head']", "['student']"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,15 +16,14 @@
 from __future__ import annotations
 
 import math
-import signal
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_inversion import compile_and_init, small_config
-from test_loop import assert_bitwise_equal, compile_once, restore_arrays, stop_at  # noqa: F401
+from test_inversion import assert_resume_after_sigterm_is_bitwise, compile_and_init, small_config
+from test_loop import compile_once  # noqa: F401 (the module-scoped autouse fixture)
 
 import config_files
 from conftest import compilations
@@ -34,7 +33,6 @@ from dfkd_jax.errors import UserError
 from dfkd_jax.methods import cudfkd, nayer
 from dfkd_jax.run import parallel
 from dfkd_jax.synth import meta
-from dfkd_jax.train import train_and_evaluate
 
 # ------------------------------------------------------------------------------------------------
 # Loss terms and the bn_mmt EMA
@@ -271,22 +269,9 @@ def test_method_iterations(name, overrides, tmp_path):
 @pytest.mark.slow
 def test_fast_resume_after_sigterm_is_bitwise(tmp_path, monkeypatch):
   """runlocal: 4 calls, the first epoch (2 calls) synthesis only, reset_l0 at call 1."""
-  config = small_config('fast_mnist', **{'mesh.num_devices': 1, 'report.phase_timing_reps': 0,
-                                         'checkpoint.every_steps': 1})
-  full = str(tmp_path / 'full')
-  train_and_evaluate(config, full)
-  workdir = str(tmp_path / 'resumed')
-  stop_at(monkeypatch, 1)
-  summary = train_and_evaluate(config, workdir)
-  assert summary.stopped_by_signal == signal.SIGTERM and summary.values['steps'] == 2
-  monkeypatch.undo()
-  summary = train_and_evaluate(config, workdir)
-  assert summary.values['finished'] is True
-  final = restore_arrays(workdir, 4)
-  for part in ("['pool']", "['method']['generator']", "['method']['meta_opt']", "['method']['bn_ema']",
-               "['student']"):
-    assert any(k.startswith(part) for k in final), part
-  assert_bitwise_equal(final, restore_arrays(full, 4))
+  assert_resume_after_sigterm_is_bitwise(
+      'fast_mnist', tmp_path, monkeypatch,
+      ("['pool']", "['method']['generator']", "['method']['meta_opt']", "['method']['bn_ema']", "['student']"))
 
 
 @pytest.mark.slow

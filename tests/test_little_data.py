@@ -168,11 +168,16 @@ def test_labelled_subset_per_class():
 
 
 def test_to_input_is_torchvision_to_tensor_then_normalize():
-  # Bit for bit torch's float32 x / 255, then (x - mean) / std, also when compiled.
+  # Bit for bit torch's float32 x / 255, then (x - mean) / std, eagerly and compiled, on any CPU.
   images = np.random.default_rng(0).integers(0, 256, (4, 5, 5, 3), dtype=np.uint8)
   mean, std = (np.asarray(c, np.float32) for c in data.NORMALIZATION['cifar10'])
   expected = (images.astype(np.float32) / np.float32(255.0) - mean) / std
+  np.testing.assert_array_equal(selected_kd.to_input(images, 'cifar10'), expected)
   np.testing.assert_array_equal(jax.jit(selected_kd.to_input, static_argnums=1)(images, 'cifar10'), expected)
+  gray = images[..., :1]
+  mean, std = (np.asarray(c, np.float32) for c in data.NORMALIZATION['mnist'])
+  np.testing.assert_array_equal(jax.jit(selected_kd.to_input, static_argnums=1)(gray, 'mnist'),
+                                (gray.astype(np.float32) / np.float32(255.0) - mean) / std)
 
 
 def test_pool_normalization_defaults_to_the_teachers():

@@ -1,24 +1,17 @@
 """Replays of the generator-adversarial methods' reference trajectories (``dfkd_jax.replay``):
 the CMI framework's GAN baselines (dafl, zskt, dfad, dfq) and the original DAFL (MNIST, CIFAR), one
 test per fixture; the reproduce-the-reference temperature flag; the fixtures' weights rule."""
-import functools
 import importlib.util
 import json
 import os
-import re
 
 import numpy as np
 import pytest
+from replays import TRAJECTORIES, assert_matched, replayed, replayed_default
 
-from dfkd_jax.replay import __main__ as replay_cli
 from dfkd_jax.replay import weights_rule
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
-TRAJECTORIES = os.path.join(FIXTURES, 'trajectories')
-
-
-def _replay(name, **overrides):
-  return replay_cli.replay(os.path.join(TRAJECTORIES, name), overrides=overrides)
 
 
 # What must match in every fixture: the first outer iteration's generator steps (CMI framework:
@@ -30,31 +23,24 @@ FIRST_ITERATION = {**{name: r'it0_g\d+_' for name in ('cmi_dafl', 'cmi_zskt', 'c
                    'huawei_dafl_mnist': HUAWEI_FIRST, 'huawei_dafl_cifar': HUAWEI_FIRST}
 
 
-@functools.lru_cache(maxsize=None)
-def _default_replay(name):
-  return _replay(name)
-
-
 @pytest.fixture(params=sorted(FIRST_ITERATION))
-def replayed(request):
-  return request.param, _default_replay(request.param)
+def fixture_report(request):
+  return request.param, replayed_default(request.param)
 
 
 @pytest.mark.slow
-def test_the_first_iteration_matches_the_reference(replayed):
+def test_the_first_iteration_matches_the_reference(fixture_report):
   """Every recorded forward pass, loss term and update of the first iteration, within tolerance."""
-  name, report = replayed
-  checked = [c for c in report.compared if re.match(FIRST_ITERATION[name], c.name)]
-  assert len(checked) >= 5 and all(c.ok for c in checked), '\n'.join(
-      f'{c.name}: {c.error:.3g}' for c in checked if not c.ok)
+  name, report = fixture_report
+  assert_matched(report, FIRST_ITERATION[name], 5)
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason='the generator parameters leave the reference trajectory once Adam steps '
                    'on gradients that are float32 rounding noise (biases before train-mode BatchNorm: their exact '
                    'gradient is 0); docs/fidelity.md, "What the trajectories cannot pin down"')
-def test_the_whole_trajectory_matches_the_reference(replayed):
-  _, report = replayed
+def test_the_whole_trajectory_matches_the_reference(fixture_report):
+  _, report = fixture_report
   assert report.ok, '\n'.join(report.lines())
 
 
@@ -64,8 +50,8 @@ def test_the_temperature_flag_is_what_reproduces_the_cmi_framework(name):
   """The framework's student KD runs at T = 1 whatever --T says (its criterion is overwritten);
   dfkd_jax's default honours T = 20, which the reference trajectory does not follow."""
   first_student_loss = lambda report: next(c for c in report.compared if c.name == 'it0_s0_loss_s')
-  assert first_student_loss(_default_replay(name)).ok
-  assert not first_student_loss(_replay(name, **{'kd.reference_temperature_bug': False})).ok
+  assert first_student_loss(replayed_default(name)).ok
+  assert not first_student_loss(replayed(name, **{'kd.reference_temperature_bug': False})).ok
 
 
 def test_weights_rule_is_the_fixtures_rule():

@@ -7,19 +7,8 @@ tensor aliasing); dfkd_jax's default, the lowest-loss iterate, must not match.
 """
 from __future__ import annotations
 
-import os
-import re
-
 import pytest
-
-from dfkd_jax.replay.__main__ import replay
-
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'trajectories')
-
-
-def _replay(name: str, **overrides):
-  return replay(os.path.join(FIXTURES, name), overrides=overrides)
-
+from replays import assert_matched, replayed
 
 NOT_PINNED = ('the trajectory leaves the reference where float32 rounding decides the outcome (a teacher ReLU '
               'input at 1e-8 of its layer, 8-bit pool codes, the generator bias before BatchNorm whose exact '
@@ -28,38 +17,31 @@ NOT_PINNED = ('the trajectory leaves the reference where float32 rounding decide
 
 @pytest.fixture(scope='module')
 def deepinv_report():
-  return _replay('cmi_deepinv')
+  return replayed('cmi_deepinv')
 
 
 @pytest.fixture(scope='module')
 def cmi_report():
-  return _replay('cmi_cmi')
-
-
-def _assert_ok(report, pattern):
-  """Every compared quantity whose name matches ``pattern`` (at least 5) is within tolerance."""
-  checked = [c for c in report.compared if re.match(pattern, c.name)]
-  assert len(checked) >= 5 and all(c.ok for c in checked), '\n'.join(
-      f'{c.name}: {c.error:.3g}' for c in checked if not c.ok)
+  return replayed('cmi_cmi')
 
 
 @pytest.mark.slow
 def test_cmi_deepinversion_synthesis_steps_match(deepinv_report):
   """Every inner step of the first synthesis call: targets, loss terms, per-layer BN terms,
   logits, jittered inputs (the pixels themselves drift only after a rounding-decided ReLU)."""
-  _assert_ok(deepinv_report, r'it0_g\d+_')
+  assert_matched(deepinv_report, r'it0_g\d+_', 5)
 
 
 @pytest.mark.slow
 def test_cmi_deepinversion_keeps_the_final_iterate_only_with_best_last(deepinv_report):
-  default = _replay('cmi_deepinv', **{'deepinv.best': 'lowest_loss'})
+  default = replayed('cmi_deepinv', **{'deepinv.best': 'lowest_loss'})
   kept = lambda report: next(c for c in report.compared if c.name == 'it0_best_inputs_pixel')
   assert kept(default).error > 100 * kept(deepinv_report).error
 
 
 @pytest.mark.slow
 def test_cmi_synthesis_steps_match(cmi_report):
-  _assert_ok(cmi_report, r'it0_g\d+_')
+  assert_matched(cmi_report, r'it0_g\d+_', 5)
 
 
 @pytest.mark.slow

@@ -4,12 +4,10 @@ import os
 
 import numpy as np
 import pytest
+from replays import TRAJECTORIES, replayed
 
 from dfkd_jax.convert import api, identify
 from dfkd_jax.replay import compare, fixture, harness
-from dfkd_jax.replay.__main__ import replay
-
-TRAJECTORIES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'trajectories')
 
 
 def lines(report) -> str:
@@ -39,14 +37,14 @@ def test_narrow_resnet_is_identified_without_an_arch():
 
 @pytest.mark.slow
 def test_dfnd():
-  report = replay(os.path.join(TRAJECTORIES, 'dfnd'))
+  report = replayed('dfnd')
   assert report.ok, lines(report)
   # dfkd_jax's default normalises the pool as the teacher's data; the reference uses ImageNet's constants.
-  report = replay(os.path.join(TRAJECTORIES, 'dfnd'), overrides={'pool_normalization': 'teacher'})
+  report = replayed('dfnd', pool_normalization='teacher')
   assert not report.ok, lines(report)
 
 
 @pytest.mark.slow
 def test_pu():
-  report = replay(os.path.join(TRAJECTORIES, 'pu'))
+  report = replayed('pu')
   assert report.ok, lines(report)

@@ -9,20 +9,8 @@ not match.
 """
 from __future__ import annotations
 
-import functools
-import os
-import re
-
 import pytest
-
-from dfkd_jax.replay.__main__ import replay
-
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'trajectories')
-
-
-def _replay(name: str, **overrides):
-  return replay(os.path.join(FIXTURES, name), overrides=overrides)
-
+from replays import assert_matched, replayed, replayed_default
 
 NOT_PINNED = ('the trajectory leaves the reference where float32 rounding decides the outcome (Adam steps of '
               'size lr on gradients at rounding level, 8-bit pool codes); docs/fidelity.md, '
@@ -37,33 +25,26 @@ MATCHED = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _default_replay(name: str):
-  return _replay(name)
-
-
 @pytest.fixture(params=sorted(MATCHED))
-def replayed(request):
-  return request.param, _default_replay(request.param)
+def fixture_report(request):
+  return request.param, replayed_default(request.param)
 
 
 @pytest.mark.slow
-def test_the_steps_before_rounding_decides_match_the_reference(replayed):
-  name, report = replayed
-  checked = [c for c in report.compared if re.match(MATCHED[name], c.name)]
-  assert len(checked) >= 10 and all(c.ok for c in checked), '\n'.join(
-      f'{c.name}: {c.error:.3g}' for c in checked if not c.ok)
+def test_the_steps_before_rounding_decides_match_the_reference(fixture_report):
+  name, report = fixture_report
+  assert_matched(report, MATCHED[name], 10)
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=NOT_PINNED)
-def test_the_whole_trajectory_matches_the_reference(replayed):
-  _, report = replayed
+def test_the_whole_trajectory_matches_the_reference(fixture_report):
+  _, report = fixture_report
   assert report.ok, '\n'.join(report.lines())
 
 
 @pytest.mark.slow
 def test_nayer_student_mode_follows_the_reference_only_with_its_flag():
   mode = lambda r: next(c for c in r.compared if c.name == 'it1_l1_g0_student_train_mode')
-  assert mode(_default_replay('nayer')).ok
-  assert not mode(_replay('nayer', **{'nayer.reference_student_train_mode': False})).ok
+  assert mode(replayed_default('nayer')).ok
+  assert not mode(replayed('nayer', **{'nayer.reference_student_train_mode': False})).ok

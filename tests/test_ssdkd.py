@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_inversion import compile_and_init, small_config
-from test_loop import assert_bitwise_equal, compile_once, restore_arrays, stop_at  # noqa: F401
+from test_inversion import assert_resume_after_sigterm_is_bitwise, compile_and_init, small_config
+from test_loop import compile_once  # noqa: F401 (the module-scoped autouse fixture)
 
 from config_files import load_config
 from conftest import compilations
@@ -32,7 +31,6 @@ from dfkd_jax.errors import UserError
 from dfkd_jax.methods import ssdkd
 from dfkd_jax.run import parallel
 from dfkd_jax.synth import priority as buffer_lib
-from dfkd_jax.train import train_and_evaluate
 
 # ------------------------------------------------------------------------------------------------
 # The modulating function φ
@@ -228,22 +226,10 @@ def test_ssdkd_iterations(overrides):
 def test_ssdkd_resume_after_sigterm_is_bitwise(tmp_path, monkeypatch):
   """runlocal: 4 calls, the first epoch (2 calls) synthesis only, reset_l0 at call 1, the buffer
   (48 digits) full after 2 calls."""
-  config = small_config('ssdkd_mnist', **{'mesh.num_devices': 1, 'report.phase_timing_reps': 0,
-                                          'checkpoint.every_steps': 1})
-  full = str(tmp_path / 'full')
-  train_and_evaluate(config, full)
-  workdir = str(tmp_path / 'resumed')
-  stop_at(monkeypatch, 1)
-  summary = train_and_evaluate(config, workdir)
-  assert summary.stopped_by_signal == signal.SIGTERM and summary.values['steps'] == 2
-  monkeypatch.undo()
-  summary = train_and_evaluate(config, workdir)
-  assert summary.values['finished'] is True
-  final = restore_arrays(workdir, 4)
-  for part in ("['method']['buffer']['priority']", "['method']['buffer']['items']['images']",
-               "['method']['generator']", "['method']['meta_opt']", "['method']['bn_ema']", "['student']"):
-    assert any(k.startswith(part) for k in final), part
-  assert_bitwise_equal(final, restore_arrays(full, 4))
+  workdir = assert_resume_after_sigterm_is_bitwise(
+      'ssdkd_mnist', tmp_path, monkeypatch,
+      ("['method']['buffer']['priority']", "['method']['buffer']['items']['images']", "['method']['generator']",
+       "['method']['meta_opt']", "['method']['bn_ema']", "['student']"))
   with open(os.path.join(workdir, 'buffer.json')) as f:
     histograms = json.load(f)
   assert sum(histograms['buffer_class_counts']) == histograms['buffer_size'] == sum(

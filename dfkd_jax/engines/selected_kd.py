@@ -57,14 +57,18 @@ def normalization(config) -> str:
 
 
 def to_input(images_u8: jax.Array, dataset: str) -> jax.Array:
-  """uint8 images -> ``dataset``'s normalised input space, computed as torchvision's ``ToTensor``
-  + ``Normalize`` compute it: x / 255, then (x − mean) / std, with true divisions. (Compiled, XLA
-  would multiply by rounded reciprocals of the constants instead, one ulp off; the reference
-  trajectories pass close enough to ReLU kinks that one ulp in an input moves a gradient by 1e-3.)"""
-  mean, std = data.NORMALIZATION[dataset]
-  scale, mean, std = jax.lax.optimization_barrier((jnp.float32(255.0), jnp.asarray(mean, jnp.float32),
-                                                   jnp.asarray(std, jnp.float32)))
-  return (images_u8.astype(jnp.float32) / scale - mean) / std
+  """uint8 images -> ``dataset``'s normalised input space, bit for bit as torchvision's
+  ``ToTensor`` + ``Normalize`` compute it: (x / 255 − mean) / std in float32 with true divisions.
+
+  A uint8 channel value has 256 possible inputs, so the map is a (256, channels) table computed
+  once by numpy (IEEE float32) and gathered: compiled code does no arithmetic that XLA could
+  rewrite (reciprocal multiplies, approximate divisions differ by CPU and jax version, one ulp off;
+  the reference trajectories pass close enough to ReLU kinks that one ulp in an input moves a
+  gradient by 1e-3)."""
+  mean, std = (np.asarray(c, np.float32) for c in data.NORMALIZATION[dataset])
+  levels = np.arange(256, dtype=np.float32)[:, None]
+  table = (levels / np.float32(255.0) - mean) / std
+  return jnp.asarray(table)[images_u8.astype(jnp.int32), jnp.arange(table.shape[1])]
 
 
 def map_batches(fn: Callable[[jax.Array], jax.Array], images_u8: np.ndarray, config, mesh) -> np.ndarray:
