@@ -5,7 +5,8 @@ milliseconds and ratios (> 1: the kernel wins):
 - convolution kernel gradients: XLA's own versus the per-offset GEMMs and versus what ``conv2d``
   picks for the shape (GEMMs, shifted products for narrow outputs from wide inputs, or XLA's own);
 - a whole convolution step (forward, dx and dW) repeated in a ``lax.scan``, as training runs it:
-  XLA's autodiff versus ``conv2d``'s custom backward (explicit input-gradient convolution);
+  XLA's autodiff versus ``conv2d``'s custom backward (explicit input-gradient convolution), and
+  versus that backward with XLA's own kernel gradient (``conv2d``'s dx, XLA's dW);
 - nearest-x2 upsampling + 3x3 conv versus the fused ``upsample2_conv3x3``;
 - train-mode batch normalisation forward + backward: autodiff of the forward versus
   ``normalize_with_batch_stats``'s closed-form backward.
@@ -13,14 +14,16 @@ milliseconds and ratios (> 1: the kernel wins):
 Run it once per platform (jax 0.10 on Python 3.11, jax 0.12 on Python 3.12) on the same machine to
 decide which kernels still pay.
 
-  python benchmarks/conv_cpu.py [--rounds 3] [--batch N]
+  python benchmarks/conv_cpu.py [--rounds 3] [--batch N] [--sections kernel_grad,upsample,scan,bn]
 
 ``--batch`` runs every shape at batch N instead of its own (``--batch 2 --rounds 1``: a quick check).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import math
 import os
 import statistics
 import sys
@@ -46,6 +49,7 @@ SCAN_CONV_SHAPES = [(64, 32, 32, 32), (64, 16, 64, 64), (64, 8, 128, 128), (64, 
 # (batch, size, channels) of BatchNorm inputs: WRN stages, generator blocks, LeNet-sized maps.
 BN_SHAPES = [(64, 32, 32), (64, 16, 64), (64, 8, 128), (64, 16, 128), (256, 10, 16)]
 SCAN_LENGTH = 4
+SECTIONS = ('kernel_grad', 'upsample', 'scan', 'bn')
 
 
 def timed_ms(fn, *args, reps=3):
@@ -60,9 +64,24 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--batch', type=int, default=None, help="every shape's batch (default: the shape's own)")
+  parser.add_argument('--sections', default=','.join(SECTIONS), help=f'a comma-separated subset of {SECTIONS}')
   args = parser.parse_args()
+  sections = args.sections.split(',')
+  if set(sections) - set(SECTIONS):
+    parser.error(f'--sections: unknown {sorted(set(sections) - set(SECTIONS))}; choose from {SECTIONS}')
   key = jax.random.key(0)
   print(machine.markdown(machine.describe()) + '\n')
+  if 'kernel_grad' in sections:
+    kernel_grad_section(args, key)
+  if 'upsample' in sections:
+    upsample_section(args, key)
+  if 'scan' in sections:
+    scan_section(args, key)
+  if 'bn' in sections:
+    bn_section(args, key)
+
+
+def kernel_grad_section(args, key):
   print('kernel gradient\n| shape (N, HxW, Cin->Cout, k, stride) | XLA ms | GEMM ms | conv2d ms | XLA / conv2d |\n'
         '|---|---|---|---|---|')
   for n, size, c_in, c_out, k, s, p in KERNEL_GRAD_SHAPES:
@@ -76,6 +95,9 @@ def main():
     ours = jax.jit(lambda x, dy: jax.vjp(lambda w: layers.conv2d(x, w, s, p), jnp.zeros(shape))[1](dy)[0])
     a, b, c = (statistics.median(timed_ms(f, x, dy) for _ in range(args.rounds)) for f in (xla, gemm, ours))
     print(f'| {n}, {size}x{size}, {c_in}->{c_out}, {k}, {s} | {a:.1f} | {b:.1f} | {c:.1f} | {a / c:.2f} |', flush=True)
+
+
+def upsample_section(args, key):
   print('\nupsample x2 + conv3x3, forward + backward\n'
         '| shape (N, HxW, Cin->Cout) | upsample then conv ms | fused ms | ratio |\n|---|---|---|---|')
   for n, size, c_in, c_out in UPSAMPLE_SHAPES:
@@ -87,16 +109,38 @@ def main():
     a = statistics.median(timed_ms(naive, x, w) for _ in range(args.rounds))
     b = statistics.median(timed_ms(fused, x, w) for _ in range(args.rounds))
     print(f'| {n}, {size}x{size}, {c_in}->{c_out} | {a:.1f} | {b:.1f} | {a / b:.2f} |', flush=True)
-  print(f'\nconv3x3 forward + dx + dW, {SCAN_LENGTH} steps in a lax.scan\n'
-        '| shape (N, HxW, Cin->Cout) | XLA autodiff ms | conv2d ms | ratio |\n|---|---|---|---|')
+
+
+def scan_section(args, key):
+  print(f'\nconv3x3 forward + dx + dW, {SCAN_LENGTH} steps in a lax.scan (ms; ratios: XLA / the column)\n'
+        '| shape (N, HxW, Cin->Cout) | XLA autodiff | conv2d | ratio | conv2d dx, XLA dW | ratio |\n'
+        '|---|---|---|---|---|---|')
   for n, size, c_in, c_out in SCAN_CONV_SHAPES:
     n = args.batch or n
     x = jax.random.normal(key, (n, size, size, c_in))
     w = 0.01 * jax.random.normal(key, (3, 3, c_in, c_out))
     xla, ours = (jax.jit(functools.partial(scanned_conv_steps, conv)) for conv in (cpu_kernels.xla_conv, layers.conv2d))
-    a = statistics.median(timed_ms(xla, x, w) for _ in range(args.rounds))
-    b = statistics.median(timed_ms(ours, x, w) for _ in range(args.rounds))
-    print(f'| {n}, {size}x{size}, {c_in}->{c_out} | {a:.1f} | {b:.1f} | {a / b:.2f} |', flush=True)
+    with xla_kernel_gradients():
+      ours_xla_dw = jax.jit(functools.partial(scanned_conv_steps, layers.conv2d)).lower(x, w).compile()
+    # one call per round: XLA's own backward inside a loop takes seconds here
+    a, b, c = (statistics.median(timed_ms(f, x, w, reps=1) for _ in range(args.rounds))
+               for f in (xla, ours, ours_xla_dw))
+    print(f'| {n}, {size}x{size}, {c_in}->{c_out} | {a:.1f} | {b:.1f} | {a / b:.2f} | {c:.1f} | {a / c:.2f} |',
+          flush=True)
+
+
+@contextlib.contextmanager
+def xla_kernel_gradients():
+  """``conv2d`` computes every kernel gradient with XLA's own rule while tracing inside."""
+  saved = cpu_kernels._GEMM_KERNEL_GRAD_MIN_OUT_CHANNELS, cpu_kernels._SHIFTED_KERNEL_GRAD_MIN_IN_CHANNELS
+  cpu_kernels._GEMM_KERNEL_GRAD_MIN_OUT_CHANNELS = cpu_kernels._SHIFTED_KERNEL_GRAD_MIN_IN_CHANNELS = math.inf
+  try:
+    yield
+  finally:
+    cpu_kernels._GEMM_KERNEL_GRAD_MIN_OUT_CHANNELS, cpu_kernels._SHIFTED_KERNEL_GRAD_MIN_IN_CHANNELS = saved
+
+
+def bn_section(args, key):
   print('\nbatch norm (train mode) forward + backward\n'
         '| shape (N, HxW, C) | autodiff ms | closed form ms | ratio |\n|---|---|---|---|')
   for n, size, c in BN_SHAPES:
