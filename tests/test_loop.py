@@ -7,7 +7,8 @@
   re-run to completion, ends with exactly the arrays of an uninterrupted run, and its
   ``metrics.jsonl`` reads as one run (no duplicate steps, equal values). Same after losing the last
   checkpoint (metrics logged after the resumed step are dropped).
-- ``evaluation.top1`` counts every example exactly once with padding, on meshes of 1 and 2 devices.
+- ``evaluation.accuracies`` counts every example exactly once with padding, on meshes of 1 and 2 devices,
+  overall and per class.
 
 Compiles are shared between the runs of this module through a persistent compilation cache in a
 temporary directory (every run builds new closures, so jit's in-memory cache cannot help).
@@ -129,8 +130,13 @@ def _label_encoding_apply(variables, x, train=False):
   return jax.nn.one_hot(pred, 10)
 
 
+def _accuracies(labels, correct, eval_set, mesh, batch):
+  variables = {'labels': jnp.asarray(labels), 'correct': jnp.asarray(correct)}
+  return evaluation.accuracies(_label_encoding_apply, variables, eval_set, mesh, batch)
+
+
 @pytest.mark.parametrize('num_devices', [1, 2])
-def test_top1_counts_every_example_once(num_devices):
+def test_accuracies_count_every_example_once(num_devices):
   n, batch = 10, 4
   labels = np.array([0, 3, 1, 4, 1, 5, 9, 2, 6, 5], np.int32)
   correct = np.zeros(n, bool)
@@ -139,18 +145,15 @@ def test_top1_counts_every_example_once(num_devices):
   assert eval_set.size == n and len(eval_set.images) == 12 and eval_set.mask.sum() == n
   np.testing.assert_array_equal(eval_set.mask, [1] * 10 + [0] * 2)
   mesh = parallel.make_mesh(num_devices)
-  variables = {'labels': jnp.asarray(labels), 'correct': jnp.asarray(correct)}
-  assert evaluation.top1(_label_encoding_apply, variables, eval_set, mesh, batch) == 0.3
+  assert _accuracies(labels, correct, eval_set, mesh, batch) == {'top1': 0.3, 'worst_class_top1': 0.0}
   correct[:] = True
-  assert evaluation.top1(_label_encoding_apply, {'labels': jnp.asarray(labels), 'correct': jnp.asarray(correct)},
-                       eval_set, mesh, batch) == 1.0
-  # A batch that divides the split: no padding, same count.
+  assert _accuracies(labels, correct, eval_set, mesh, batch) == {'top1': 1.0, 'worst_class_top1': 1.0}
+  # A batch that divides the split: no padding, same count. Classes 1 and 5 hold two examples each;
+  # one of each right: the worst of the eight classes present (7 and 8 absent) is 0.5.
   exact = evaluation.EvalSet.build(np.arange(n, dtype=np.float32)[:, None], labels, 2)
   assert len(exact.images) == n
-  correct[:] = False
-  correct[[1, 9]] = True
-  assert evaluation.top1(_label_encoding_apply, {'labels': jnp.asarray(labels), 'correct': jnp.asarray(correct)},
-                       exact, mesh, 2) == 0.2
+  correct[[2, 5]] = False
+  assert _accuracies(labels, correct, exact, mesh, 2) == {'top1': 0.8, 'worst_class_top1': 0.5}
 
 
 # --- teacher training ---------------------------------------------------------------------------
@@ -364,7 +367,7 @@ def test_dafl_outputs(dafl_run):
   assert read_json(workdir, 'config.json') == json.loads(config.to_json())
   records = read_metrics(workdir)
   assert [r['step'] for r in records] == [0, 1, 2, 3, 4]
-  assert records[0].keys() == {'step', 'eval/teacher_top1'}
+  assert records[0].keys() == {'step', 'eval/teacher_top1', 'eval/teacher_worst_class_top1'}
   names = {'train/generator_loss', 'train/loss_oh', 'train/loss_ie', 'train/loss_a', 'train/student_loss',
            'train/lr_student'}
   for r in records[1:]:
@@ -375,6 +378,7 @@ def test_dafl_outputs(dafl_run):
   assert values['steps'] == 4 and values['finished'] is True
   # The embedded LeNet-5 teacher on the 500 held-out digits: 492 right.
   assert values['teacher_top1'] == records[0]['eval/teacher_top1'] == 0.984
+  assert records[0]['eval/teacher_worst_class_top1'] == 0.92  # 46 of one class's 50
   assert values['student_top1_final'] == records[-1]['eval/student_top1']
   assert values['synth_s'] > 0 and values['kd_s'] > 0
   assert values['synth_s'] + values['kd_s'] == pytest.approx(values['train_s'], rel=1e-9)

@@ -101,7 +101,7 @@ def test_two_processes_train_evaluate_checkpoint_and_resume(tmp_path):
   assert 'teacher top-1 on embedded_mnist[heldout]: 98.40%' in first[0].stdout
   records = outputs.read_metrics(workdir)
   assert [r['step'] for r in records] == [0, 1, 2]  # written once, by process 0
-  assert records[0] == {'step': 0, 'eval/teacher_top1': 0.984}
+  assert records[0] == {'step': 0, 'eval/teacher_top1': 0.984, 'eval/teacher_worst_class_top1': 0.92}
   assert 'eval/student_top1' in records[2]
   assert sorted(d for d in os.listdir(workdir / 'checkpoints') if d.isdigit()) == ['1', '2']  # twice a run
   assert json.loads((workdir / 'summary.json').read_text())['steps'] == 2

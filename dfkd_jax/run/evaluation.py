@@ -50,28 +50,37 @@ def local_batch_size(requested: int, mesh) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _correct_count_fn(apply_fn: Callable, mesh) -> Callable:
+def _class_counts_fn(apply_fn: Callable, mesh) -> Callable:
   def count(variables, images, labels, mask):
     logits = apply_fn(variables, images, train=False)
-    return jnp.sum((jnp.argmax(logits, -1) == labels) * mask), jnp.sum(mask)
+    in_class = jax.nn.one_hot(labels, logits.shape[-1]) * mask[:, None]
+    correct = (jnp.argmax(logits, -1) == labels) * mask
+    return jnp.sum(in_class * correct[:, None], 0), jnp.sum(in_class, 0), jnp.sum(correct), jnp.sum(mask)
   repl = parallel.replicated(mesh)
-  return jax.jit(count, out_shardings=(repl, repl))
+  return jax.jit(count, out_shardings=(repl,) * 4)
 
 
-def top1(apply_fn: Callable, variables: Any, eval_set: EvalSet, mesh, batch_size: int) -> float:
-  """Top-1 accuracy (in [0, 1]) of ``apply_fn(variables, x, train=False)`` on the whole split, in
-  global batches of ``batch_size`` rounded up to a multiple of the device count."""
+def accuracies(apply_fn: Callable, variables: Any, eval_set: EvalSet, mesh, batch_size: int) -> dict:
+  """``top1``: top-1 accuracy (in [0, 1]) of ``apply_fn(variables, x, train=False)`` on the whole
+  split, in global batches of ``batch_size`` rounded up to a multiple of the device count;
+  ``worst_class_top1``: the lowest per-class accuracy (recall) over the classes the split holds, which
+  shows a student that maps the real images onto a few classes even when its overall accuracy
+  looks middling."""
   local_batch = local_batch_size(batch_size, mesh)
   data_sharding = parallel.data_sharded(mesh)
-  count = _correct_count_fn(apply_fn, mesh)
+  count = _class_counts_fn(apply_fn, mesh)
   counts = []
   for start in range(0, len(eval_set.images), local_batch):
     sl = slice(start, start + local_batch)
     batch = [jax.make_array_from_process_local_data(data_sharding, a[sl])
              for a in (eval_set.images, eval_set.labels, eval_set.mask)]
     counts.append(count(variables, *batch))
-  correct, total = np.sum(jax.device_get(counts), axis=0) if counts else (0.0, 0.0)
-  return float(correct) / max(float(total), 1.0)
+  # (EvalSet.build makes at least one batch.)
+  class_correct, class_total, correct, total = (np.sum(c, axis=0, dtype=np.float64)
+                                                for c in zip(*jax.device_get(counts)))
+  present = class_total > 0
+  worst = float(np.min(class_correct[present] / class_total[present])) if present.any() else 0.0
+  return {'top1': float(correct) / max(float(total), 1.0), 'worst_class_top1': worst}
 
 
 # --- Evaluators: what a job measures at the evaluation cadence ------------------------------------
@@ -102,8 +111,9 @@ class Evaluator(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Top1:
-  """Top-1 accuracy of a classifier on ``config.eval`` (``data``, ``split``, ``batch_size``), this
-  process's shard (see the module docstring); nothing to evaluate when ``config.eval.data`` is empty."""
+  """Top-1 accuracy, and the worst class's (``accuracies``), of a classifier on ``config.eval``
+  (``data``, ``split``, ``batch_size``), this process's shard (see the module docstring); nothing to
+  evaluate when ``config.eval.data`` is empty."""
   metric = 'top1'
   title = 'top-1'
 
@@ -115,8 +125,7 @@ class Top1:
                    process_index=jax.process_index(), process_count=jax.process_count())
     images = data.prepare_images(ds.images, config.dataset, config.image_size, config.in_channels)
     eval_set = EvalSet.build(images, ds.labels, local_batch_size(config.eval.batch_size, mesh))
-    return Prepared(lambda apply_fn, variables: {'top1': top1(apply_fn, variables, eval_set, mesh,
-                                                              config.eval.batch_size)},
+    return Prepared(lambda apply_fn, variables: accuracies(apply_fn, variables, eval_set, mesh, config.eval.batch_size),
                     f'{config.eval.data}[{config.eval.split}]')
 
   def text(self, value: float) -> str:
