@@ -67,6 +67,26 @@ def compile_and_init(job, mesh):
   init, iteration, _ = compile_job(job, mesh, jax.random.key(0))
   return init(jax.random.key(0)), iteration, jax.device_put(job.frozen, parallel.replicated(mesh))
 
+def run_method_iterations(config, count: int, metric_keys):
+  """``config``'s job on a 2-device mesh for ``count`` iterations: compiled once, every metric
+  finite and ``metric_keys`` among them, the teacher's variables untouched. Returns the state before
+  and after and the last iteration's metrics, on the host."""
+  mesh = parallel.make_mesh(2)
+  job = methods.get(config.method).make_job(config, mesh)
+  state, iteration, frozen = compile_and_init(job, mesh)
+  before, teacher_before = jax.device_get(state), jax.device_get(frozen)
+  for _ in range(count):
+    state, metrics = iteration(state, frozen, jax.random.key(1), None)
+  assert compilations(iteration) == 1, 'the iteration was compiled more than once'
+  metrics, after = jax.device_get(metrics), jax.device_get(state)
+  assert metrics and all(np.isfinite(v).all() for v in metrics.values()), metrics
+  for key in metric_keys:
+    assert key in metrics, key
+  for a, b in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(jax.device_get(frozen))):
+    np.testing.assert_array_equal(a, b)
+  return before, after, metrics
+
+
 
 # ------------------------------------------------------------------------------------------------
 # The engine on a toy synthesizer
@@ -196,17 +216,8 @@ def _changed(a, b) -> bool:
 @pytest.mark.parametrize('name', ['deepinv_mnist', 'cmi_mnist'])
 def test_method_iterations(name):
   config = small_config(name)
-  mesh = parallel.make_mesh(2)
-  job = methods.get(config.method).make_job(config, mesh)
-  state, iteration, frozen = compile_and_init(job, mesh)
-  before, teacher_before = jax.device_get(state), jax.device_get(frozen)
-  for _ in range(3):
-    state, metrics = iteration(state, frozen, jax.random.key(1), None)
-  assert compilations(iteration) == 1, 'the iteration was compiled more than once'
-  metrics, after = jax.device_get(metrics), jax.device_get(state)
-  assert metrics and all(np.isfinite(v).all() for v in metrics.values()), metrics
-  for key in ('train/synthesis_loss', 'train/best_synthesis_loss', 'train/student_loss', 'train/loss_bn'):
-    assert key in metrics, key
+  before, after, metrics = run_method_iterations(
+      config, 3, ('train/synthesis_loss', 'train/best_synthesis_loss', 'train/student_loss', 'train/loss_bn'))
   assert int(after['step']) == 3 and int(metrics['train/pool_size']) == 3 * config.synthesis_batch_size
   assert _changed(before['student'].params, after['student'].params), 'student parameters did not all change'
   assert not np.array_equal(before['pool']['items'], after['pool']['items'])
@@ -214,8 +225,6 @@ def test_method_iterations(name):
     assert _changed(before['method']['head'].params, after['method']['head'].params)
     assert int(after['method']['bank']['filled']) == 3 * config.synthesis_batch_size
     assert 'train/loss_cr' in metrics
-  for a, b in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(jax.device_get(frozen))):
-    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow

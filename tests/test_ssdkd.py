@@ -21,11 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_inversion import assert_resume_after_sigterm_is_bitwise, compile_and_init, small_config
+from test_inversion import assert_resume_after_sigterm_is_bitwise, run_method_iterations, small_config
 from test_loop import compile_once  # noqa: F401 (the module-scoped autouse fixture)
 
 from config_files import load_config
-from conftest import compilations
 from dfkd_jax import configlib, methods
 from dfkd_jax.errors import UserError
 from dfkd_jax.methods import ssdkd
@@ -194,18 +193,9 @@ ALL_SWITCHES_FLIPPED = {
 @pytest.mark.parametrize('overrides', [{}, ALL_SWITCHES_FLIPPED], ids=['defaults', 'switches_flipped'])
 def test_ssdkd_iterations(overrides):
   config = small_config('ssdkd_mnist', **{'warmup_epochs': 0, **overrides})
-  mesh = parallel.make_mesh(2)
-  job = methods.get(config.method).make_job(config, mesh)
-  state, iteration, frozen = compile_and_init(job, mesh)
-  before = jax.device_get(state)
-  for _ in range(2):
-    state, metrics = iteration(state, frozen, jax.random.key(1), None)
-  assert compilations(iteration) == 1, 'the iteration was compiled more than once'
-  metrics, after = jax.device_get(metrics), jax.device_get(state)
-  assert metrics and all(np.isfinite(v).all() for v in metrics.values()), metrics
-  for key in ('train/synthesis_loss', 'train/student_loss', 'train/loss_bn', 'train/loss_oh', 'train/loss_adv',
-              'train/buffer_size', 'train/beta', 'train/is_weight_min'):
-    assert key in metrics, key
+  before, after, metrics = run_method_iterations(
+      config, 2, ('train/synthesis_loss', 'train/student_loss', 'train/loss_bn', 'train/loss_oh', 'train/loss_adv',
+                  'train/buffer_size', 'train/beta', 'train/is_weight_min'))
   buffer = after['method']['buffer']
   size = int(buffer['valid'].sum())
   assert int(metrics['train/buffer_size']) == size
