@@ -319,15 +319,24 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(reference, env,
 
 @pytest.mark.slow
 def test_sigterm_during_start_up_exits_0_and_changes_nothing(reference, env, tmp_path):
-  workdir = copy_run(reference, tmp_path / 'run', at_step=4)
-  before = snapshot(workdir)
-  proc = start(workdir, env)
-  lock_file = workdir / lock.LOCK_NAME
-  # The lock is taken before the slow start-up (jax import, teacher, compilation) begins.
-  wait_for(lambda: lock_file.exists() and f'"pid": {proc.pid}' in lock_file.read_text(), proc, 'the workdir lock')
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=TIMEOUT)
-  assert proc.returncode == 0, err[-3000:]
+  # With the compilations in the cache the start-up after the lock lasts about 2 s: a test process
+  # stalled longer than that (a loaded machine) signals a run that is already training, which stops
+  # with a checkpoint (tests/test_smoke.py), or even done. Such an attempt tests nothing here: it is
+  # made again on a fresh copy.
+  for attempt in range(3):
+    workdir = copy_run(reference, tmp_path / f'run{attempt}', at_step=4)
+    before = snapshot(workdir)
+    proc = start(workdir, env)
+    lock_file = workdir / lock.LOCK_NAME
+    # The lock is taken before the slow start-up (jax import, teacher, compilation) begins.
+    wait_for(lambda: lock_file.exists() and f'"pid": {proc.pid}' in lock_file.read_text(), proc, 'the workdir lock')
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, err[-3000:]
+    if 'stopped at step' not in out and 'done:' not in out:  # not trained: the signal came in start-up
+      break
+  else:
+    pytest.fail('in 3 attempts the SIGTERM reached the run only after its start-up')
   notes = logged(err)
   assert notes[-1] == ('stopped by SIGTERM before the first training step; nothing was changed; re-run the same '
                        'command to continue')
