@@ -20,8 +20,9 @@ def get_config(arg=None):
   c.generator = dict(arch='dafl_generator', kwargs=dict(nz=100, img_size=32, nc=1), output='normalized',
                      sample_mode='train')
   c.student_batch = 'reuse'  # the generator and student steps share one batch, as in the original
+  c.replay = dict(capacity=6400)  # student_batch='replay': the last 100 iterations' images
   c.g_steps, c.kd_steps = 1, 1  # the paper's; the default below takes 10 student steps
-  c.loss = dict(oh=1.0, ie=5.0, a=0.1)
+  c.loss = dict(oh=1.0, ie=5.0, a=0.1, adv=0.0)  # adv > 0: minus adv x KL(p_T || p_S) (not in DAFL)
   c.kd = dict(loss='kl', temperature=1.0, reduction='batchmean')
   c.optimizer_g = dict(name='adam', lr=0.2, schedule='constant', per_step=False)
   c.optimizer_s = dict(name='adam', lr=2e-3, schedule='constant', per_step=False)

@@ -90,3 +90,33 @@ def test_config_deviations_follow_the_reference_scripts():
   for name, arg in (('zskt_mnist', None), ('zskt_cifar', 'variant=original')):
     config = load_config(name, arg)
     assert (config.student_batch, config.synth_student_bn) == ('regenerate', 'train'), name
+
+
+@pytest.mark.slow
+def test_replay_student_batch_draws_from_a_fifo_pool_of_synth_batches():
+  """student_batch='replay': each synth phase appends its batch to a pool of ``replay.capacity``
+  images (the oldest overwritten once full); every student step reads a uniform draw of filled slots
+  and distils on them against the teacher's logits of those images."""
+  config = load_config('dafl_mnist', **{'student_batch': 'replay', 'batch_size': 8, 'replay.capacity': 20})
+  job = methods.get('dafl').make_job(config, parallel.make_mesh(1))
+  synth, kd = job.phases
+  synth_apply, kd_apply = jax.jit(synth.apply), jax.jit(kd.apply)
+  state = jax.jit(job.init)(jax.random.key(0))
+  batches = []
+  for i in range(3):
+    state, metrics = synth_apply(state, job.frozen, synth.draw(jax.random.key(i), state), None)
+    batches.append(np.asarray(metrics['trace/g_output'][-1]))  # the DAFL generator's output is the teacher's input
+    filled = min(8 * (i + 1), 20)
+    assert int(state['replay']['filled']) == filled
+    draws = jax.device_get(kd.draw(jax.random.key(10 + i), state))
+    assert draws['index'].shape == (config.kd_steps, 8) and draws['index'].max() < filled
+    assert len(np.unique(draws['index'])) > min(filled - 1, 8)  # across the filled slots, not one batch
+  # 24 images through 20 slots: slots 0-3 hold the third batch's last 4, slots 4-19 the rest in order.
+  expected = np.concatenate([batches[2][4:], batches[0][4:], batches[1], batches[2][:4]])
+  np.testing.assert_array_equal(np.asarray(state['replay']['items']), expected)
+  _, metrics = kd_apply(state, job.frozen, draws, None)
+  np.testing.assert_array_equal(metrics['trace/images'], expected[draws['index']])
+  teacher = job.teacher
+  first_batch = expected[draws['index'][0]]
+  t_logits = jax.jit(lambda x: teacher.apply_fn(teacher.variables(job.frozen), x, train=False))(first_batch)
+  np.testing.assert_allclose(metrics['trace/t_out'][0], t_logits, rtol=1e-5, atol=1e-5)

@@ -17,14 +17,19 @@ One outer iteration (one compiled program) is
            'regenerate': the last synth step's latent through the updated generator, x = G_{k+1}(z_k),
                          once for every student step (the original ZSKT's pseudo-batch: its loader
                          re-runs the generator on a fixed z; the synth steps of one iteration then
-                         share that z too).
+                         share that z too);
+           'replay':     a uniform draw (with replacement) from a FIFO pool of the last
+                         ``config.replay.capacity`` synth images (this iteration's included),
+                         with the teacher's logits computed when the batch is read. No reference
+                         does this: a config choice (see the config that uses it).
 
 The student's loss is ``config.kd`` (KL at a temperature, or L1) plus, when
 ``config.kd.attention_beta > 0``, ZSKT's attention transfer β · Σ_g AT(student_g, teacher_g) on the
 outputs of the modules ``config.kd.attention_modules`` (same names in both networks).
 
 Randomness (the replay seam, ``run.job.Phase``): the synth phase's draws are ``{'z': (g_steps, B,
-*nz)}``, the kd phase's ``{'z': (kd_steps, B, *nz)}`` with 'fresh' batches and ``{}`` otherwise.
+*nz)}``, the kd phase's ``{'z': (kd_steps, B, *nz)}`` with 'fresh' batches, ``{'index': (kd_steps,
+B)}`` pool slots with 'replay' and ``{}`` otherwise.
 ``trace/...`` metrics (stacked per sub-step, dropped by the compiled iteration) hold what a replay
 compares: every ``train/...`` metric of each step (losses and the method's loss terms), the
 generator's raw output, the teacher's logits and penultimate features, the student's logits.
@@ -45,12 +50,13 @@ from dfkd_jax.errors import check_choice
 from dfkd_jax.models import hooks
 from dfkd_jax.run import parallel
 from dfkd_jax.run.job import TRACE, Job, Phase
+from dfkd_jax.synth import pool
 
 # generator_loss(teacher_output, student_logits_or_None, images) -> (loss, metrics dict); metrics
 # named ``trace/...`` are per-step intermediates for replays.
 GeneratorLoss = Callable[[common.TeacherView, jax.Array | None, jax.Array], tuple[jax.Array, dict]]
 
-STUDENT_BATCHES = ('fresh', 'reuse', 'regenerate')
+STUDENT_BATCHES = ('fresh', 'reuse', 'regenerate', 'replay')
 
 
 def _per_step(metrics: dict) -> dict:
@@ -98,6 +104,8 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
                           'teacher_logits': jnp.zeros((batch, config.num_classes))}
     elif student_batch == 'regenerate':  # the pseudo-batch's latent, regenerated after the generator's update
       state['handoff'] = {'z': jnp.zeros((batch,) + nz_shape)}
+    elif student_batch == 'replay':
+      state['replay'] = pool.init(config.replay.capacity, s.student_input_shape)
     return state
 
   def latents(key, steps):
@@ -146,6 +154,8 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
       new['handoff'] = {'images': jax.lax.stop_gradient(x), 'teacher_logits': jax.lax.stop_gradient(t_logits)}
     elif student_batch == 'regenerate':
       new['handoff'] = {'z': draws['z'][-1]}
+    elif student_batch == 'replay':
+      new['replay'] = pool.add(state['replay'], jax.lax.stop_gradient(x))
     return new, _per_step(metrics)
 
   def sample(g_state, z):
@@ -173,7 +183,11 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
     return common.student_update(student, x, lambda logits: kd_loss(logits, t_logits))
 
   def kd_draw(key, state):
-    return {'z': latents(key, kd_steps)} if student_batch == 'fresh' else {}
+    if student_batch == 'fresh':
+      return {'z': latents(key, kd_steps)}
+    if student_batch == 'replay':
+      return {'index': jax.random.randint(key, (kd_steps, batch), 0, jnp.maximum(pool.size(state['replay']), 1))}
+    return {}
 
   def kd(state, frozen, draws, _):
     tvars = frozen['teacher']
@@ -185,10 +199,13 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
       g_state, x = sample(g_state, state['handoff']['z'])
       t_logits, t_maps = teacher_targets(tvars, x)
 
-    def s_step(carry, z):
+    def s_step(carry, draw):
       g_state, student = carry
       if student_batch == 'fresh':
-        g_state, xs = sample(g_state, z)
+        g_state, xs = sample(g_state, draw)
+        tl, tm = teacher_targets(tvars, xs)
+      elif student_batch == 'replay':
+        xs = pool.read(state['replay'], jax.lax.with_sharding_constraint(draw, parallel.data_sharded(mesh)))
         tl, tm = teacher_targets(tvars, xs)
       else:
         xs, tl, tm = x, t_logits, t_maps
@@ -198,7 +215,7 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
                                   'trace/s_out': s_logits}
 
     (g_state, student), metrics = jax.lax.scan(s_step, (g_state, state['student']),
-                                               draws.get('z'), length=kd_steps)
+                                               draws.get('z', draws.get('index')), length=kd_steps)
     return dict(state, generator=g_state, student=student), dict(
         _per_step(metrics), **{'train/lr_student': lr_s(student.step - 1)})
 

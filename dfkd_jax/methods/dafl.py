@@ -30,11 +30,16 @@ def make_job(config, mesh):
   check_choice('variant', config.variant, ('huawei', 'cmi'))
   w = config.loss
   log_base = 10.0 if config.variant == 'huawei' else math.e
+  adv = w.get('adv', 0.0)
 
   def generator_loss(t, student_logits, images):
     oh = losses.cross_entropy_onehot(t.logits)
     ie = losses.information_entropy(t.logits, log_base=log_base)
     act = losses.activation_loss(t.penultimate)
-    return w.oh * oh + w.ie * ie + w.a * act, {'train/loss_oh': oh, 'train/loss_ie': ie, 'train/loss_a': act}
+    loss, metrics = w.oh * oh + w.ie * ie + w.a * act, {'train/loss_oh': oh, 'train/loss_ie': ie, 'train/loss_a': act}
+    if adv:
+      disagreement = losses.kd_kl(student_logits, t.logits, 1.0, reduction='batchmean')
+      loss, metrics['train/loss_adv'] = loss - adv * disagreement, -disagreement
+    return loss, metrics
 
-  return generative.make_job(config, mesh, generator_loss, adversarial=False, bn_taps=False)
+  return generative.make_job(config, mesh, generator_loss, adversarial=adv > 0, bn_taps=False)
