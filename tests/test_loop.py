@@ -405,9 +405,9 @@ def test_dafl_resume_after_sigterm_is_bitwise(dafl_run, tmp_path, monkeypatch, c
   out = capsys.readouterr().out
   assert 'resuming from the checkpoint at step 1' in out and 'teacher top-1' not in out  # not re-evaluated
   assert summary.values['finished'] is True and checkpoint_steps(workdir) == [1, 2, 4]
-  # Generator, student (params, optimiser states, BN statistics) and the handed-off batch.
+  # Generator, student (params, optimiser states, BN statistics) and the replay pool.
   final = restore_arrays(workdir, 4)
-  assert any(k.startswith("['generator']") for k in final) and any(k.startswith("['handoff']") for k in final)
+  assert any(k.startswith("['generator']") for k in final) and any(k.startswith("['replay']") for k in final)
   assert_bitwise_equal(final, restore_arrays(full, 4))
   assert_same_run_metrics(read_metrics(workdir), read_metrics(full))
   for key in ('teacher_top1', 'student_top1_best', 'student_top1_final', 'steps'):
