@@ -13,7 +13,8 @@ reference in two ways (docs/results.md, "DAFL on MNIST"):
 - ``loss.adv = 1``: the generator loss also subtracts KL(p_T || p_S) (batchmean), so the generator
   keeps seeking images the student gets wrong, as in ZSKT and DFAD; DAFL has no such term.
 - ``student_batch = 'replay'``: each student step reads a uniform draw from every image the
-  generator has made in the run (``replay.capacity`` 0: all of them; 38,400 images, 157 MB), so the
+  generator has made in the run (``replay.capacity``: 38,400 images, 157 MB; a longer run keeps the
+  latest 38,400, since a checkpoint's pool cannot change size when the run is extended), so the
   student does not forget what the generator has moved away from. DAFL trains on the last batch.
 Each alone does not help (measured); together they do, on the seeds where the generator survives
 its learning rate of 0.2 (DAFL's; at 0.02 another seed fails instead).
@@ -33,7 +34,7 @@ def get_config(arg=None):
   c.generator = dict(arch='dafl_generator', kwargs=dict(nz=100, img_size=32, nc=1), output='normalized',
                      sample_mode='train')
   c.student_batch = 'reuse'  # the generator and student steps share one batch, as in the original
-  c.replay = dict(capacity=0)  # student_batch='replay': pool size in images (0: every image of the run)
+  c.replay = dict(capacity=38400)  # student_batch='replay': pool size in images (every image of the default run)
   c.g_steps, c.kd_steps = 1, 1  # the paper's; the default below takes 10 student steps
   c.loss = dict(oh=1.0, ie=5.0, a=0.1, adv=0.0)  # adv > 0: minus adv x KL(p_T || p_S), not in DAFL
   c.kd = dict(loss='kl', temperature=1.0, reduction='batchmean')
@@ -55,4 +56,5 @@ def get_config(arg=None):
       c.loss.adv = 1.0
   if arg.runlocal:
     configlib.runlocal(c)
+    c.replay.capacity = 256
   return c

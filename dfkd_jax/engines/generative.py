@@ -19,8 +19,8 @@ One outer iteration (one compiled program) is
                          re-runs the generator on a fixed z; the synth steps of one iteration then
                          share that z too);
            'replay':     a uniform draw (with replacement) from a FIFO pool of the last
-                         ``config.replay.capacity`` synth images (0: every image of the run;
-                         this iteration's included),
+                         ``config.replay.capacity`` synth images (this iteration's included; a
+                         fixed size, so that a run can be extended from its checkpoint),
                          with the teacher's logits computed when the batch is read. No reference
                          does this: a config choice (see the config that uses it).
 
@@ -106,7 +106,7 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
     elif student_batch == 'regenerate':  # the pseudo-batch's latent, regenerated after the generator's update
       state['handoff'] = {'z': jnp.zeros((batch,) + nz_shape)}
     elif student_batch == 'replay':
-      state['replay'] = pool.init(config.replay.capacity or num_steps * batch, s.student_input_shape)
+      state['replay'] = pool.init(config.replay.capacity, s.student_input_shape)
     return state
 
   def latents(key, steps):
