@@ -187,7 +187,7 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
     if student_batch == 'fresh':
       return {'z': latents(key, kd_steps)}
     if student_batch == 'replay':
-      return {'index': jax.random.randint(key, (kd_steps, batch), 0, jnp.maximum(pool.size(state['replay']), 1))}
+      return {'index': pool.sample_indices(state['replay'], key, (kd_steps, batch))}
     return {}
 
   def kd(state, frozen, draws, _):

@@ -91,11 +91,16 @@ def read(pool: dict, indices: jax.Array) -> jax.Array:
   return _decode(pool['items'][indices])
 
 
+def sample_indices(pool: dict, key: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """int32 slots of ``shape`` drawn uniformly **with replacement** from the filled part (slot 0
+  for an empty pool)."""
+  return jax.random.randint(key, tuple(shape), 0, jnp.maximum(size(pool), 1))
+
+
 def sample(pool: dict, key: jax.Array, batch: int) -> jax.Array:
   """``batch`` items drawn uniformly **with replacement** from the filled part (float32 in [0, 1]
   for a uint8 pool). An empty pool returns its initial zeros."""
-  indices = jax.random.randint(key, (batch,), 0, jnp.maximum(size(pool), 1))
-  return read(pool, indices)
+  return read(pool, sample_indices(pool, key, (batch,)))
 
 
 def latest(pool: dict, num: int) -> jax.Array:
