@@ -20,7 +20,9 @@ MATCHED = {
     # the warm-up call (its meta-optimiser moments matched at 0.44 of the tolerance here: left out,
     # too close to hold on every CPU)
     'fast_meta': r'it0_(g\d+_|hooks/|student/|best_step|adv_on|reset_l0_fired)',
-    'nayer': r'it\d+_l0_',  # each epoch's first batch from a re-created generator
+    # the first step of each epoch's first batch, from a re-created generator (its second step follows
+    # an Adam step on a weight whose gradient's sign rounding decides: docs/fidelity.md)
+    'nayer': r'it\d+_l0_(g0_|targets$)',
     'cudfkd': r'it0_(g1_|generator/)',  # the first epoch's generator steps (g0's adversarial KL: see docs)
 }
 
