@@ -92,6 +92,54 @@ def test_config_deviations_follow_the_reference_scripts():
     assert (config.student_batch, config.synth_student_bn) == ('regenerate', 'train'), name
 
 
+def _dead_dafl(revive: bool):
+  """The DAFL default at batch 8 with a dead generator: its last convolution's kernel 0 and bias 100,
+  so every pixel is tanh(100) = 1 exactly and every gradient is exactly 0. Returns (job, state)."""
+  config = load_config('dafl_mnist', **{'batch_size': 8, 'replay.capacity': 16, 'generator.revive_when_dead': revive})
+  job = methods.get('dafl').make_job(config, parallel.make_mesh(1))
+  state = jax.jit(job.init)(jax.random.key(0))
+  params = jax.device_get(state['generator'].params)
+  last = params['conv_blocks2.3']
+  params['conv_blocks2.3'] = {'kernel': np.zeros_like(last['kernel']), 'bias': np.full_like(last['bias'], 100.0)}
+  return job, dict(state, generator=state['generator'].replace(params=params))
+
+
+@pytest.mark.slow
+def test_a_dead_generator_is_revived_only_with_its_switch():
+  """generator.revive_when_dead: an iteration whose generator gradient is exactly 0 marks it dead;
+  the next one starts from the freshly drawn variables of its draws (then takes its step). Off, the
+  dead generator never moves again. The switch leaves the latents as they were."""
+  runs = {}
+  for revive in (False, True):
+    job, state = _dead_dafl(revive)
+    dead = jax.device_get(state['generator'].params)
+    synth = job.phases[0]
+    apply = jax.jit(synth.apply)
+    draws, metrics = [], []
+    for i in range(2):
+      draws.append(jax.device_get(synth.draw(jax.random.key(i), state)))
+      state, m = apply(state, job.frozen, draws[-1], None)
+      metrics.append(jax.device_get(m))
+    runs[revive] = (dead, jax.device_get(state), draws, metrics)
+  for i in range(2):
+    np.testing.assert_array_equal(runs[False][2][i]['z'], runs[True][2][i]['z'])
+  dead, after, _, metrics = runs[False]
+  assert [float(m['train/generator_grad_norm']) for m in metrics] == [0.0, 0.0]
+  assert 'generator_dead' not in after and 'train/generator_revived' not in metrics[1]
+  jax.tree.map(np.testing.assert_array_equal, after['generator'].params, dead)
+  dead, after, draws, metrics = runs[True]
+  assert float(metrics[0]['train/generator_grad_norm']) == 0 and float(metrics[0]['train/generator_revived']) == 0
+  assert not any(np.any(a) for a in jax.tree.leaves(draws[0]['revived_generator']))  # alive: zeros drawn
+  assert float(metrics[1]['train/generator_revived']) == 1 and float(metrics[1]['train/generator_grad_norm']) > 0
+  assert not bool(after['generator_dead'])
+  fresh = draws[1]['revived_generator']['params']
+  lr = 0.2  # the config's lr_G at its first steps (cosine over 600 iterations), an upper bound on Adam's first step
+  for name in ('l1.0', 'conv_blocks2.3'):
+    moved = np.abs(after['generator'].params[name]['kernel'] - fresh[name]['kernel'])
+    assert 0 < moved.max() <= lr * (1 + 1e-5), name
+  assert np.abs(after['generator'].params['conv_blocks2.3']['bias']).max() < 1.0  # not the dead 100
+
+
 @pytest.mark.slow
 def test_replay_student_batch_draws_from_a_fifo_pool_of_synth_batches():
   """student_batch='replay': each synth phase appends its batch to a pool of ``replay.capacity``

@@ -24,13 +24,21 @@ One outer iteration (one compiled program) is
                          with the teacher's logits computed when the batch is read. No reference
                          does this: a config choice (see the config that uses it).
 
+A generator whose every path to its output is saturated (DAFL's Tanh at a large learning rate) has
+a gradient of exactly 0 and never moves again. With ``config.generator.revive_when_dead`` (default
+off; no reference does this), an iteration whose last generator step had a zero gradient marks the
+generator dead, and the next iteration starts from freshly drawn parameters and BN statistics
+(``train/generator_revived`` = 1 there); the optimiser state is kept, so its schedule continues and
+the moments left by the dead steps only damp the first steps.
+
 The student's loss is ``config.kd`` (KL at a temperature, or L1) plus, when
 ``config.kd.attention_beta > 0``, ZSKT's attention transfer β · Σ_g AT(student_g, teacher_g) on the
 outputs of the modules ``config.kd.attention_modules`` (same names in both networks).
 
 Randomness (the replay seam, ``run.job.Phase``): the synth phase's draws are ``{'z': (g_steps, B,
 *nz)}``, the kd phase's ``{'z': (kd_steps, B, *nz)}`` with 'fresh' batches, ``{'index': (kd_steps,
-B)}`` pool slots with 'replay' and ``{}`` otherwise.
+B)}`` pool slots with 'replay' and ``{}`` otherwise; with ``revive_when_dead`` the synth draws also
+hold ``revived_generator``, fresh variables when the generator is dead (zeros otherwise).
 ``trace/...`` metrics (stacked per sub-step, dropped by the compiled iteration) hold what a replay
 compares: every ``train/...`` metric of each step (losses and the method's loss terms), the
 generator's raw output, the teacher's logits and penultimate features, the student's logits.
@@ -44,6 +52,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from dfkd_jax import losses, models, optim
 from dfkd_jax.engines import common
@@ -86,6 +95,7 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
   student_batch = config.student_batch
   student_train_in_synth = adversarial and synth_student_bn == 'train'
   sample_train_mode = config.generator.get('sample_mode', 'eval') == 'train'
+  revive = config.generator.get('revive_when_dead', False)
   kd_loss = common.kd_loss_fn(config.kd)
   beta = config.kd.get('attention_beta', 0.0)
   at_modules = tuple(config.kd.get('attention_modules', ()))
@@ -107,7 +117,13 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
       state['handoff'] = {'z': jnp.zeros((batch,) + nz_shape)}
     elif student_batch == 'replay':
       state['replay'] = pool.init(config.replay.capacity, s.student_input_shape)
+    if revive:
+      state['generator_dead'] = jnp.zeros((), bool)
     return state
+
+  def fresh_generator(key):
+    """Newly drawn generator variables (``params``, ``batch_stats``)."""
+    return generator.init(key, jnp.zeros((2,) + nz_shape), train=True)
 
   def latents(key, steps):
     """``steps`` latent batches, one per split of ``key`` (as each step drew them from its own key)."""
@@ -117,7 +133,12 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
     z = latents(key, g_steps)
     if student_batch == 'regenerate':  # one pseudo-batch: every generator step sees the same z
       z = jnp.broadcast_to(z[0], z.shape)
-    return {'z': z}
+    if not revive:
+      return {'z': z}
+    revive_key = jax.random.fold_in(key, 1)  # z keeps ``key``: the latents do not depend on the switch
+    zeros = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(fresh_generator, revive_key))
+    return {'z': z, 'revived_generator': jax.lax.cond(state['generator_dead'], fresh_generator, lambda _: zeros(),
+                                                      revive_key)}
 
   def generator_objective(params, g_state, student, tvars, z):
     raw, batch_stats = common.apply_train(g_state, params, z)
@@ -143,9 +164,16 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
           generator_objective, has_aux=True)(g_state.params, g_state, student, frozen['teacher'], z)
       g_state = g_state.apply_gradients(grads=grads, batch_stats=batch_stats)
       student = student.replace(batch_stats=student_stats)
-      return (g_state, student, x, t_logits), dict(metrics, **{'train/generator_loss': loss})
+      return (g_state, student, x, t_logits), dict(metrics, **{'train/generator_loss': loss,
+                                                               'train/generator_grad_norm': optax.tree.norm(grads)})
 
-    carry0 = (state['generator'], state['student'], jnp.zeros((batch,) + s.student_input_shape),
+    g_state = state['generator']
+    if revive:
+      g_state = jax.lax.cond(state['generator_dead'],
+                             lambda g: g.replace(params=draws['revived_generator']['params'],
+                                                 batch_stats=draws['revived_generator'].get('batch_stats', {})),
+                             lambda g: g, g_state)
+    carry0 = (g_state, state['student'], jnp.zeros((batch,) + s.student_input_shape),
               jnp.zeros((batch, config.num_classes)))
     # Unrolled: every config of this family takes 1 generator step, and a loop-free body avoids the
     # while-loop wrapper (it measured faster, within noisy timings, on the 2-core CPU).
@@ -157,7 +185,11 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
       new['handoff'] = {'z': draws['z'][-1]}
     elif student_batch == 'replay':
       new['replay'] = pool.add(state['replay'], jax.lax.stop_gradient(x))
-    return new, _per_step(metrics)
+    metrics = _per_step(metrics)
+    if revive:
+      new['generator_dead'] = metrics['train/generator_grad_norm'] == 0
+      metrics['train/generator_revived'] = state['generator_dead'].astype(jnp.float32)
+    return new, metrics
 
   def sample(g_state, z):
     """A batch for the student from G on latent ``z`` (no gradient); returns (g_state, x in teacher space)."""
