@@ -306,7 +306,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(reference, env,
   before = snapshot(workdir)
   result = run(workdir, env, f'--config.teacher.checkpoint={teacher_files / "overflowing"}')
   message = one_line_error(result, code=3)
-  assert message.startswith('error: numerical failure at step 5: train/generator_loss=nan, ')
+  assert message.startswith('error: numerical failure at step 5: train/generator_grad_norm=nan, '
+                            'train/generator_loss=nan, ')
   assert 'train/loss_oh=nan' in message and 'train/student_loss=nan' in message
   # The images the replay pool received were made before the generator's update: finite.
   assert '; non-finite values in: generator, student;' in message

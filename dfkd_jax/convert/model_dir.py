@@ -128,9 +128,12 @@ def load(path: str) -> tuple[Any, dict, dict]:
     # Read whole onto this process's first device, whatever devices wrote it (a model exported by a
     # pod slice loads on a laptop); the caller places it on its own mesh.
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    variables = ocp.StandardCheckpointer().restore(
-        os.path.join(os.path.abspath(path), VARIABLES),
-        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), abstract))
+    # Closed on every path: a checkpointer left open after a failed read let orbax's background
+    # thread post to a closed event loop at exit, a traceback after the one-line error.
+    with ocp.StandardCheckpointer() as checkpointer:
+      variables = checkpointer.restore(
+          os.path.join(os.path.abspath(path), VARIABLES),
+          jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), abstract))
   except Exception as e:  # noqa: BLE001 - any read failure is a broken directory
     raise UserError(f'cannot read the weights in {path}: {str(e).splitlines()[0][:200]}') from e
   return model, jax.tree.map(np.asarray, variables), meta
