@@ -36,7 +36,8 @@ def get_config(arg=None):
   c = configlib.mnist_distillation('dafl')
   c.variant = 'huawei'
   c.generator = dict(arch='dafl_generator', kwargs=dict(nz=100, img_size=32, nc=1), output='normalized',
-                     sample_mode='train', revive_when_dead=False)
+                     sample_mode='train', revive_when_dead=False,
+                     range_penalty=0.0)
   c.student_batch = 'reuse'  # the generator and student steps share one batch, as in the original
   c.replay = dict(capacity=38400)  # student_batch='replay': pool size in images (every image of the default run)
   c.g_steps, c.kd_steps = 1, 1  # the paper's; the default below takes 10 student steps
@@ -60,6 +61,7 @@ def get_config(arg=None):
       c.loss.adv = 1.0
       c.generator.revive_when_dead = True
       c.optimizer_g.lr = 0.1
+      c.generator.range_penalty = 1.0
   if arg.runlocal:
     configlib.runlocal(c)
     c.replay.capacity = 256

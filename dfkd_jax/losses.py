@@ -321,6 +321,13 @@ def l2_prior(images: Array, *, per_example: bool = True) -> Array:
   return jnp.mean(jax.vmap(_l2_norm)(images))
 
 
+def pixel_range_penalty(images_unit: Array) -> Array:
+  """Out-of-range mass  mean(relu(−u) + relu(u − 1))  of images ``u`` mapped back to pixel units
+  ([0, 1] is what a camera can record). Not from a reference: a data-free prior that uses only the
+  teacher's input normalisation (``config.generator.range_penalty``, engines/generative.py)."""
+  return jnp.mean(jax.nn.relu(-images_unit) + jax.nn.relu(images_unit - 1.0))
+
+
 # ----------------------------------------------------------------------------------------------
 # CMI contrastive term
 # ----------------------------------------------------------------------------------------------

@@ -334,6 +334,14 @@ def test_l2_prior_hand_values():
   np.testing.assert_array_equal(grad[1].ravel(), [0.0, 0.0])
 
 
+
+def test_pixel_range_penalty_hand_values():
+  """Mean out-of-range mass of pixel-unit images; the subgradient at the bounds is 0 (relu)."""
+  images = jnp.array([-0.5, 0.2, 1.0, 1.5, 0.0, 0.7]).reshape(1, 2, 3, 1)
+  np.testing.assert_allclose(losses.pixel_range_penalty(images), (0.5 + 0.5) / 6)
+  grad = jax.grad(losses.pixel_range_penalty)(images)
+  np.testing.assert_allclose(grad.ravel(), [-1 / 6, 0, 0, 1 / 6, 0, 0])
+
 # ------------------------------------------------------------------------------------------------
 # Attention transfer and CMI contrastive loss
 # ------------------------------------------------------------------------------------------------

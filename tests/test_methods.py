@@ -140,6 +140,26 @@ def test_a_dead_generator_is_revived_only_with_its_switch():
   assert np.abs(after['generator'].params['conv_blocks2.3']['bias']).max() < 1.0  # not the dead 100
 
 
+
+def test_the_range_penalty_adds_its_weight_times_the_out_of_range_mass_of_the_images():
+  """generator.range_penalty = w: the generator loss of the same step from the same state gains
+  w x mean(relu(-u) + relu(u - 1)) of its images u in pixel units (the DAFL generator's output is the
+  teacher's normalised input: u = x * 0.3081 + 0.1307), reported as train/loss_range; off, no term."""
+  metrics = {}
+  for weight in (0.0, 2.5):
+    config = load_config('dafl_mnist', **{'batch_size': 8, 'replay.capacity': 16, 'generator.range_penalty': weight})
+    job = methods.get('dafl').make_job(config, parallel.make_mesh(1))
+    state = jax.jit(job.init)(jax.random.key(0))
+    synth = job.phases[0]
+    _, metrics[weight] = jax.device_get(jax.jit(synth.apply)(state, job.frozen, synth.draw(jax.random.key(1), state), None))
+  assert 'train/loss_range' not in metrics[0.0]
+  pixels = np.asarray(metrics[2.5]['trace/g_output'][0], np.float64) * 0.3081 + 0.1307
+  out_of_range = np.mean(np.maximum(-pixels, 0) + np.maximum(pixels - 1, 0))
+  assert out_of_range > 0.01  # a fresh generator's BN output reaches below pixel 0
+  np.testing.assert_allclose(metrics[2.5]['train/loss_range'], out_of_range, rtol=1e-5)
+  np.testing.assert_allclose(metrics[2.5]['trace/generator_loss'][0] - metrics[0.0]['trace/generator_loss'][0],
+                             2.5 * out_of_range, rtol=1e-4)
+
 @pytest.mark.slow
 def test_replay_student_batch_draws_from_a_fifo_pool_of_synth_batches():
   """student_batch='replay': each synth phase appends its batch to a pool of ``replay.capacity``

@@ -31,6 +31,15 @@ generator dead, and the next iteration starts from freshly drawn parameters and 
 (``train/generator_revived`` = 1 there); the optimiser state is kept, so its schedule continues and
 the moments left by the dead steps only damp the first steps.
 
+``config.generator.range_penalty`` (a weight, default 0; no reference does this) adds that weight
+times ``losses.pixel_range_penalty`` of the generator's images in pixel units to the generator
+loss (``train/loss_range``): the mass of pixels outside [0, 1], i.e. values no camera records. An
+affine-free BatchNorm output (DAFL, DFAD, ZSKT generators) is zero-mean and unit-variance, so
+MNIST-like sparse bright strokes on a black background (pixel 0 is -0.42 after normalisation) and
+half-and-half blobs at about +0.9 / -1.3 satisfy it equally; the teacher tells them apart no
+better, and a student distilled on the second mode leaves classes unlearnt. Only the teacher's
+input normalisation, known to any user of the teacher, goes in.
+
 The student's loss is ``config.kd`` (KL at a temperature, or L1) plus, when
 ``config.kd.attention_beta > 0``, ZSKT's attention transfer β · Σ_g AT(student_g, teacher_g) on the
 outputs of the modules ``config.kd.attention_modules`` (same names in both networks).
@@ -96,6 +105,7 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
   student_train_in_synth = adversarial and synth_student_bn == 'train'
   sample_train_mode = config.generator.get('sample_mode', 'eval') == 'train'
   revive = config.generator.get('revive_when_dead', False)
+  range_penalty = config.generator.get('range_penalty', 0.0)
   kd_loss = common.kd_loss_fn(config.kd)
   beta = config.kd.get('attention_beta', 0.0)
   at_modules = tuple(config.kd.get('attention_modules', ()))
@@ -150,6 +160,9 @@ def make_job(config, mesh, generator_loss: GeneratorLoss, *, adversarial: bool, 
     elif adversarial:
       s_logits = student.apply_fn(student.variables, x, train=False)
     loss, metrics = generator_loss(t, s_logits, x)
+    if range_penalty:
+      metrics['train/loss_range'] = losses.pixel_range_penalty(s.to_unit(raw))
+      loss = loss + range_penalty * metrics['train/loss_range']
     trace = {'trace/g_output': raw, 'trace/t_out': t.logits, 'trace/t_feat': t.penultimate}
     if s_logits is not None:
       trace['trace/s_out'] = s_logits
