@@ -4,10 +4,14 @@ LeNet-5-half) in dfkd_jax versus a PyTorch implementation of the original DAFL l
 interleaved rounds; prints the machine (``machine.py``), then milliseconds per iteration and the ratio.
 
   python benchmarks/dafl_iteration_vs_torch.py [--batches 64,256] [--rounds 3] [--iters 5] [--devices 1]
+      [--torch-python /path/to/python-with-torch]
 
 (a quick check that it runs: ``--batches 2 --rounds 1 --iters 1``).
 
-Needs torch (``pip install torch==2.13.0``). Timings on a shared machine drift: compare the ratio.
+dfkd_jax runs ``configs/dafl_mnist.py:original`` with one student step per iteration (the reference
+loop: both steps on one batch). Needs torch here (``pip install torch==2.13.0`` on Python 3.11) or
+``--torch-python`` naming an interpreter that has it (``torch_worker.py``). Timings on a shared
+machine drift: compare the ratio.
 """
 from __future__ import annotations
 
@@ -32,8 +36,8 @@ def jax_iteration(batch: int, devices: int):
   spec = importlib.util.spec_from_file_location('dafl_mnist', os.path.join(ROOT, 'configs', 'dafl_mnist.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
-  config.batch_size = batch
+  config = module.get_config('original')  # DAFL's own loop: the two steps share one batch
+  config.batch_size, config.kd_steps = batch, 1  # one generator step and one student step, as the reference
   mesh = parallel.make_mesh(devices)
   job = methods.get('dafl').make_job(config, mesh)
   init, iteration, _ = compile_job(job, mesh, jax.random.key(0))
@@ -103,11 +107,10 @@ def torch_iteration(batch: int):
 
 
 def timed(step, iters):
-  step()  # warm-up (compilation for jax)
   t0 = time.perf_counter()
   for _ in range(iters):
     step()
-  return (time.perf_counter() - t0) / iters * 1000
+  return time.perf_counter() - t0
 
 
 def main():
@@ -116,6 +119,8 @@ def main():
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--iters', type=int, default=5)
   parser.add_argument('--devices', type=int, default=1, help='fake CPU devices for the jax data-parallel mesh')
+  parser.add_argument('--torch-python', default=None,
+                      help='run the PyTorch loop in this interpreter (one with torch): torch_worker.py')
   args = parser.parse_args()
   if args.devices > 1:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -123,16 +128,21 @@ def main():
   if '--xla_cpu_ftz' not in os.environ.get('XLA_FLAGS', ''):  # as the CLI does
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_ftz=true').strip()
   sys.path.insert(0, ROOT)
-  print(machine.markdown(machine.describe()) + '\n')
-  print('| batch | dfkd_jax ms/iter | torch ms/iter | jax / torch |\n|---|---|---|---|')
+  import torch_worker
+  info = torch_worker.info(args.torch_python)
+  print(machine.markdown(machine.describe()) + f'\nPyTorch side: torch {info["torch"]}, {info["threads"]} threads'
+        + (f', run by {args.torch_python}' if args.torch_python else '') + '.\n')
+  print('| batch | dfkd_jax ms/iter | torch ms/iter | speed-up (torch / dfkd_jax) |\n|---|---|---|---|')
   for batch in (int(b) for b in args.batches.split(',')):
-    jax_step, torch_step = jax_iteration(batch, args.devices), torch_iteration(batch)
+    jax_step = jax_iteration(batch, args.devices)
+    jax_step()  # compilation
+    [torch_timer] = torch_worker.steps(args.torch_python, 'dafl_iteration_vs_torch', 'torch_iteration', batch=batch)
     jx, tt = [], []
     for _ in range(args.rounds):
-      jx.append(timed(jax_step, args.iters))
-      tt.append(timed(torch_step, args.iters))
+      jx.append(1000 * timed(jax_step, args.iters) / args.iters)
+      tt.append(1000 * torch_timer(args.iters) / args.iters)
     j, t = statistics.median(jx), statistics.median(tt)
-    print(f'| {batch} | {j:.0f} | {t:.0f} | {j / t:.2f} |', flush=True)
+    print(f'| {batch} | {j:.0f} | {t:.0f} | {t / j:.2f}x |', flush=True)
 
 
 if __name__ == '__main__':

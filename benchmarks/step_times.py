@@ -7,10 +7,12 @@ ms per synthesis step / per student step): DAFL 737 / 350, ZSKT 767 / 338, DFAD 
 meta) 871 / 289; no reference figure for CuDFKD and NAYER). ``--torch`` adds a like-for-like
 figure: PyTorch implementations of the reference steps timed on this machine in the same
 interleaved rounds, for the selected methods that have one: DAFL (``torch_dafl_wrn.py``),
-DeepInversion, CMI and Fast (``torch_inversion_wrn.py``).
+DeepInversion, CMI and Fast (``torch_inversion_wrn.py``); ``--torch-python PATH`` runs them in
+another interpreter that has torch (``torch_worker.py``), for a jax environment without it.
 
   python benchmarks/step_times.py [--methods dafl,zskt,dfad,dfq,deepinv,cmi,fast,cudfkd,nayer] [--rounds 3]
       [--batch 64] [--g-steps 10] [--kd-steps 10] [--devices 1] [--matmul-size 2048] [--torch]
+      [--torch-python /path/to/python-with-torch]
       [--out benchmarks/results/step_times.md]
 
 (a quick check that it runs: ``--methods dafl --batch 2 --g-steps 1 --kd-steps 1 --rounds 1 --out /tmp/x.md``).
@@ -84,13 +86,15 @@ def build(method: str, batch: int, g_steps: int, kd_steps: int, devices: int):
   import jax.numpy as jnp
 
   from dfkd_jax.run import parallel
+  from dfkd_jax.run.job import without_trace
   mesh = parallel.make_mesh(devices)
   repl = parallel.replicated(mesh)
   key = jax.random.key(1)
 
   def compile_phases(job, state, frozen):
-    return [jax.jit(lambda s, f, k, phase=phase: phase(s, f, k, None)).lower(state, frozen, key).compile()
-            for _, phase in job.phases]
+    # Without the replay's trace metrics, as the training loop compiles its iteration.
+    run = lambda phase: (lambda s, f, k: (lambda out: (out[0], without_trace(out[1])))(phase(s, f, k, None)))
+    return [jax.jit(run(phase)).lower(state, frozen, key).compile() for phase in job.phases]
 
   abstract_state = lambda job: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
                                             jax.eval_shape(job.init, jax.random.key(0)))
@@ -107,11 +111,17 @@ def build(method: str, batch: int, g_steps: int, kd_steps: int, devices: int):
   calls = []
   for program in compiled:
     jax.block_until_ready(program(state, frozen, key))  # warm-up
-    calls.append(lambda program=program: jax.block_until_ready(program(state, frozen, key)))
+    calls.append(lambda program=program: _seconds(lambda: jax.block_until_ready(program(state, frozen, key))))
   if (g_steps, kd_steps) != (1, 1):
     one_step = make_job(method, batch, 1, 1, mesh)
     compiled = compile_phases(one_step, abstract_state(one_step), jax.device_put(one_step.frozen, repl))
   return calls, [devices * machine.compiled_flops(program) for program in compiled]
+
+
+def _seconds(call) -> float:
+  t0 = time.perf_counter()
+  call()
+  return time.perf_counter() - t0
 
 
 def main():
@@ -125,9 +135,13 @@ def main():
   parser.add_argument('--matmul-size', type=int, default=2048, help='side of the square matmul timing the peak')
   parser.add_argument('--torch', action='store_true',
                       help='also time the PyTorch steps of torch_dafl_wrn.py (dafl) and torch_inversion_wrn.py '
-                      '(deepinv, cmi, fast) in the same rounds (needs torch)')
+                      '(deepinv, cmi, fast) in the same rounds (needs torch here, or --torch-python)')
+  parser.add_argument('--torch-python', default=None,
+                      help='run the PyTorch steps in this interpreter (one with torch; implies --torch): '
+                      'torch_worker.py')
   parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'step_times.md'))
   args = parser.parse_args()
+  args.torch = args.torch or args.torch_python is not None
   flags = os.environ.get('XLA_FLAGS', '')
   os.environ['XLA_FLAGS'] = f'{flags} --xla_cpu_ftz=true --xla_force_host_platform_device_count={args.devices}'
   sys.path.insert(0, ROOT)
@@ -137,25 +151,20 @@ def main():
   flops = {m: step_flops for m, (_, step_flops) in built.items()}
   peaks = {'XLA': machine.jax_matmul_peak_gflops(args.matmul_size)}
   if args.torch:
-    import torch
-    import torch_dafl_wrn
-    import torch_inversion_wrn
-    peaks['PyTorch'] = machine.torch_matmul_peak_gflops(args.matmul_size)
-    torch_steps = {'dafl': torch_dafl_wrn.dafl_steps, 'deepinv': torch_inversion_wrn.deepinv_steps,
-                   'cmi': torch_inversion_wrn.cmi_steps, 'fast': torch_inversion_wrn.fast_steps}
-    repeat = lambda f, n: (lambda: [f() for _ in range(n)])
+    import torch_worker
+    peaks['PyTorch'] = torch_worker.matmul_peak_gflops(args.torch_python, args.matmul_size)
+    torch_info = torch_worker.info(args.torch_python)
+    torch_steps = {'dafl': ('torch_dafl_wrn', 'dafl_steps'), 'deepinv': ('torch_inversion_wrn', 'deepinv_steps'),
+                   'cmi': ('torch_inversion_wrn', 'cmi_steps'), 'fast': ('torch_inversion_wrn', 'fast_steps')}
     for m in [m for m in names if m in torch_steps]:
-      synthesis_step, student_step = torch_steps[m](args.batch)
-      synthesis_step(), student_step()  # warm-up
-      phases[f'PyTorch {m}'] = [repeat(synthesis_step, args.g_steps), repeat(student_step, args.kd_steps)]
+      synthesis, student = torch_worker.steps(args.torch_python, *torch_steps[m], batch=args.batch)
+      phases[f'PyTorch {m}'] = [lambda f=synthesis: f(args.g_steps), lambda f=student: f(args.kd_steps)]
   peak = max(peaks.values())
   times = {m: ([], []) for m in phases}
   for _ in range(args.rounds):
     for m, calls in phases.items():
       for i, (call, steps) in enumerate(zip(calls, (args.g_steps, args.kd_steps))):
-        t0 = time.perf_counter()
-        call()
-        times[m][i].append(1000 * (time.perf_counter() - t0) / steps)
+        times[m][i].append(1000 * call() / steps)
   load = os.getloadavg()
   median = statistics.median
   fmt = lambda v: f'{median(v):.0f} [{min(v):.0f}–{max(v):.0f}]'
@@ -180,7 +189,9 @@ def main():
     rows.append(f'| {m} | ' + ' | '.join(cells) + ' |')
   torch_note = (f' The PyTorch columns time `benchmarks/torch_dafl_wrn.py` (DAFL) and `benchmarks/'
                 f'torch_inversion_wrn.py` (DeepInversion, CMI, Fast), PyTorch implementations of the reference '
-                f'steps, on this machine in the same interleaved rounds ({torch.get_num_threads()} torch threads); '
+                f'steps, on this machine in the same interleaved rounds (torch {torch_info["torch"]}, '
+                f'{torch_info["threads"]} threads'
+                f'{", run by --torch-python " + args.torch_python if args.torch_python else ""}); '
                 f'their % of peak counts the same FLOPs (the same arithmetic) over PyTorch\'s time.'
                 if args.torch else '')
   peak_note = ', '.join(f'{name} {gflops:.0f}' for name, gflops in peaks.items()) + (
