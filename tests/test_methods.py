@@ -151,7 +151,8 @@ def test_the_range_penalty_adds_its_weight_times_the_out_of_range_mass_of_the_im
     job = methods.get('dafl').make_job(config, parallel.make_mesh(1))
     state = jax.jit(job.init)(jax.random.key(0))
     synth = job.phases[0]
-    _, metrics[weight] = jax.device_get(jax.jit(synth.apply)(state, job.frozen, synth.draw(jax.random.key(1), state), None))
+    draws = synth.draw(jax.random.key(1), state)
+    _, metrics[weight] = jax.device_get(jax.jit(synth.apply)(state, job.frozen, draws, None))
   assert 'train/loss_range' not in metrics[0.0]
   pixels = np.asarray(metrics[2.5]['trace/g_output'][0], np.float64) * 0.3081 + 0.1307
   out_of_range = np.mean(np.maximum(-pixels, 0) + np.maximum(pixels - 1, 0))
