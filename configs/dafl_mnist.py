@@ -26,7 +26,7 @@ reference (docs/results.md, "DAFL on MNIST"):
   affine-free BatchNorm output can settle on half-and-half blobs at about +0.9 / -1.3 (normalised;
   -1.3 is below black) instead of sparse bright strokes on black; students distilled on those
   left a class unlearnt (seeds 2 and 3 on jax 0.10.2: 82.48% and 75.66% final). Weight 1 fixed
-  those two but left seed 2 on jax 0.12.1 in that mode (81.97%); 10 gave it 92.94%.
+  those two but left seed 2 on jax 0.12.1 in that mode (81.97%); 10 gave it 92.87%.
 Each of the first two alone does not help (measured); together they do.
 
 Variants (``:arg``): ``original`` (DAFL's own loop at the default's schedule: the last batch, no
