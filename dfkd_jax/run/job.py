@@ -110,7 +110,7 @@ class Job:
   results_note: results -> a line logged once ``on_finish`` has measured them, or None.
   """
   init: Callable[[jax.Array], State]
-  phases: Sequence[tuple[str, Phase]]
+  phases: Sequence[Phase]
   frozen: Any
   num_steps: int
   student: Evaluated | None = None
