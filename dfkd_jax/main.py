@@ -53,14 +53,32 @@ def _drop_abandoned_orbax_work() -> None:
   the way repeats that error when it is collected at exit: "Exception ignored in: <coroutine ...>"
   from the reader coroutines of a truncated model directory (seen with Python 3.12), asyncio's
   "... exception was never retrieved" (tasks, gathering futures) from the writers of a checkpoint
-  that hit a full disk (now and then). Those, and only those, are dropped (``--verbose`` keeps them)."""
+  that hit a full disk (now and then), and "RuntimeError: Event loop is closed" from asyncio's
+  ``call_soon_threadsafe``, printed without a header when a reader that Orbax abandoned completes
+  after its event loop has closed (a truncated model directory, 1 run in several on Python 3.12).
+  Those, and only those, are dropped (``--verbose`` keeps them)."""
   orbax_code = f'{os.sep}orbax{os.sep}'
-  previous = sys.unraisablehook
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
 
-  def hook(unraisable) -> None:
+  def closed_loop_echo(error) -> bool:
+    if not isinstance(error, RuntimeError) or str(error) != 'Event loop is closed':
+      return False
+    frames = []
+    traceback_ = error.__traceback__
+    while traceback_ is not None:
+      frames.append(traceback_.tb_frame.f_code)
+      traceback_ = traceback_.tb_next
+    last = frames[-1] if frames else None
+    return last is not None and last.co_name == '_check_closed' and f'{os.sep}asyncio{os.sep}' in last.co_filename
+
+  def unraisable_hook(unraisable) -> None:
     code = getattr(unraisable.object, 'cr_code', None)
-    if code is None or orbax_code not in code.co_filename:
-      previous(unraisable)
+    if not (code is not None and orbax_code in code.co_filename) and not closed_loop_echo(unraisable.exc_value):
+      previous_unraisable(unraisable)
+
+  def except_hook(kind, error, traceback_) -> None:
+    if not closed_loop_echo(error):
+      previous_except(kind, error, traceback_)
 
   def from_orbax(record: py_logging.LogRecord) -> bool:
     if orbax_code in record.getMessage():
@@ -75,7 +93,7 @@ def _drop_abandoned_orbax_work() -> None:
   def keep(record: py_logging.LogRecord) -> bool:
     return not ('exception was never retrieved' in record.getMessage() and from_orbax(record))
 
-  sys.unraisablehook = hook
+  sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
   py_logging.getLogger('asyncio').addFilter(keep)
 
 
