@@ -20,9 +20,9 @@ import importlib.util
 import os
 import statistics
 import sys
-import time
 
 import machine
+import torch_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,13 +106,6 @@ def torch_iteration(batch: int):
   return step
 
 
-def timed(step, iters):
-  t0 = time.perf_counter()
-  for _ in range(iters):
-    step()
-  return time.perf_counter() - t0
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batches', default='64,256')
@@ -128,7 +121,6 @@ def main():
   if '--xla_cpu_ftz' not in os.environ.get('XLA_FLAGS', ''):  # as the CLI does
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_ftz=true').strip()
   sys.path.insert(0, ROOT)
-  import torch_worker
   info = torch_worker.info(args.torch_python)
   print(machine.markdown(machine.describe()) + f'\nPyTorch side: torch {info["torch"]}, {info["threads"]} threads'
         + (f', run by {args.torch_python}' if args.torch_python else '') + '.\n')
@@ -139,7 +131,7 @@ def main():
     [torch_timer] = torch_worker.steps(args.torch_python, 'dafl_iteration_vs_torch', 'torch_iteration', batch=batch)
     jx, tt = [], []
     for _ in range(args.rounds):
-      jx.append(1000 * timed(jax_step, args.iters) / args.iters)
+      jx.append(1000 * torch_worker.seconds(jax_step, args.iters) / args.iters)
       tt.append(1000 * torch_timer(args.iters) / args.iters)
     j, t = statistics.median(jx), statistics.median(tt)
     print(f'| {batch} | {j:.0f} | {t:.0f} | {t / j:.2f}x |', flush=True)

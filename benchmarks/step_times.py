@@ -42,9 +42,9 @@ import importlib.util
 import os
 import statistics
 import sys
-import time
 
 import machine
+import torch_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ms per synthesis step / per student step of the CMI framework (reference_cpu_timings.md, median).
@@ -111,17 +111,12 @@ def build(method: str, batch: int, g_steps: int, kd_steps: int, devices: int):
   calls = []
   for program in compiled:
     jax.block_until_ready(program(state, frozen, key))  # warm-up
-    calls.append(lambda program=program: _seconds(lambda: jax.block_until_ready(program(state, frozen, key))))
+    run = lambda program=program: jax.block_until_ready(program(state, frozen, key))
+    calls.append(lambda run=run: torch_worker.seconds(run))
   if (g_steps, kd_steps) != (1, 1):
     one_step = make_job(method, batch, 1, 1, mesh)
     compiled = compile_phases(one_step, abstract_state(one_step), jax.device_put(one_step.frozen, repl))
   return calls, [devices * machine.compiled_flops(program) for program in compiled]
-
-
-def _seconds(call) -> float:
-  t0 = time.perf_counter()
-  call()
-  return time.perf_counter() - t0
 
 
 def main():
@@ -151,7 +146,6 @@ def main():
   flops = {m: step_flops for m, (_, step_flops) in built.items()}
   peaks = {'XLA': machine.jax_matmul_peak_gflops(args.matmul_size)}
   if args.torch:
-    import torch_worker
     peaks['PyTorch'] = torch_worker.matmul_peak_gflops(args.torch_python, args.matmul_size)
     torch_info = torch_worker.info(args.torch_python)
     torch_steps = {'dafl': ('torch_dafl_wrn', 'dafl_steps'), 'deepinv': ('torch_inversion_wrn', 'deepinv_steps'),

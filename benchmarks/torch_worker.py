@@ -41,7 +41,8 @@ def _build(module: str, factory: str, kwargs: dict) -> list:
   return made
 
 
-def _seconds(step, repeats: int) -> float:
+def seconds(step, repeats: int = 1) -> float:
+  """Wall seconds of ``repeats`` calls of ``step`` (the benchmarks' one timer)."""
   t0 = time.perf_counter()
   for _ in range(repeats):
     step()
@@ -94,7 +95,7 @@ def steps(python: str | None, module: str, factory: str, **kwargs) -> list:
   ``python`` None they run here; otherwise in a worker of that interpreter."""
   if python is None:
     made = _build(module, factory, kwargs)
-    return [lambda repeats, step=step: _seconds(step, repeats) for step in made]
+    return [lambda repeats, step=step: seconds(step, repeats) for step in made]
   child = _child(python)
   count = child.ask(op='build', module=module, factory=factory, kwargs=kwargs)['count']
   key = f'{module}.{factory}:{json.dumps(kwargs, sort_keys=True)}'
@@ -126,7 +127,7 @@ def serve() -> None:
         built[key] = _build(request['module'], request['factory'], request['kwargs'])
         reply = {'count': len(built[key])}
       elif op == 'time':
-        reply = {'seconds': _seconds(built[request['id']][request['index']], request['repeats'])}
+        reply = {'seconds': seconds(built[request['id']][request['index']], request['repeats'])}
       elif op == 'peak':
         reply = {'gflops': _peak(request['size'])}
       elif op == 'info':
